@@ -1,0 +1,1 @@
+//! `sigrouter client …` commands (placeholder; being written).

@@ -1,0 +1,1 @@
+//! STUN Binding answers (placeholder; being written).
