@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// How long to finish in-flight work after SIGTERM/SIGINT, in seconds.
     #[arg(long, env = "SIGROUTER_SHUTDOWN_GRACE_SECS", default_value_t = 5.0)]
     pub shutdown_grace_secs: f64,
+    /// Client-port sockets and receive tasks (0: one per core, up to 8).
+    #[arg(long, env = "SIGROUTER_WORKERS", default_value_t = 0)]
+    pub workers: usize,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SIGROUTER_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -104,6 +107,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often the sweeper expires sessions and times out connects.
     pub sweep_interval: Duration,
+    /// Client-port sockets (and receive tasks); 0 picks one per core, up to 8.
+    pub workers: usize,
     /// Cluster settings; `None` runs the embedded single-node mode.
     pub cluster: Option<ClusterConfig>,
 }
@@ -145,6 +150,7 @@ impl Default for Config {
             session_burst: 200,
             shutdown_grace: Duration::from_secs(5),
             sweep_interval: Duration::from_millis(200),
+            workers: 0,
             cluster: None,
         }
     }
@@ -232,6 +238,7 @@ impl Config {
             session_rate: a.session_rate,
             session_burst: a.session_burst,
             shutdown_grace: secs("shutdown-grace-secs", a.shutdown_grace_secs)?,
+            workers: a.workers,
             cluster,
             ..Self::default()
         })

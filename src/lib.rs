@@ -17,3 +17,8 @@ pub mod stun;
 
 pub use config::{Config, ServeArgs};
 pub use sigrouter_proto as proto;
+pub mod metrics;
+pub mod router;
+mod session;
+mod net;
+pub mod server;

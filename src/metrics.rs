@@ -1,0 +1,380 @@
+//! Metric names, descriptions and handles, and the HTTP endpoint for `/metrics`, `/healthz` and
+//! `/readyz`.
+//!
+//! Each node owns its own Prometheus recorder (no global state), so several nodes in one test
+//! process keep separate figures. Handles are registered once at start; the packet path only
+//! increments them. Label values come from small enums, never from a UUID or an address.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use sigrouter_proto::{DecodeError, FailReason, MsgType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Why a datagram was dropped without an answer. Bounded: used as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The codec rejected it.
+    Decode(DecodeError),
+    /// A message type only the server sends.
+    WrongDirection,
+    /// MAC missing or wrong for the named session.
+    BadMac,
+    /// A Register or Resume shorter than the padding rule.
+    Unpadded,
+    /// An answer to an unauthenticated request would have been larger than the request.
+    Amplification,
+    /// A STUN datagram that is not a well-formed Binding request.
+    Stun,
+    /// Rate limited without an answer (answers would feed a flood).
+    RateLimited,
+    /// A node-to-node datagram without a valid cluster MAC, or replayed.
+    ClusterAuth,
+}
+
+impl DropReason {
+    const ALL: [Self; 14] = [
+        Self::Decode(DecodeError::Truncated),
+        Self::Decode(DecodeError::Oversized),
+        Self::Decode(DecodeError::BadMagic),
+        Self::Decode(DecodeError::UnknownVersion),
+        Self::Decode(DecodeError::UnknownType),
+        Self::Decode(DecodeError::Malformed),
+        Self::Decode(DecodeError::OutOfRange),
+        Self::WrongDirection,
+        Self::BadMac,
+        Self::Unpadded,
+        Self::Amplification,
+        Self::Stun,
+        Self::RateLimited,
+        Self::ClusterAuth,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            Self::Decode(e) => e as usize,
+            Self::WrongDirection => 7,
+            Self::BadMac => 8,
+            Self::Unpadded => 9,
+            Self::Amplification => 10,
+            Self::Stun => 11,
+            Self::RateLimited => 12,
+            Self::ClusterAuth => 13,
+        }
+    }
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Decode(e) => e.name(),
+            Self::WrongDirection => "wrong_direction",
+            Self::BadMac => "bad_mac",
+            Self::Unpadded => "unpadded",
+            Self::Amplification => "amplification",
+            Self::Stun => "stun",
+            Self::RateLimited => "rate_limited",
+            Self::ClusterAuth => "cluster_auth",
+        }
+    }
+}
+
+const REQ_TYPES: [MsgType; 10] = [
+    MsgType::Register,
+    MsgType::Resume,
+    MsgType::Heartbeat,
+    MsgType::Query,
+    MsgType::Connect,
+    MsgType::Accept,
+    MsgType::Reject,
+    MsgType::Signal,
+    MsgType::Bye,
+    MsgType::PushAck,
+];
+
+/// Outcomes of Connect, as seen by the initiator.
+const OUTCOMES: [&str; 5] = ["connected", "offline", "rejected", "timeout", "retry-later"];
+
+/// Every metric handle a node uses.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+    requests: [Counter; 10],
+    dropped: [Counter; 14],
+    outcomes: [Counter; 5],
+    /// Datagrams received on the client port.
+    pub rx_datagrams: Counter,
+    /// Datagrams sent on the client port.
+    pub tx_datagrams: Counter,
+    /// STUN Binding requests answered.
+    pub stun_answered: Counter,
+    /// Sessions held now.
+    pub sessions: Gauge,
+    /// Sessions created by Register.
+    pub registered: Counter,
+    /// Sessions taken back by Resume.
+    pub resumed: Counter,
+    /// Sessions expired for lack of heartbeats.
+    pub expired: Counter,
+    /// Session addresses moved by a NAT rebinding.
+    pub rebinds: Counter,
+    /// Retransmitted requests answered from memory.
+    pub duplicates: Counter,
+    /// Requests refused by a rate limit.
+    pub rate_limited: Counter,
+    /// Register refused by the session cap.
+    pub capacity_refused: Counter,
+    /// Server pushes sent the first time.
+    pub pushes_sent: Counter,
+    /// Server push retransmissions.
+    pub push_retransmits: Counter,
+    /// Pushes given up unacknowledged.
+    pub pushes_expired: Counter,
+    /// Seconds from Connect to its outcome.
+    pub connect_seconds: Histogram,
+    /// Signals relayed.
+    pub signals_relayed: Counter,
+    /// Time a handler waited for a newer node table (cluster mode).
+    pub table_wait_seconds: Histogram,
+    /// Requests waiting on cluster state right now.
+    pub waiting_requests: Gauge,
+    /// Redis commands sent.
+    pub redis_commands: Counter,
+    /// Redis errors and timeouts.
+    pub redis_errors: Counter,
+    /// Whether Redis answered the last probe (1) or not (0).
+    pub redis_up: Gauge,
+    /// Node-table snapshots built.
+    pub table_refreshes: Counter,
+    /// Nodes in the current table.
+    pub cluster_nodes: Gauge,
+    /// Datagrams forwarded to other nodes.
+    pub forwarded: Counter,
+    /// Datagrams received from other nodes.
+    pub forwarded_in: Counter,
+    /// Migrate pushes sent while draining.
+    pub migrates: Counter,
+    /// Routed requests (Connect, Accept, Reject, Signal, Query) — the denominator of Redis
+    /// commands per routed request.
+    pub routed: Counter,
+}
+
+fn name(s: &'static str) -> KeyName {
+    KeyName::from_const_str(s)
+}
+
+impl Metrics {
+    /// Builds a recorder of our own and registers every handle on it.
+    pub fn new() -> Self {
+        let recorder: PrometheusRecorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+            .expect("static non-empty buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        let r = &recorder;
+        let md = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        let counter = |n: &'static str, unit: Option<Unit>, d: &'static str, labels: Vec<Label>| {
+            r.describe_counter(name(n), unit, SharedString::const_str(d));
+            r.register_counter(&Key::from_parts(n, labels), &md)
+        };
+        let gauge = |n: &'static str, d: &'static str| {
+            r.describe_gauge(name(n), None, SharedString::const_str(d));
+            r.register_gauge(&Key::from_name(n), &md)
+        };
+        let hist = |n: &'static str, d: &'static str| {
+            r.describe_histogram(name(n), Some(Unit::Seconds), SharedString::const_str(d));
+            r.register_histogram(&Key::from_name(n), &md)
+        };
+        let requests = REQ_TYPES.map(|t| {
+            counter(
+                "sigrouter_requests_total",
+                Some(Unit::Count),
+                "Client requests received and decoded, by type.",
+                vec![Label::from_static_parts("type", t.name())],
+            )
+        });
+        let mut dropped_vec = Vec::with_capacity(14);
+        for d in &DropReason::ALL {
+            dropped_vec.push(counter(
+                "sigrouter_dropped_total",
+                Some(Unit::Count),
+                "Datagrams dropped without an answer, by reason.",
+                vec![Label::from_static_parts("reason", d.name())],
+            ));
+        }
+        let dropped: [Counter; 14] = dropped_vec.try_into().unwrap_or_else(|_| unreachable!());
+        let outcomes = OUTCOMES.map(|o| {
+            counter(
+                "sigrouter_connects_total",
+                Some(Unit::Count),
+                "Connect outcomes seen by initiators.",
+                vec![Label::from_static_parts("outcome", o)],
+            )
+        });
+        let c = |n, d| counter(n, Some(Unit::Count), d, vec![]);
+        Self {
+            requests,
+            dropped,
+            outcomes,
+            rx_datagrams: c("sigrouter_rx_datagrams_total", "Datagrams received on the client port."),
+            tx_datagrams: c("sigrouter_tx_datagrams_total", "Datagrams sent on the client port."),
+            stun_answered: c("sigrouter_stun_answered_total", "STUN Binding requests answered."),
+            sessions: gauge("sigrouter_sessions", "Sessions held by this node."),
+            registered: c("sigrouter_sessions_registered_total", "Sessions created by Register."),
+            resumed: c("sigrouter_sessions_resumed_total", "Sessions taken back by Resume."),
+            expired: c("sigrouter_sessions_expired_total", "Sessions expired after missed heartbeats."),
+            rebinds: c("sigrouter_rebinds_total", "Session addresses moved by a NAT rebinding."),
+            duplicates: c("sigrouter_duplicate_requests_total", "Retransmitted requests answered from memory."),
+            rate_limited: c("sigrouter_rate_limited_total", "Requests refused by a rate limit."),
+            capacity_refused: c("sigrouter_capacity_refused_total", "Registers refused by the session cap."),
+            pushes_sent: c("sigrouter_pushes_total", "Server pushes sent."),
+            push_retransmits: c("sigrouter_push_retransmits_total", "Server push retransmissions."),
+            pushes_expired: c("sigrouter_pushes_expired_total", "Pushes given up unacknowledged."),
+            connect_seconds: hist("sigrouter_connect_seconds", "Time from Connect to its outcome."),
+            signals_relayed: c("sigrouter_signals_relayed_total", "Signals relayed between peers."),
+            table_wait_seconds: hist(
+                "sigrouter_table_wait_seconds",
+                "Time a request waited for a newer node table after a miss.",
+            ),
+            waiting_requests: gauge(
+                "sigrouter_waiting_requests",
+                "Requests waiting on cluster state now (stuck requests show here).",
+            ),
+            redis_commands: c("sigrouter_redis_commands_total", "Redis commands sent."),
+            redis_errors: c("sigrouter_redis_errors_total", "Redis errors and timeouts."),
+            redis_up: gauge("sigrouter_redis_up", "1 if Redis answered the last probe, else 0."),
+            table_refreshes: c("sigrouter_node_table_refreshes_total", "Node-table snapshots built."),
+            cluster_nodes: gauge("sigrouter_cluster_nodes", "Nodes in the current node table."),
+            forwarded: c("sigrouter_forwarded_total", "Datagrams forwarded to other nodes."),
+            forwarded_in: c("sigrouter_forwarded_in_total", "Datagrams received from other nodes."),
+            migrates: c("sigrouter_migrates_total", "Migrate pushes sent while draining."),
+            routed: c("sigrouter_routed_requests_total", "Connect, Accept, Reject, Signal and Query requests."),
+            handle,
+        }
+    }
+
+    /// Counts a decoded request.
+    pub fn request(&self, t: MsgType) {
+        if let Some(i) = REQ_TYPES.iter().position(|x| *x == t) {
+            self.requests[i].increment(1);
+        }
+    }
+
+    /// Counts a drop.
+    pub fn drop(&self, d: DropReason) {
+        self.dropped[d.index()].increment(1);
+    }
+
+    /// Counts a Connect outcome.
+    pub fn outcome(&self, r: Option<FailReason>) {
+        let i = match r {
+            None => 0,
+            Some(FailReason::Offline) => 1,
+            Some(FailReason::Rejected) => 2,
+            Some(FailReason::Timeout) => 3,
+            Some(FailReason::RetryLater) => 4,
+        };
+        self.outcomes[i].increment(1);
+    }
+
+    /// The Prometheus text exposition of this node's metrics.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Readiness flag: on while the node takes new sessions, off while it drains.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    /// Sets readiness.
+    pub fn set_ready(&self, v: bool) {
+        self.ready.store(v, Ordering::Relaxed);
+    }
+
+    /// Reads readiness.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `GET /metrics`, `/healthz` (always 200 while the process runs: it never looks at
+/// Redis) and `/readyz` (200 when ready, 503 while starting or draining) until `stop`.
+///
+/// A deliberately small HTTP/1.0-style responder: one request per connection, a 2 s read
+/// deadline, no bodies accepted. Scrapers and kubelet probes need nothing more.
+pub async fn serve_http(listener: TcpListener, metrics: Metrics, health: Arc<Health>, stop: CancellationToken) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let mut n = 0;
+            let read = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    let k = stream.read(&mut buf[n..]).await?;
+                    n += k;
+                    if k == 0 || buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || n == buf.len() {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                }
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let line = buf[..n].split(|b| *b == b'\n').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let path = path.split('?').next().unwrap_or("");
+            let (status, ctype, body) = match (method, path) {
+                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+                ("GET", "/readyz") if health.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+                ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_string()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Binds the HTTP endpoint.
+pub async fn bind_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
