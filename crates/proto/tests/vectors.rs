@@ -1,0 +1,628 @@
+//! Checks the hex test vectors in `docs/PROTOCOL.md` against the codec.
+//!
+//! The document is the source of truth: every ```` ```vector ```` block in it is parsed, decoded,
+//! MAC-checked with the block's secret, compared with the message this file expects under that
+//! name, and re-encoded byte for byte. `print_vectors` (ignored) prints the blocks from
+//! [`vectors`]; run it only after a deliberate wire change, then paste its output into the
+//! document:
+//!
+//! ```text
+//! cargo test -p sigrouter-proto --test vectors -- --ignored --nocapture print_vectors
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use sigrouter_proto::*;
+use uuid::Uuid;
+
+/// Secret of client A: bytes 0x01..=0x20.
+fn secret_a() -> Secret {
+    Secret(std::array::from_fn(|i| i as u8 + 0x01))
+}
+
+/// Secret of client B: bytes 0x21..=0x40.
+fn secret_b() -> Secret {
+    Secret(std::array::from_fn(|i| i as u8 + 0x21))
+}
+
+fn uuid_a() -> Uuid {
+    Uuid::parse_str("aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa").unwrap()
+}
+
+fn uuid_b() -> Uuid {
+    Uuid::parse_str("bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb").unwrap()
+}
+
+fn uuid_c() -> Uuid {
+    Uuid::parse_str("cccccccc-cccc-4ccc-8ccc-cccccccccccc").unwrap()
+}
+
+fn v4() -> Addr {
+    Addr("192.0.2.1:4000".parse::<SocketAddr>().unwrap())
+}
+
+fn v6() -> Addr {
+    Addr("[2001:db8::1]:5000".parse::<SocketAddr>().unwrap())
+}
+
+fn payload(s: &str) -> Payload {
+    Payload::from(s.as_bytes().to_vec())
+}
+
+/// One test vector: its name, which secret keys its MAC (if any), and the message.
+struct Vector {
+    name: &'static str,
+    /// The fields, for the line above the block in the document.
+    desc: &'static str,
+    key: Option<(&'static str, Secret)>,
+    msg: Message,
+}
+
+/// The expected messages, by vector name, in document order.
+fn vectors() -> Vec<Vector> {
+    let a = Some(("A", secret_a()));
+    let b = Some(("B", secret_b()));
+    // Register and Resume are built unpadded; `encode_hello` pads them to 256 bytes.
+    let pad = |mut m: Message| {
+        let len = encode_hello(&mut m).unwrap().len();
+        assert!(len >= MIN_HELLO_LEN);
+        m
+    };
+    vec![
+        Vector {
+            name: "register",
+            desc: "Register{rid: 1, local: [192.0.2.1:4000, [2001:db8::1]:5000], pad: zeros up to 256 bytes}",
+            key: None,
+            msg: pad(Message::Register(Register {
+                rid: 1,
+                local: vec![v4(), v6()],
+                pad: vec![],
+            })),
+        },
+        Vector {
+            name: "resume",
+            desc: "Resume{rid: 2, uuid: A, secret: A's, local: [192.0.2.1:4000], pad: zeros up to 256 bytes}",
+            key: None,
+            msg: pad(Message::Resume(Resume {
+                rid: 2,
+                uuid: uuid_a(),
+                secret: secret_a(),
+                local: vec![v4()],
+                pad: vec![],
+            })),
+        },
+        Vector {
+            name: "heartbeat",
+            desc: "Heartbeat{rid: 3, uuid: A}, MAC'd by A",
+            key: a,
+            msg: Message::Heartbeat(Heartbeat {
+                rid: 3,
+                uuid: uuid_a(),
+            }),
+        },
+        Vector {
+            name: "query",
+            desc: "Query{rid: 4, uuid: A, uuids: [B, C]}, MAC'd by A",
+            key: a,
+            msg: Message::Query(Query {
+                rid: 4,
+                uuid: uuid_a(),
+                uuids: vec![uuid_b(), uuid_c()],
+            }),
+        },
+        Vector {
+            name: "connect",
+            desc: "Connect{rid: 5, uuid: A, to: B, payload: \"hello\"}, MAC'd by A",
+            key: a,
+            msg: Message::Connect(Connect {
+                rid: 5,
+                uuid: uuid_a(),
+                to: uuid_b(),
+                payload: payload("hello"),
+            }),
+        },
+        Vector {
+            name: "accept",
+            desc: "Accept{rid: 1000, uuid: B, connection: C, payload: \"ok\"}, MAC'd by B",
+            key: b,
+            msg: Message::Accept(Answer {
+                rid: 1000,
+                uuid: uuid_b(),
+                connection: uuid_c(),
+                payload: payload("ok"),
+            }),
+        },
+        Vector {
+            name: "reject",
+            desc: "Reject{rid: 1001, uuid: B, connection: C, payload: \"busy\"}, MAC'd by B",
+            key: b,
+            msg: Message::Reject(Answer {
+                rid: 1001,
+                uuid: uuid_b(),
+                connection: uuid_c(),
+                payload: payload("busy"),
+            }),
+        },
+        Vector {
+            name: "signal",
+            desc: "Signal{rid: 6, uuid: A, connection: C, payload: \"candidate\"}, MAC'd by A",
+            key: a,
+            msg: Message::Signal(Signal {
+                rid: 6,
+                uuid: uuid_a(),
+                connection: uuid_c(),
+                payload: payload("candidate"),
+            }),
+        },
+        Vector {
+            name: "bye",
+            desc: "Bye{rid: 7, uuid: A}, MAC'd by A",
+            key: a,
+            msg: Message::Bye(Bye {
+                rid: 7,
+                uuid: uuid_a(),
+            }),
+        },
+        Vector {
+            name: "push_ack",
+            desc: "PushAck{uuid: B, push: 1}, MAC'd by B",
+            key: b,
+            msg: Message::PushAck(PushAck {
+                uuid: uuid_b(),
+                push: 1,
+            }),
+        },
+        Vector {
+            name: "registered",
+            desc: "Registered{rid: 1, uuid: A, secret: A's, observed: 192.0.2.1:4000, heartbeat_ms: 15000, ttl_ms: 45000}",
+            key: None,
+            msg: Message::Registered(Registered {
+                rid: 1,
+                uuid: uuid_a(),
+                secret: secret_a(),
+                observed: v4(),
+                heartbeat_ms: 15_000,
+                ttl_ms: 45_000,
+            }),
+        },
+        Vector {
+            name: "heartbeat_ack",
+            desc: "HeartbeatAck{rid: 3, observed: 192.0.2.1:4000}, to A",
+            key: a,
+            msg: Message::HeartbeatAck(HeartbeatAck {
+                rid: 3,
+                observed: v4(),
+            }),
+        },
+        Vector {
+            name: "query_result",
+            desc: "QueryResult{rid: 4, online: [true, false]}, to A",
+            key: a,
+            msg: Message::QueryResult(QueryResult {
+                rid: 4,
+                online: vec![true, false],
+            }),
+        },
+        Vector {
+            name: "connected",
+            desc: "Connected{rid: 5, connection: C, peer: B, observed: [2001:db8::1]:5000, local: [192.0.2.1:4000], payload: \"ok\"}, to A",
+            key: a,
+            msg: Message::Connected(Connected {
+                rid: 5,
+                connection: uuid_c(),
+                peer: uuid_b(),
+                observed: v6(),
+                local: vec![v4()],
+                payload: payload("ok"),
+            }),
+        },
+        Vector {
+            name: "connect_failed",
+            desc: "ConnectFailed{rid: 5, reason: Rejected (2), payload: \"busy\"}, to A",
+            key: a,
+            msg: Message::ConnectFailed(ConnectFailed {
+                rid: 5,
+                reason: FailReason::Rejected,
+                payload: payload("busy"),
+            }),
+        },
+        Vector {
+            name: "ack",
+            desc: "Ack{rid: 1000}, to B",
+            key: b,
+            msg: Message::Ack(Ack { rid: 1000 }),
+        },
+        Vector {
+            name: "error",
+            desc: "Error{rid: 2, code: RateLimited (4)}",
+            key: None,
+            msg: Message::Error(ErrorMsg {
+                rid: 2,
+                code: ErrorCode::RateLimited,
+            }),
+        },
+        Vector {
+            name: "incoming",
+            desc: "Incoming{push: 1, connection: C, from: A, observed: 192.0.2.1:4000, local: [[2001:db8::1]:5000], payload: \"hello\"}, to B",
+            key: b,
+            msg: Message::Incoming(Incoming {
+                push: 1,
+                connection: uuid_c(),
+                from: uuid_a(),
+                observed: v4(),
+                local: vec![v6()],
+                payload: payload("hello"),
+            }),
+        },
+        Vector {
+            name: "signal_push",
+            desc: "SignalPush{push: 2, connection: C, from: A, payload: \"candidate\"}, to B",
+            key: b,
+            msg: Message::SignalPush(SignalPush {
+                push: 2,
+                connection: uuid_c(),
+                from: uuid_a(),
+                payload: payload("candidate"),
+            }),
+        },
+        Vector {
+            name: "migrate",
+            desc: "Migrate{push: 3, to: [2001:db8::1]:5000}, to A",
+            key: a,
+            msg: Message::Migrate(Migrate {
+                push: 3,
+                to: Some(v6()),
+            }),
+        },
+        Vector {
+            name: "migrate_same_node",
+            desc: "Migrate{push: 4, to: nil}, to A",
+            key: a,
+            msg: Message::Migrate(Migrate { push: 4, to: None }),
+        },
+    ]
+}
+
+/// One parsed ```` ```vector ```` block: `key: value` lines (`#` starts a comment); a value
+/// may continue on the following indented lines.
+#[derive(Debug, Default)]
+struct Block {
+    fields: BTreeMap<String, String>,
+}
+
+impl Block {
+    fn get(&self, k: &str) -> &str {
+        self.fields
+            .get(k)
+            .unwrap_or_else(|| panic!("vector {:?} has no `{k}:` line", self.fields.get("name")))
+    }
+}
+
+fn parse_doc(doc: &str) -> Vec<Block> {
+    let mut out = Vec::new();
+    let mut cur: Option<Block> = None;
+    let mut last_key = String::new();
+    for (n, line) in doc.lines().enumerate() {
+        let t = line.trim_end();
+        match &mut cur {
+            None if t.trim_start() == "```vector" => cur = Some(Block::default()),
+            None => {}
+            Some(_) if t.trim_start() == "```" => out.push(cur.take().unwrap()),
+            Some(b) => {
+                if t.starts_with(char::is_whitespace) && !t.trim().is_empty() {
+                    // Continuation of the previous value.
+                    let v = b
+                        .fields
+                        .get_mut(&last_key)
+                        .unwrap_or_else(|| panic!("line {}: continuation without a key", n + 1));
+                    v.push_str(t.trim());
+                } else if let Some((k, v)) = t.split_once(':') {
+                    // `#` starts a comment to the end of the line.
+                    let v = v.split('#').next().unwrap_or_default();
+                    last_key = k.trim().to_string();
+                    let old = b.fields.insert(last_key.clone(), v.trim().to_string());
+                    assert!(old.is_none(), "line {}: duplicate key {k}", n + 1);
+                } else {
+                    assert!(t.is_empty(), "line {}: not `key: value`: {t}", n + 1);
+                }
+            }
+        }
+    }
+    assert!(cur.is_none(), "unterminated vector block");
+    out
+}
+
+fn doc() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md");
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+fn hex_of(s: &str) -> Vec<u8> {
+    let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    hex::decode(&compact).unwrap_or_else(|e| panic!("bad hex {compact}: {e}"))
+}
+
+#[test]
+fn document_vectors_decode_verify_and_reencode() {
+    let blocks = parse_doc(&doc());
+    let expected: BTreeMap<&str, Vector> = vectors().into_iter().map(|v| (v.name, v)).collect();
+    let mut seen_names = BTreeSet::new();
+    let mut seen_types = BTreeSet::new();
+
+    for b in &blocks {
+        let name = b.get("name");
+        assert!(
+            seen_names.insert(name.to_string()),
+            "duplicate vector {name}"
+        );
+        let want = expected
+            .get(name)
+            .unwrap_or_else(|| panic!("vector {name} in the document is not known to this test"));
+        let bytes = hex_of(b.get("hex"));
+
+        // Header.
+        let h = peek_header(&bytes).unwrap_or_else(|e| panic!("{name}: header: {e}"));
+        let ty_field = b.get("type");
+        let ty_byte = u8::from_str_radix(ty_field.trim_start_matches("0x"), 16)
+            .unwrap_or_else(|_| panic!("{name}: bad type {ty_field}"));
+        assert_eq!(h.ty as u8, ty_byte, "{name}: type byte");
+        assert_eq!(
+            b.get("len").parse::<usize>().unwrap(),
+            bytes.len(),
+            "{name}: len"
+        );
+
+        // Body.
+        let msg = decode(&bytes).unwrap_or_else(|e| panic!("{name}: decode: {e}"));
+        assert_eq!(
+            msg, want.msg,
+            "{name}: decoded message differs from the expected one"
+        );
+
+        // MAC.
+        let auth = h.ty.is_authenticated();
+        match (auth, b.fields.get("secret"), want.key) {
+            (true, Some(s), Some((who, k))) => {
+                let doc_key = Secret(hex_of(s).try_into().expect("secret is 32 bytes"));
+                assert!(doc_key.ct_eq(&k), "{name}: secret is not client {who}'s");
+                assert!(verify_mac(&bytes, &doc_key), "{name}: MAC does not verify");
+                let other = if who == "A" { secret_b() } else { secret_a() };
+                assert!(
+                    !verify_mac(&bytes, &other),
+                    "{name}: MAC verifies with a wrong key"
+                );
+                assert_eq!(
+                    hex_of(b.get("mac")),
+                    bytes[bytes.len() - MAC_LEN..],
+                    "{name}: mac line"
+                );
+            }
+            (false, None, None) => {
+                assert!(
+                    !b.fields.contains_key("mac"),
+                    "{name}: mac on a type without one"
+                );
+            }
+            other => panic!("{name}: authenticated={auth} but secret/key = {other:?}"),
+        }
+
+        // Re-encode byte for byte.
+        let key = want.key.map(|(_, k)| k);
+        let again = encode(&msg, key.as_ref()).unwrap();
+        assert_eq!(
+            hex::encode(&again),
+            hex::encode(&bytes),
+            "{name}: re-encoding"
+        );
+        if matches!(h.ty, MsgType::Register | MsgType::Resume) {
+            assert!(bytes.len() >= MIN_HELLO_LEN, "{name}: not padded");
+        }
+        seen_types.insert(h.ty as u8);
+    }
+
+    let missing: Vec<&str> = expected
+        .keys()
+        .filter(|n| !seen_names.contains(**n))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "vectors missing from the document: {missing:?}"
+    );
+    let all: BTreeSet<u8> = (0..=255u8)
+        .filter(|b| MsgType::from_u8(*b).is_some())
+        .collect();
+    assert_eq!(all.len(), 20);
+    assert_eq!(seen_types, all, "not every message type has a vector");
+}
+
+#[test]
+fn parser_reads_continuations() {
+    let doc = "x\n```vector\nname: a\nhex:\n  0102\n  0304\n```\n";
+    let b = parse_doc(doc);
+    assert_eq!(b.len(), 1);
+    assert_eq!(hex_of(b[0].get("hex")), vec![1, 2, 3, 4]);
+}
+
+/// Prints the vector blocks for the document from [`vectors`].
+#[test]
+#[ignore = "generator: run by hand after a deliberate wire change"]
+fn print_vectors() {
+    for v in vectors() {
+        let key = v.key.map(|(_, k)| k);
+        let mut msg = v.msg.clone();
+        let bytes = if matches!(msg, Message::Register(_) | Message::Resume(_)) {
+            encode_hello(&mut msg).unwrap()
+        } else {
+            encode(&msg, key.as_ref()).unwrap()
+        };
+        assert_eq!(msg, v.msg);
+        println!("`{}`:", v.desc);
+        println!();
+        println!("```vector");
+        println!("name: {}", v.name);
+        println!("type: 0x{:02x}", msg.ty() as u8);
+        if let Some((who, k)) = v.key {
+            println!("secret: {}  # client {who}", hex::encode(k.0));
+        }
+        println!("len: {}", bytes.len());
+        println!("hex:");
+        for chunk in bytes.chunks(32) {
+            println!("  {}", hex::encode(chunk));
+        }
+        if key.is_some() {
+            println!("mac: {}", hex::encode(&bytes[bytes.len() - MAC_LEN..]));
+        }
+        println!("```");
+        println!();
+    }
+}
+
+/// The keys of a MessagePack map, in wire order.
+struct MapKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for MapKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MapKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map with string keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MapKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some((k, _)) = m.next_entry::<String, serde::de::IgnoredAny>()? {
+                    keys.push(k);
+                }
+                Ok(MapKeys(keys))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Section 6 of the document: for each type code, the keys of its table in order.
+fn documented_fields(doc: &str) -> BTreeMap<u8, Vec<String>> {
+    let mut out = BTreeMap::new();
+    let mut codes: Vec<u8> = Vec::new();
+    let mut in_section = false;
+    for line in doc.lines() {
+        if line.starts_with("## ") {
+            in_section = line.starts_with("## 6. ");
+            codes.clear();
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        if let Some(h) = line.strip_prefix("### ") {
+            // "### 0x06 Accept and 0x07 Reject (...)" names two codes.
+            codes = h
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("0x"))
+                .map(|c| u8::from_str_radix(c, 16).expect("type code in heading"))
+                .collect();
+            for c in &codes {
+                out.insert(*c, Vec::new());
+            }
+        } else if let Some(rest) = line.strip_prefix("| `") {
+            let key = rest.split('`').next().unwrap().to_string();
+            for c in &codes {
+                out.get_mut(c).unwrap().push(key.clone());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn document_field_tables_match_the_wire() {
+    let doc = doc();
+    let tables = documented_fields(&doc);
+    assert_eq!(
+        tables.len(),
+        20,
+        "section 6 documents {} types",
+        tables.len()
+    );
+    for b in parse_doc(&doc) {
+        let bytes = hex_of(b.get("hex"));
+        let h = peek_header(&bytes).unwrap();
+        let end = bytes.len() - if h.ty.is_authenticated() { MAC_LEN } else { 0 };
+        let keys: MapKeys = rmp_serde::from_slice(&bytes[HEADER_LEN..end]).unwrap();
+        assert_eq!(
+            keys.0,
+            tables[&(h.ty as u8)],
+            "{}: wire keys vs the table in section 6",
+            b.get("name")
+        );
+    }
+}
+
+/// The leniency section 2 promises receivers: any key order, unknown keys ignored, any integer
+/// width; and the strictness: missing or repeated keys and trailing bytes are malformed.
+#[test]
+fn documented_decoding_rules() {
+    let uuid = [0xaa; 16];
+    let hb = |body: &[u8]| {
+        let mut d = b"SR\x01\x03".to_vec();
+        d.extend_from_slice(body);
+        d.extend_from_slice(&[0; MAC_LEN]);
+        decode(&d)
+    };
+    let mut uuid_kv = vec![0xa4, b'u', b'u', b'i', b'd', 0xc4, 0x10];
+    uuid_kv.extend_from_slice(&uuid);
+    let rid = |v: &[u8]| [&[0xa3, b'r', b'i', b'd'][..], v].concat();
+    let want = Ok(Message::Heartbeat(Heartbeat {
+        rid: 3,
+        uuid: Uuid::from_bytes(uuid),
+    }));
+
+    // Canonical, reordered, unknown key (with a nested value), wide integer.
+    assert_eq!(hb(&[&[0x82][..], &rid(&[3]), &uuid_kv].concat()), want);
+    assert_eq!(hb(&[&[0x82][..], &uuid_kv, &rid(&[3])].concat()), want);
+    let extra = [
+        0xa5, b'e', b'x', b't', b'r', b'a', 0x92, 0x01, 0x81, 0xa1, b'x', 0xc0,
+    ];
+    assert_eq!(
+        hb(&[&[0x83][..], &rid(&[3]), &extra, &uuid_kv].concat()),
+        want
+    );
+    assert_eq!(
+        hb(&[&[0x82][..], &rid(&[0xcf, 0, 0, 0, 0, 0, 0, 0, 3]), &uuid_kv].concat()),
+        want
+    );
+
+    // Missing key, repeated key, trailing bytes, negative rid, uuid of the wrong length.
+    let malformed = Err(DecodeError::Malformed);
+    assert_eq!(hb(&[&[0x81][..], &rid(&[3])].concat()), malformed);
+    assert_eq!(
+        hb(&[&[0x83][..], &rid(&[3]), &rid(&[4]), &uuid_kv].concat()),
+        malformed
+    );
+    assert_eq!(
+        hb(&[&[0x82][..], &rid(&[3]), &uuid_kv, &[0xc0]].concat()),
+        malformed
+    );
+    assert_eq!(
+        hb(&[&[0x82][..], &rid(&[0xff]), &uuid_kv].concat()),
+        malformed
+    );
+    let short_uuid = [0xa4, b'u', b'u', b'i', b'd', 0xc4, 0x02, 1, 2];
+    assert_eq!(
+        hb(&[&[0x82][..], &rid(&[3]), &short_uuid].concat()),
+        malformed
+    );
+
+    // Migrate's `to` may be absent.
+    let mut d = b"SR\x01\x92\x81\xa4push\x04".to_vec();
+    d.extend_from_slice(&[0; MAC_LEN]);
+    assert_eq!(
+        decode(&d),
+        Ok(Message::Migrate(Migrate { push: 4, to: None }))
+    );
+}
