@@ -838,9 +838,16 @@ pub fn peek_header(buf: &[u8]) -> Result<Header, DecodeError> {
     Ok(Header { ty })
 }
 
+/// Deepest MessagePack nesting a body may have, counting the body map itself: 7 levels. The
+/// deepest v1 field is an array of `bin` in the body map (2 levels); the rest leaves room for
+/// unknown fields of later minor versions. rmp-serde's default limit (1024) let one 1200-byte
+/// datagram of nested arrays in an ignored field overflow the decoding thread's stack.
+const MAX_BODY_DEPTH: usize = 8;
+
 fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, DecodeError> {
     let mut rest = b;
     let mut de = rmp_serde::Deserializer::new(&mut rest);
+    de.set_max_depth(MAX_BODY_DEPTH);
     let v = T::deserialize(&mut de).map_err(|_| DecodeError::Malformed)?;
     // Trailing bytes after the map are a malformed datagram, not something to ignore.
     if !rest.is_empty() {
