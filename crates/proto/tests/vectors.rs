@@ -618,6 +618,16 @@ fn documented_decoding_rules() {
         malformed
     );
 
+    // Nesting: the body map plus 6 levels in an unknown field is fine, one more is malformed.
+    let nested = |levels: usize| {
+        let mut v = vec![0xa1, b'x'];
+        v.extend(std::iter::repeat_n(0x91, levels));
+        v.push(0xc0);
+        hb(&[&[0x83][..], &rid(&[3]), &v, &uuid_kv].concat())
+    };
+    assert_eq!(nested(6), want);
+    assert_eq!(nested(7), malformed);
+
     // Migrate's `to` may be absent.
     let mut d = b"SR\x01\x92\x81\xa4push\x04".to_vec();
     d.extend_from_slice(&[0; MAC_LEN]);
