@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use sigrouter::{Config, ServeArgs};
 
 #[derive(Parser, Debug)]
-#[command(name = "sigrouter", version, about = "UDP signaling router for peer-to-peer client fleets")]
+#[command(
+    name = "sigrouter",
+    version,
+    about = "UDP signaling router for peer-to-peer client fleets"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -20,8 +24,11 @@ enum Command {
 
 fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SIGROUTER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("SIGROUTER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {

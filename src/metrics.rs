@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use sigrouter_proto::{DecodeError, FailReason, MsgType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,7 +175,8 @@ impl Metrics {
     pub fn new() -> Self {
         let recorder: PrometheusRecorder = PrometheusBuilder::new()
             .set_buckets(&[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
             ])
             .expect("static non-empty buckets")
             .build_recorder();
@@ -223,22 +226,64 @@ impl Metrics {
             requests,
             dropped,
             outcomes,
-            rx_datagrams: c("sigrouter_rx_datagrams_total", "Datagrams received on the client port."),
-            tx_datagrams: c("sigrouter_tx_datagrams_total", "Datagrams sent on the client port."),
-            stun_answered: c("sigrouter_stun_answered_total", "STUN Binding requests answered."),
+            rx_datagrams: c(
+                "sigrouter_rx_datagrams_total",
+                "Datagrams received on the client port.",
+            ),
+            tx_datagrams: c(
+                "sigrouter_tx_datagrams_total",
+                "Datagrams sent on the client port.",
+            ),
+            stun_answered: c(
+                "sigrouter_stun_answered_total",
+                "STUN Binding requests answered.",
+            ),
             sessions: gauge("sigrouter_sessions", "Sessions held by this node."),
-            registered: c("sigrouter_sessions_registered_total", "Sessions created by Register."),
-            resumed: c("sigrouter_sessions_resumed_total", "Sessions taken back by Resume."),
-            expired: c("sigrouter_sessions_expired_total", "Sessions expired after missed heartbeats."),
-            rebinds: c("sigrouter_rebinds_total", "Session addresses moved by a NAT rebinding."),
-            duplicates: c("sigrouter_duplicate_requests_total", "Retransmitted requests answered from memory."),
-            rate_limited: c("sigrouter_rate_limited_total", "Requests refused by a rate limit."),
-            capacity_refused: c("sigrouter_capacity_refused_total", "Registers refused by the session cap."),
+            registered: c(
+                "sigrouter_sessions_registered_total",
+                "Sessions created by Register.",
+            ),
+            resumed: c(
+                "sigrouter_sessions_resumed_total",
+                "Sessions taken back by Resume.",
+            ),
+            expired: c(
+                "sigrouter_sessions_expired_total",
+                "Sessions expired after missed heartbeats.",
+            ),
+            rebinds: c(
+                "sigrouter_rebinds_total",
+                "Session addresses moved by a NAT rebinding.",
+            ),
+            duplicates: c(
+                "sigrouter_duplicate_requests_total",
+                "Retransmitted requests answered from memory.",
+            ),
+            rate_limited: c(
+                "sigrouter_rate_limited_total",
+                "Requests refused by a rate limit.",
+            ),
+            capacity_refused: c(
+                "sigrouter_capacity_refused_total",
+                "Registers refused by the session cap.",
+            ),
             pushes_sent: c("sigrouter_pushes_total", "Server pushes sent."),
-            push_retransmits: c("sigrouter_push_retransmits_total", "Server push retransmissions."),
-            pushes_expired: c("sigrouter_pushes_expired_total", "Pushes given up unacknowledged."),
-            connect_seconds: hist("sigrouter_connect_seconds", "Time from Connect to its outcome."),
-            signals_relayed: c("sigrouter_signals_relayed_total", "Signals relayed between peers."),
+            push_retransmits: c(
+                "sigrouter_push_retransmits_total",
+                "Server push retransmissions.",
+            ),
+            pushes_expired: c(
+                "sigrouter_pushes_expired_total",
+                "Pushes given up unacknowledged.",
+            ),
+            connect_seconds: hist(
+                "sigrouter_connect_seconds",
+                "Time from Connect to its outcome.",
+            ),
+            signals_relayed: c(
+                "sigrouter_signals_relayed_total",
+                "Signals relayed between peers.",
+            ),
             table_wait_seconds: hist(
                 "sigrouter_table_wait_seconds",
                 "Time a request waited for a newer node table after a miss.",
@@ -249,13 +294,34 @@ impl Metrics {
             ),
             redis_commands: c("sigrouter_redis_commands_total", "Redis commands sent."),
             redis_errors: c("sigrouter_redis_errors_total", "Redis errors and timeouts."),
-            redis_up: gauge("sigrouter_redis_up", "1 if Redis answered the last probe, else 0."),
-            table_refreshes: c("sigrouter_node_table_refreshes_total", "Node-table snapshots built."),
-            cluster_nodes: gauge("sigrouter_cluster_nodes", "Nodes in the current node table."),
-            forwarded: c("sigrouter_forwarded_total", "Datagrams forwarded to other nodes."),
-            forwarded_in: c("sigrouter_forwarded_in_total", "Datagrams received from other nodes."),
-            migrates: c("sigrouter_migrates_total", "Migrate pushes sent while draining."),
-            routed: c("sigrouter_routed_requests_total", "Connect, Accept, Reject, Signal and Query requests."),
+            redis_up: gauge(
+                "sigrouter_redis_up",
+                "1 if Redis answered the last probe, else 0.",
+            ),
+            table_refreshes: c(
+                "sigrouter_node_table_refreshes_total",
+                "Node-table snapshots built.",
+            ),
+            cluster_nodes: gauge(
+                "sigrouter_cluster_nodes",
+                "Nodes in the current node table.",
+            ),
+            forwarded: c(
+                "sigrouter_forwarded_total",
+                "Datagrams forwarded to other nodes.",
+            ),
+            forwarded_in: c(
+                "sigrouter_forwarded_in_total",
+                "Datagrams received from other nodes.",
+            ),
+            migrates: c(
+                "sigrouter_migrates_total",
+                "Migrate pushes sent while draining.",
+            ),
+            routed: c(
+                "sigrouter_routed_requests_total",
+                "Connect, Accept, Reject, Signal and Query requests.",
+            ),
             handle,
         }
     }
@@ -319,7 +385,12 @@ impl Health {
 ///
 /// A deliberately small HTTP/1.0-style responder: one request per connection, a 2 s read
 /// deadline, no bodies accepted. Scrapers and kubelet probes need nothing more.
-pub async fn serve_http(listener: TcpListener, metrics: Metrics, health: Arc<Health>, stop: CancellationToken) {
+pub async fn serve_http(
+    listener: TcpListener,
+    metrics: Metrics,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
     loop {
         let (mut stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -358,10 +429,20 @@ pub async fn serve_http(listener: TcpListener, metrics: Metrics, health: Arc<Hea
             let (status, ctype, body) = match (method, path) {
                 ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
                 ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if health.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-                ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                ("GET", "/readyz") if health.is_ready() => {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                }
+                ("GET", "/readyz") => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready\n".to_string(),
+                ),
                 ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_string()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "method not allowed\n".to_string(),
+                ),
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -23,8 +23,9 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand::RngCore;
 use sigrouter_proto::{
-    self as proto, Ack, Addr, Answer, ConnectFailed, Connected, ErrorCode, ErrorMsg, FailReason, HeartbeatAck,
-    Incoming, Message, MsgType, Payload, QueryResult, Registered, Secret, SignalPush, MIN_HELLO_LEN,
+    self as proto, Ack, Addr, Answer, ConnectFailed, Connected, ErrorCode, ErrorMsg, FailReason,
+    HeartbeatAck, Incoming, Message, MsgType, Payload, QueryResult, Registered, Secret, SignalPush,
+    MIN_HELLO_LEN,
 };
 use uuid::Uuid;
 
@@ -179,7 +180,14 @@ impl Router {
     }
 
     /// Sends an unauthenticated answer, but only if it is no larger than the request.
-    fn reply_bounded(&self, to: SocketAddr, req_len: usize, msg: &Message, key: Option<&Secret>, out: &mut Vec<Transmit>) {
+    fn reply_bounded(
+        &self,
+        to: SocketAddr,
+        req_len: usize,
+        msg: &Message,
+        key: Option<&Secret>,
+        out: &mut Vec<Transmit>,
+    ) {
         match proto::encode(msg, key) {
             Ok(bytes) if bytes.len() <= req_len => out.push(Transmit { to, bytes }),
             Ok(_) => self.metrics.drop(DropReason::Amplification),
@@ -187,13 +195,32 @@ impl Router {
         }
     }
 
-    fn error(&self, to: SocketAddr, req_len: usize, rid: u64, code: ErrorCode, out: &mut Vec<Transmit>) {
-        self.reply_bounded(to, req_len, &Message::Error(ErrorMsg { rid, code }), None, out);
+    fn error(
+        &self,
+        to: SocketAddr,
+        req_len: usize,
+        rid: u64,
+        code: ErrorCode,
+        out: &mut Vec<Transmit>,
+    ) {
+        self.reply_bounded(
+            to,
+            req_len,
+            &Message::Error(ErrorMsg { rid, code }),
+            None,
+            out,
+        );
     }
 
     /// Per-IP limit for Register/Resume. Over the limit: a small Error (never larger than the
     /// request), so honest clients back off and floods gain nothing.
-    fn hello_allowed(&self, src: SocketAddr, req_len: usize, rid: u64, out: &mut Vec<Transmit>) -> bool {
+    fn hello_allowed(
+        &self,
+        src: SocketAddr,
+        req_len: usize,
+        rid: u64,
+        out: &mut Vec<Transmit>,
+    ) -> bool {
         if req_len < MIN_HELLO_LEN {
             self.metrics.drop(DropReason::Unpadded);
             return false;
@@ -206,7 +233,14 @@ impl Router {
         true
     }
 
-    fn registered(&self, now: Instant, rid: u64, uuid: Uuid, secret: Secret, src: SocketAddr) -> Message {
+    fn registered(
+        &self,
+        now: Instant,
+        rid: u64,
+        uuid: Uuid,
+        secret: Secret,
+        src: SocketAddr,
+    ) -> Message {
         let _ = now;
         Message::Registered(Registered {
             rid,
@@ -218,7 +252,14 @@ impl Router {
         })
     }
 
-    fn register(&self, now: Instant, src: SocketAddr, req_len: usize, m: proto::Register, out: &mut Vec<Transmit>) {
+    fn register(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        req_len: usize,
+        m: proto::Register,
+        out: &mut Vec<Transmit>,
+    ) {
         if req_len < MIN_HELLO_LEN {
             self.metrics.drop(DropReason::Unpadded);
             return;
@@ -257,7 +298,14 @@ impl Router {
         self.reply_bounded(src, req_len, &msg, None, out);
     }
 
-    fn resume(&self, now: Instant, src: SocketAddr, req_len: usize, m: proto::Resume, out: &mut Vec<Transmit>) {
+    fn resume(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        req_len: usize,
+        m: proto::Resume,
+        out: &mut Vec<Transmit>,
+    ) {
         if !self.hello_allowed(src, req_len, m.rid, out) {
             return;
         }
@@ -289,7 +337,14 @@ impl Router {
         self.reply_bounded(src, req_len, &msg, None, out);
     }
 
-    fn authenticated(&self, now: Instant, src: SocketAddr, buf: &[u8], msg: Message, out: &mut Vec<Transmit>) {
+    fn authenticated(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        buf: &[u8],
+        msg: Message,
+        out: &mut Vec<Transmit>,
+    ) {
         let Some(uuid) = msg.sender() else {
             self.metrics.drop(DropReason::WrongDirection);
             return;
@@ -328,7 +383,11 @@ impl Router {
             if let Remembered::Answer(bytes) = rem {
                 // Answer a retransmission where the session lives; to a new source only when that
                 // cannot amplify (a replay from a spoofed address gains nothing).
-                let to = if src == view.addr || bytes.len() <= buf.len() { src } else { view.addr };
+                let to = if src == view.addr || bytes.len() <= buf.len() {
+                    src
+                } else {
+                    view.addr
+                };
                 out.push(Transmit {
                     to,
                     bytes: bytes.to_vec(),
@@ -351,7 +410,11 @@ impl Router {
             Message::Query(q) => {
                 self.metrics.routed.increment(1);
                 let online = q.uuids.iter().map(|u| self.sessions.contains(u)).collect();
-                self.send(&view, Message::QueryResult(QueryResult { rid, online }), out);
+                self.send(
+                    &view,
+                    Message::QueryResult(QueryResult { rid, online }),
+                    out,
+                );
             }
             Message::Connect(c) => {
                 self.metrics.routed.increment(1);
@@ -383,7 +446,10 @@ impl Router {
         match proto::encode(&msg, Some(&view.secret)) {
             Ok(bytes) => {
                 let shared: Arc<[u8]> = bytes.as_slice().into();
-                out.push(Transmit { to: view.addr, bytes });
+                out.push(Transmit {
+                    to: view.addr,
+                    bytes,
+                });
                 Some(shared)
             }
             Err(e) => {
@@ -394,14 +460,31 @@ impl Router {
     }
 
     /// Sends an answer and remembers it for retransmissions of the same request id.
-    fn answer(&self, now: Instant, uuid: Uuid, view: &SenderView, rid: u64, msg: Message, out: &mut Vec<Transmit>) {
+    fn answer(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        rid: u64,
+        msg: Message,
+        out: &mut Vec<Transmit>,
+    ) {
         if let Some(bytes) = self.send(view, msg, out) {
-            self.sessions.remember(&uuid, rid, Remembered::Answer(bytes), now);
+            self.sessions
+                .remember(&uuid, rid, Remembered::Answer(bytes), now);
         }
     }
 
     /// Answers a Connect that failed at once, remembering the outcome.
-    fn connect_failed(&self, now: Instant, uuid: Uuid, view: &SenderView, rid: u64, reason: FailReason, out: &mut Vec<Transmit>) {
+    fn connect_failed(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        rid: u64,
+        reason: FailReason,
+        out: &mut Vec<Transmit>,
+    ) {
         self.metrics.outcome(Some(reason));
         let msg = Message::ConnectFailed(ConnectFailed {
             rid,
@@ -411,7 +494,14 @@ impl Router {
         self.answer(now, uuid, view, rid, msg, out);
     }
 
-    fn connect(&self, now: Instant, uuid: Uuid, view: &SenderView, c: proto::Connect, out: &mut Vec<Transmit>) {
+    fn connect(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        c: proto::Connect,
+        out: &mut Vec<Transmit>,
+    ) {
         if c.to == uuid {
             self.error(view.addr, usize::MAX, c.rid, ErrorCode::BadRequest, out);
             return;
@@ -434,7 +524,8 @@ impl Router {
                 },
             },
         );
-        self.sessions.remember(&uuid, c.rid, Remembered::PendingConnect, now);
+        self.sessions
+            .remember(&uuid, c.rid, Remembered::PendingConnect, now);
         let incoming = Message::Incoming(Incoming {
             push,
             connection,
@@ -448,7 +539,16 @@ impl Router {
 
     /// Sends a push and keeps it for retransmission until acknowledged.
     #[allow(clippy::too_many_arguments)]
-    fn push(&self, now: Instant, to: Uuid, id: u64, key: &Secret, addr: SocketAddr, msg: Message, out: &mut Vec<Transmit>) {
+    fn push(
+        &self,
+        now: Instant,
+        to: Uuid,
+        id: u64,
+        key: &Secret,
+        addr: SocketAddr,
+        msg: Message,
+        out: &mut Vec<Transmit>,
+    ) {
         let bytes = match proto::encode(&msg, Some(key)) {
             Ok(b) => b,
             Err(e) => {
@@ -469,7 +569,15 @@ impl Router {
         out.push(Transmit { to: addr, bytes });
     }
 
-    fn answer_incoming(&self, now: Instant, uuid: Uuid, view: &SenderView, a: Answer, accept: bool, out: &mut Vec<Transmit>) {
+    fn answer_incoming(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        a: Answer,
+        accept: bool,
+        out: &mut Vec<Transmit>,
+    ) {
         // Read and change the connection in one statement; act on the copy afterwards.
         let found = match self.conns.get_mut(&a.connection) {
             Some(mut c) if c.target == uuid => {
@@ -482,12 +590,25 @@ impl Router {
             _ => None,
         };
         let Some(conn) = found else {
-            self.error(view.addr, usize::MAX, a.rid, ErrorCode::UnknownConnection, out);
+            self.error(
+                view.addr,
+                usize::MAX,
+                a.rid,
+                ErrorCode::UnknownConnection,
+                out,
+            );
             return;
         };
         let ConnState::Pending { push, .. } = conn.state else {
             // Already answered under another request id: nothing more to do.
-            self.answer(now, uuid, view, a.rid, Message::Ack(Ack { rid: a.rid }), out);
+            self.answer(
+                now,
+                uuid,
+                view,
+                a.rid,
+                Message::Ack(Ack { rid: a.rid }),
+                out,
+            );
             return;
         };
         // The answer proves the Incoming arrived.
@@ -495,7 +616,14 @@ impl Router {
         if !accept {
             self.conns.remove(&a.connection);
         }
-        self.answer(now, uuid, view, a.rid, Message::Ack(Ack { rid: a.rid }), out);
+        self.answer(
+            now,
+            uuid,
+            view,
+            a.rid,
+            Message::Ack(Ack { rid: a.rid }),
+            out,
+        );
         let Some(init) = self.sessions.peer(&conn.initiator) else {
             self.conns.remove(&a.connection);
             return;
@@ -526,16 +654,37 @@ impl Router {
         self.answer(now, conn.initiator, &iview, conn.initiator_rid, msg, out);
     }
 
-    fn signal(&self, now: Instant, uuid: Uuid, view: &SenderView, s: proto::Signal, out: &mut Vec<Transmit>) {
+    fn signal(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        s: proto::Signal,
+        out: &mut Vec<Transmit>,
+    ) {
         let peer = match self.conns.get_mut(&s.connection) {
-            Some(mut c) if matches!(c.state, ConnState::Established { .. }) && (c.initiator == uuid || c.target == uuid) => {
+            Some(mut c)
+                if matches!(c.state, ConnState::Established { .. })
+                    && (c.initiator == uuid || c.target == uuid) =>
+            {
                 c.state = ConnState::Established { last: now };
-                Some(if c.initiator == uuid { c.target } else { c.initiator })
+                Some(if c.initiator == uuid {
+                    c.target
+                } else {
+                    c.initiator
+                })
             }
             _ => None,
         };
-        let Some((push, target)) = peer.and_then(|p| self.sessions.next_push(&p).map(|t| (t, p))) else {
-            self.error(view.addr, usize::MAX, s.rid, ErrorCode::UnknownConnection, out);
+        let Some((push, target)) = peer.and_then(|p| self.sessions.next_push(&p).map(|t| (t, p)))
+        else {
+            self.error(
+                view.addr,
+                usize::MAX,
+                s.rid,
+                ErrorCode::UnknownConnection,
+                out,
+            );
             return;
         };
         let (push_id, tview) = push;
@@ -547,7 +696,14 @@ impl Router {
         });
         self.push(now, target, push_id, &tview.secret, tview.addr, msg, out);
         self.metrics.signals_relayed.increment(1);
-        self.answer(now, uuid, view, s.rid, Message::Ack(Ack { rid: s.rid }), out);
+        self.answer(
+            now,
+            uuid,
+            view,
+            s.rid,
+            Message::Ack(Ack { rid: s.rid }),
+            out,
+        );
     }
 
     /// Time-driven work that must be prompt: push retransmissions and connect timeouts.
@@ -601,18 +757,28 @@ impl Router {
                 continue;
             };
             let view = SenderView::to_peer(init.secret, init.addr);
-            self.connect_failed(now, conn.initiator, &view, conn.initiator_rid, FailReason::Timeout, out);
+            self.connect_failed(
+                now,
+                conn.initiator,
+                &view,
+                conn.initiator_rid,
+                FailReason::Timeout,
+                out,
+            );
         }
     }
 
     /// Slow housekeeping: expires sessions, forgets old answers and idle connections, prunes
     /// rate-limiter state. Call about once a second. Returns the expired sessions.
     pub fn sweep(&self, now: Instant) -> Vec<Uuid> {
-        let gone = self.sessions.sweep(now, self.session_ttl, self.dedup_window);
+        let gone = self
+            .sessions
+            .sweep(now, self.session_ttl, self.dedup_window);
         self.metrics.expired.increment(gone.len() as u64);
         self.metrics.sessions.set(self.sessions.len() as f64);
         let dedup = self.dedup_window;
-        self.hellos.retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
+        self.hellos
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
         let dead: Vec<Uuid> = self
             .conns
             .iter()
@@ -666,4 +832,6 @@ impl SenderView {
 #[allow(dead_code)]
 fn _assert_types(_: MsgType) {}
 #[allow(clippy::missing_const_for_fn)]
-fn stun_answer(_b: &[u8], _s: SocketAddr) -> Result<Vec<u8>, ()> { Err(()) }
+fn stun_answer(_b: &[u8], _s: SocketAddr) -> Result<Vec<u8>, ()> {
+    Err(())
+}

@@ -36,11 +36,14 @@ impl Server {
     /// Binds the client port (and the metrics port, if configured).
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
         let workers = if cfg.workers == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(8)
         } else {
             cfg.workers
         };
-        let sockets = net::bind_udp(cfg.listen, workers).with_context(|| format!("binding UDP {}", cfg.listen))?;
+        let sockets = net::bind_udp(cfg.listen, workers)
+            .with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local_addr = sockets[0].local_addr()?;
         let http = match cfg.metrics_listen {
             Some(a) => Some(
@@ -84,7 +87,12 @@ impl Server {
         let mut rx = Some(rx);
         for s in self.sockets {
             let sock = UdpSocket::from_std(s)?;
-            tracker.spawn(net::run_socket(sock, self.router.clone(), rx.take(), stop.clone()));
+            tracker.spawn(net::run_socket(
+                sock,
+                self.router.clone(),
+                rx.take(),
+                stop.clone(),
+            ));
         }
         tracker.spawn(net::run_timers(
             self.router.clone(),
@@ -109,7 +117,10 @@ impl Server {
         self.router.set_draining(true);
         stop.cancel();
         tracker.close();
-        if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("tasks did not stop within the grace period");
         }
         Ok(())

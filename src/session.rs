@@ -82,7 +82,15 @@ impl Sessions {
     }
 
     /// Inserts a new session (or replaces one, on Resume).
-    pub(crate) fn insert(&self, uuid: Uuid, secret: Secret, addr: SocketAddr, local: Vec<Addr>, rid: u64, now: Instant) {
+    pub(crate) fn insert(
+        &self,
+        uuid: Uuid,
+        secret: Secret,
+        addr: SocketAddr,
+        local: Vec<Addr>,
+        rid: u64,
+        now: Instant,
+    ) {
         self.map.insert(
             uuid,
             Session {
@@ -104,7 +112,13 @@ impl Sessions {
 
     /// Records an authenticated request from `src` (MAC already checked): refreshes liveness,
     /// moves the address when the request id is the newest seen, and returns the sender's view.
-    pub(crate) fn touch(&self, uuid: &Uuid, src: SocketAddr, rid: u64, now: Instant) -> Option<SenderView> {
+    pub(crate) fn touch(
+        &self,
+        uuid: &Uuid,
+        src: SocketAddr,
+        rid: u64,
+        now: Instant,
+    ) -> Option<SenderView> {
         let mut s = self.map.get_mut(uuid)?;
         s.last_seen = now;
         let mut rebound = false;
@@ -115,7 +129,11 @@ impl Sessions {
                 rebound = true;
             }
         }
-        let remembered = s.recent.iter().find(|(r, _, _)| *r == rid).map(|(_, _, m)| m.clone());
+        let remembered = s
+            .recent
+            .iter()
+            .find(|(r, _, _)| *r == rid)
+            .map(|(_, _, m)| m.clone());
         Some(SenderView {
             secret: s.secret,
             addr: s.addr,
@@ -128,7 +146,14 @@ impl Sessions {
 
     /// Takes a session back after Resume (secret already checked): new address, local
     /// addresses and request-id base. Returns false if the session is gone.
-    pub(crate) fn resume(&self, uuid: &Uuid, src: SocketAddr, local: Vec<Addr>, rid: u64, now: Instant) -> bool {
+    pub(crate) fn resume(
+        &self,
+        uuid: &Uuid,
+        src: SocketAddr,
+        local: Vec<Addr>,
+        rid: u64,
+        now: Instant,
+    ) -> bool {
         let Some(mut s) = self.map.get_mut(uuid) else {
             return false;
         };
@@ -202,11 +227,10 @@ impl Sessions {
                 gone.push(*uuid);
                 return false;
             }
-            while s
-                .recent
-                .front()
-                .is_some_and(|(_, t, m)| !matches!(m, Remembered::PendingConnect) && now.saturating_duration_since(*t) > dedup)
-            {
+            while s.recent.front().is_some_and(|(_, t, m)| {
+                !matches!(m, Remembered::PendingConnect)
+                    && now.saturating_duration_since(*t) > dedup
+            }) {
                 s.recent.pop_front();
             }
             true

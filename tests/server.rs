@@ -1,0 +1,702 @@
+//! A single node over real UDP on loopback, driven by hand-crafted datagrams: sessions,
+//! connect/accept/reject/timeout, signal relay, idempotency, authentication, amplification,
+//! rate limits and garbage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, recv_msg, test_config, Node, Raw};
+use sigrouter::proto::{self, ErrorCode, FailReason, Message, Payload, Secret};
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(5);
+
+fn payload(s: &str) -> Payload {
+    Payload::from(s.as_bytes().to_vec())
+}
+
+/// Sends Connect from `a` to `b`; returns the Incoming `b` sees (already acked).
+async fn connect(a: &mut Raw, b: &Raw, text: &str) -> (u64, proto::Incoming) {
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: b.uuid,
+        payload: payload(text),
+    }))
+    .await;
+    let inc = b
+        .recv_until(T, |m| match m {
+            Message::Incoming(i) => Some(i.clone()),
+            _ => None,
+        })
+        .await
+        .expect("Incoming");
+    (rid, inc)
+}
+
+async fn answer(b: &mut Raw, conn: Uuid, accept: bool, text: &str) {
+    let rid = b.next_rid();
+    let ans = proto::Answer {
+        rid,
+        uuid: b.uuid,
+        connection: conn,
+        payload: payload(text),
+    };
+    b.send(&if accept {
+        Message::Accept(ans)
+    } else {
+        Message::Reject(ans)
+    })
+    .await;
+    b.recv_until(T, |m| {
+        matches!(m, Message::Ack(a) if a.rid == rid).then_some(())
+    })
+    .await
+    .expect("Ack for the answer");
+}
+
+async fn outcome(a: &Raw, rid: u64) -> Message {
+    a.recv_until(Duration::from_secs(15), |m| match m {
+        Message::Connected(c) if c.rid == rid => Some(m.clone()),
+        Message::ConnectFailed(c) if c.rid == rid => Some(m.clone()),
+        _ => None,
+    })
+    .await
+    .expect("an outcome for the Connect")
+}
+
+#[tokio::test]
+async fn register_heartbeat_and_query() {
+    let node = Node::start(test_config()).await;
+    let mut a = Raw::register(node.addr).await;
+    let b = Raw::register(node.addr).await;
+    assert_ne!(a.uuid, b.uuid);
+    assert_eq!(a.observed, a.sock.local_addr().unwrap());
+    let ack = a.heartbeat().await;
+    assert_eq!(ack.observed.0, a.sock.local_addr().unwrap());
+    let online = a.query(vec![b.uuid, Uuid::new_v4(), a.uuid]).await;
+    assert_eq!(online, vec![true, false, true]);
+}
+
+#[tokio::test]
+async fn resume_keeps_uuid_from_a_new_address() {
+    let node = Node::start(test_config()).await;
+    let a = Raw::register(node.addr).await;
+    let mut q = Raw::register(node.addr).await;
+    // The client's NAT (or a restart of the app) gives it a new socket.
+    let sock = Raw::socket().await;
+    let mut m = Message::Resume(proto::Resume {
+        rid: 100,
+        uuid: a.uuid,
+        secret: a.secret,
+        local: vec![],
+        pad: vec![],
+    });
+    sock.send_to(&proto::encode_hello(&mut m).unwrap(), node.addr)
+        .await
+        .unwrap();
+    let Some(Message::Registered(r)) = recv_msg(&sock, T).await else {
+        panic!("Resume not answered with Registered")
+    };
+    assert_eq!(r.uuid, a.uuid);
+    assert_eq!(r.observed.0, sock.local_addr().unwrap());
+    let mut moved = Raw {
+        sock,
+        server: node.addr,
+        uuid: a.uuid,
+        secret: a.secret,
+        observed: r.observed.0,
+        rid: 100,
+    };
+    assert_eq!(
+        moved.heartbeat().await.observed.0,
+        moved.sock.local_addr().unwrap()
+    );
+    assert_eq!(q.query(vec![a.uuid]).await, vec![true]);
+}
+
+#[tokio::test]
+async fn sessions_expire_when_heartbeats_stop() {
+    let mut cfg = test_config();
+    cfg.heartbeat = Duration::from_millis(100);
+    cfg.session_ttl = Duration::from_millis(400);
+    cfg.sweep_interval = Duration::from_millis(50);
+    let node = Node::start(cfg).await;
+    let silent = Raw::register(node.addr).await;
+    let mut watcher = Raw::register(node.addr).await;
+    assert_eq!(watcher.query(vec![silent.uuid]).await, vec![true]);
+    // The watcher keeps heartbeating (via its queries); the silent one goes offline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut offline = false;
+    while std::time::Instant::now() < deadline {
+        if watcher.query(vec![silent.uuid]).await == vec![false] {
+            offline = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(offline, "a session without heartbeats stayed online");
+    assert_eq!(watcher.query(vec![watcher.uuid]).await, vec![true]);
+    // Its authenticated requests now get UnknownSession, telling it to Resume.
+    let mut s = silent;
+    let rid = s.next_rid();
+    s.send(&Message::Heartbeat(proto::Heartbeat { rid, uuid: s.uuid }))
+        .await;
+    match recv_msg(&s.sock, T).await {
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::UnknownSession),
+        other => panic!("expected UnknownSession, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connect_accepted_exchanges_addresses_and_signals_both_ways() {
+    let node = Node::start(test_config()).await;
+    let mut a = Raw::register(node.addr).await;
+    let mut b = Raw::register(node.addr).await;
+    let (rid, inc) = connect(&mut a, &b, "offer").await;
+    assert_eq!(inc.from, a.uuid);
+    assert_eq!(inc.observed.0, a.sock.local_addr().unwrap());
+    assert_eq!(inc.local, vec![proto::Addr(a.sock.local_addr().unwrap())]);
+    assert_eq!(inc.payload, payload("offer"));
+    answer(&mut b, inc.connection, true, "answer").await;
+    let Message::Connected(c) = outcome(&a, rid).await else {
+        panic!("expected Connected")
+    };
+    assert_eq!(c.connection, inc.connection);
+    assert_eq!(c.peer, b.uuid);
+    assert_eq!(c.observed.0, b.sock.local_addr().unwrap());
+    assert_eq!(c.payload, payload("answer"));
+
+    signal(&mut a, &b, c.connection, "a->b candidate").await;
+    signal(&mut b, &a, c.connection, "b->a candidate").await;
+}
+
+async fn signal(from: &mut Raw, to: &Raw, connection: Uuid, text: &str) {
+    let rid = from.next_rid();
+    let uuid = from.uuid;
+    from.send(&Message::Signal(proto::Signal {
+        rid,
+        uuid,
+        connection,
+        payload: payload(text),
+    }))
+    .await;
+    from.recv_until(T, |m| {
+        matches!(m, Message::Ack(a) if a.rid == rid).then_some(())
+    })
+    .await
+    .expect("Signal acked");
+    let got = to
+        .recv_until(T, |m| match m {
+            Message::SignalPush(s) => Some(s.clone()),
+            _ => None,
+        })
+        .await
+        .expect("SignalPush");
+    assert_eq!(
+        (got.from, got.connection, got.payload),
+        (uuid, connection, payload(text))
+    );
+}
+
+#[tokio::test]
+async fn connect_rejected_offline_and_timeout() {
+    let mut cfg = test_config();
+    cfg.connect_timeout = Duration::from_millis(600);
+    let node = Node::start(cfg).await;
+    let mut a = Raw::register(node.addr).await;
+    let mut b = Raw::register(node.addr).await;
+
+    let (rid, inc) = connect(&mut a, &b, "hi").await;
+    answer(&mut b, inc.connection, false, "busy").await;
+    match outcome(&a, rid).await {
+        Message::ConnectFailed(f) => assert_eq!(
+            (f.reason, f.payload),
+            (FailReason::Rejected, payload("busy"))
+        ),
+        m => panic!("expected rejected, got {m:?}"),
+    }
+
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: Uuid::new_v4(),
+        payload: payload(""),
+    }))
+    .await;
+    match outcome(&a, rid).await {
+        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::Offline),
+        m => panic!("expected offline, got {m:?}"),
+    }
+
+    // The target acknowledges the Incoming but never answers.
+    let (rid, _inc) = connect(&mut a, &b, "anyone?").await;
+    match outcome(&a, rid).await {
+        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::Timeout),
+        m => panic!("expected timeout, got {m:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pushes_are_retransmitted_until_acked() {
+    let mut cfg = test_config();
+    cfg.push_initial_rto = Duration::from_millis(50);
+    let node = Node::start(cfg).await;
+    let mut a = Raw::register(node.addr).await;
+    let b = Raw::register(node.addr).await;
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: b.uuid,
+        payload: payload("x"),
+    }))
+    .await;
+    // B "loses" the first two copies (reads without acking); the server sends it again.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        match b.recv(T).await {
+            Some(Message::Incoming(i)) => seen.push((i.push, i.connection)),
+            other => panic!("expected Incoming, got {other:?}"),
+        }
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "retransmissions must be the same push: {seen:?}"
+    );
+    b.ack(seen[0].0).await;
+}
+
+#[tokio::test]
+async fn duplicate_request_ids_do_nothing_twice() {
+    let node = Node::start(test_config()).await;
+    let mut a = Raw::register(node.addr).await;
+    let mut b = Raw::register(node.addr).await;
+    // The same Connect three times: one Incoming, one connection.
+    let rid = a.next_rid();
+    let connect = Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: b.uuid,
+        payload: payload("once"),
+    });
+    for _ in 0..3 {
+        a.send(&connect).await;
+    }
+    let inc = b
+        .recv_until(T, |m| match m {
+            Message::Incoming(i) => Some(i.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    answer(&mut b, inc.connection, true, "").await;
+    let Message::Connected(first) = outcome(&a, rid).await else {
+        panic!("expected Connected")
+    };
+    // A retransmission after the outcome gets the same answer.
+    a.send(&connect).await;
+    let Message::Connected(again) = outcome(&a, rid).await else {
+        panic!("expected Connected again")
+    };
+    assert_eq!(first, again);
+
+    // The same Signal twice, then a different one: the peer sees "dup" once, then "next".
+    let a_uuid = a.uuid;
+    let sig = |rid, text: &str| {
+        Message::Signal(proto::Signal {
+            rid,
+            uuid: a_uuid,
+            connection: first.connection,
+            payload: payload(text),
+        })
+    };
+    let (r1, r2) = (a.next_rid(), a.next_rid());
+    a.send(&sig(r1, "dup")).await;
+    a.send(&sig(r1, "dup")).await;
+    a.send(&sig(r2, "next")).await;
+    let mut got = Vec::new();
+    b.recv_until(T, |m| {
+        if let Message::SignalPush(s) = m {
+            got.push(String::from_utf8_lossy(&s.payload).to_string());
+            return (s.payload == payload("next")).then_some(());
+        }
+        None
+    })
+    .await
+    .expect("second signal");
+    assert_eq!(got.iter().filter(|s| *s == "dup").count(), 1, "{got:?}");
+    // Incoming must not have been pushed again either (only one in flight at any time).
+    assert!(!got.is_empty());
+
+    // A retransmitted Register gets the same session, not a second one.
+    let sock = Raw::socket().await;
+    let mut m = Message::Register(proto::Register {
+        rid: 77,
+        local: vec![],
+        pad: vec![],
+    });
+    let reg = proto::encode_hello(&mut m).unwrap();
+    let before = node.router.session_count();
+    sock.send_to(&reg, node.addr).await.unwrap();
+    let Some(Message::Registered(r1)) = recv_msg(&sock, T).await else {
+        panic!()
+    };
+    sock.send_to(&reg, node.addr).await.unwrap();
+    let Some(Message::Registered(r2)) = recv_msg(&sock, T).await else {
+        panic!()
+    };
+    assert_eq!((r1.uuid, r1.secret), (r2.uuid, r2.secret));
+    assert_eq!(node.router.session_count(), before + 1);
+}
+
+#[tokio::test]
+async fn wrong_secret_from_another_address_changes_nothing() {
+    let node = Node::start(test_config()).await;
+    let mut a = Raw::register(node.addr).await;
+    let mut watcher = Raw::register(node.addr).await;
+    let attacker = Raw::socket().await;
+    let forged = Secret([0xAA; 32]);
+    let mut sent = 0;
+    for rid in [1_000_000u64, 2, u64::MAX] {
+        for m in [
+            Message::Heartbeat(proto::Heartbeat { rid, uuid: a.uuid }),
+            Message::Bye(proto::Bye { rid, uuid: a.uuid }),
+            Message::Connect(proto::Connect {
+                rid,
+                uuid: a.uuid,
+                to: watcher.uuid,
+                payload: payload("spoof"),
+            }),
+        ] {
+            let mut b = proto::encode(&m, Some(&forged)).unwrap();
+            attacker.send_to(&b, node.addr).await.unwrap();
+            // And with the MAC cut off entirely.
+            b.truncate(b.len() - proto::MAC_LEN);
+            attacker.send_to(&b, node.addr).await.unwrap();
+            sent += 2;
+        }
+    }
+    // A Resume with a wrong secret is refused and moves nothing.
+    let mut m = Message::Resume(proto::Resume {
+        rid: 5,
+        uuid: a.uuid,
+        secret: forged,
+        local: vec![],
+        pad: vec![],
+    });
+    attacker
+        .send_to(&proto::encode_hello(&mut m).unwrap(), node.addr)
+        .await
+        .unwrap();
+    match recv_msg(&attacker, T).await {
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    // The session is still there, still at its own address; no Incoming reached the watcher.
+    assert_eq!(a.heartbeat().await.observed.0, a.sock.local_addr().unwrap());
+    assert_eq!(watcher.query(vec![a.uuid]).await, vec![true]);
+    // Forged MACs count as bad_mac; datagrams with the MAC cut off no longer parse (malformed).
+    let ok = eventually(T, || {
+        let text = node.router.metrics().render();
+        let count = |reason: &str| -> f64 {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with(&format!("sigrouter_dropped_total{{reason=\"{reason}\"}}"))
+                })
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum()
+        };
+        count("bad_mac") >= f64::from(sent / 2)
+            && count("bad_mac") + count("malformed") >= f64::from(sent)
+    })
+    .await;
+    assert!(ok, "forged datagrams were not all counted as drops");
+    let mut got_incoming = false;
+    while let Some(m) = watcher.recv(Duration::from_millis(200)).await {
+        got_incoming |= matches!(m, Message::Incoming(_));
+    }
+    assert!(!got_incoming, "a forged Connect reached its target");
+}
+
+#[tokio::test]
+async fn unauthenticated_answers_are_never_larger_than_requests() {
+    let node = Node::start(test_config()).await;
+    let sock = Raw::socket().await;
+    // Unpadded Register: no answer at all.
+    let small = proto::encode(
+        &Message::Register(proto::Register {
+            rid: 1,
+            local: vec![],
+            pad: vec![],
+        }),
+        None,
+    )
+    .unwrap();
+    sock.send_to(&small, node.addr).await.unwrap();
+    assert!(
+        recv_msg(&sock, Duration::from_millis(300)).await.is_none(),
+        "an unpadded Register was answered"
+    );
+    let mut probes: Vec<Vec<u8>> = Vec::new();
+    let mut m = Message::Register(proto::Register {
+        rid: 2,
+        local: vec![proto::Addr("[2001:db8::1]:5000".parse().unwrap()); 4],
+        pad: vec![],
+    });
+    probes.push(proto::encode_hello(&mut m).unwrap());
+    let mut m = Message::Resume(proto::Resume {
+        rid: 3,
+        uuid: Uuid::new_v4(),
+        secret: Secret([1; 32]),
+        local: vec![],
+        pad: vec![],
+    });
+    probes.push(proto::encode_hello(&mut m).unwrap());
+    probes.push(
+        proto::encode(
+            &Message::Heartbeat(proto::Heartbeat {
+                rid: 4,
+                uuid: Uuid::new_v4(),
+            }),
+            Some(&Secret([2; 32])),
+        )
+        .unwrap(),
+    );
+    for p in probes {
+        sock.send_to(&p, node.addr).await.unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n <= p.len(),
+            "answered {n} bytes to a {}-byte request",
+            p.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn rate_limits_per_ip_and_per_session() {
+    let mut cfg = test_config();
+    cfg.register_rate = 1;
+    cfg.register_burst = 3;
+    cfg.session_rate = 1;
+    cfg.session_burst = 5;
+    let node = Node::start(cfg).await;
+    let sock = Raw::socket().await;
+    for rid in 0..10u64 {
+        let mut m = Message::Register(proto::Register {
+            rid: 1000 + rid,
+            local: vec![],
+            pad: vec![],
+        });
+        sock.send_to(&proto::encode_hello(&mut m).unwrap(), node.addr)
+            .await
+            .unwrap();
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..10 {
+        match recv_msg(&sock, T).await {
+            Some(Message::Registered(_)) => ok += 1,
+            Some(Message::Error(e)) if e.code == ErrorCode::RateLimited => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Burst of 3, plus at most a token or two refilled while sending.
+    assert!((3..=5).contains(&ok), "registered {ok}");
+    assert_eq!(ok + limited, 10);
+
+    // A registered session (from another IP would be ideal; loopback has one) is limited on
+    // its own bucket: 20 heartbeats at once, burst 5.
+    let mut cfg = test_config();
+    cfg.session_rate = 1;
+    cfg.session_burst = 5;
+    let node = Node::start(cfg).await;
+    let mut a = Raw::register(node.addr).await;
+    for _ in 0..20 {
+        let rid = a.next_rid();
+        a.send(&Message::Heartbeat(proto::Heartbeat { rid, uuid: a.uuid }))
+            .await;
+    }
+    let (mut acks, mut limited) = (0, 0);
+    for _ in 0..20 {
+        match recv_msg(&a.sock, T).await {
+            Some(Message::HeartbeatAck(_)) => acks += 1,
+            Some(Message::Error(e)) if e.code == ErrorCode::RateLimited => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((5..=7).contains(&acks), "acked {acks}");
+    assert_eq!(acks + limited, 20);
+}
+
+#[tokio::test]
+async fn session_cap_refuses_registers() {
+    let mut cfg = test_config();
+    cfg.max_sessions = 2;
+    let node = Node::start(cfg).await;
+    let _a = Raw::register(node.addr).await;
+    let _b = Raw::register(node.addr).await;
+    let sock = Raw::socket().await;
+    let mut m = Message::Register(proto::Register {
+        rid: 1,
+        local: vec![],
+        pad: vec![],
+    });
+    sock.send_to(&proto::encode_hello(&mut m).unwrap(), node.addr)
+        .await
+        .unwrap();
+    match recv_msg(&sock, T).await {
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::Capacity),
+        other => panic!("expected Capacity, got {other:?}"),
+    }
+    assert_eq!(node.router.session_count(), 2);
+}
+
+/// xorshift64*: deterministic garbage, so a failure reproduces.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_counted_and_dropped_while_real_clients_keep_working() {
+    let mut cfg = test_config();
+    cfg.session_burst = 100_000;
+    cfg.session_rate = 100_000;
+    let node = Node::start(cfg).await;
+    let mut a = Raw::register(node.addr).await;
+    let mut b = Raw::register(node.addr).await;
+    let junk = Raw::socket().await;
+    let mut rng = Rng(0x5EED_0F_5161_2026);
+    // Valid encodings of every request type to mutate, some with a valid MAC of a real session.
+    let seeds: Vec<Vec<u8>> = vec![
+        proto::encode(
+            &Message::Heartbeat(proto::Heartbeat {
+                rid: 9,
+                uuid: a.uuid,
+            }),
+            Some(&a.secret),
+        )
+        .unwrap(),
+        proto::encode(
+            &Message::Connect(proto::Connect {
+                rid: 9,
+                uuid: a.uuid,
+                to: b.uuid,
+                payload: payload("x"),
+            }),
+            Some(&a.secret),
+        )
+        .unwrap(),
+        proto::encode(
+            &Message::Query(proto::Query {
+                rid: 9,
+                uuid: a.uuid,
+                uuids: vec![b.uuid],
+            }),
+            Some(&a.secret),
+        )
+        .unwrap(),
+        proto::encode_hello(&mut Message::Register(proto::Register {
+            rid: 9,
+            local: vec![],
+            pad: vec![],
+        }))
+        .unwrap(),
+        {
+            let mut s = vec![0u8; 20];
+            s[1] = 1;
+            s[4..8].copy_from_slice(&proto::STUN_MAGIC_COOKIE);
+            s
+        },
+    ];
+    let total = 20_000usize;
+    let mut sent = 0usize;
+    for round in 0..20 {
+        for _ in 0..total / 20 {
+            let d: Vec<u8> = match rng.below(5) {
+                0 => (0..rng.below(1500)).map(|_| rng.next() as u8).collect(),
+                1 | 2 => {
+                    let mut d = seeds[rng.below(seeds.len())].clone();
+                    for _ in 0..1 + rng.below(4) {
+                        let i = rng.below(d.len());
+                        d[i] ^= 1 << rng.below(8);
+                    }
+                    d
+                }
+                3 => {
+                    let d = &seeds[rng.below(seeds.len())];
+                    d[..rng.below(d.len())].to_vec()
+                }
+                _ => {
+                    let mut d = seeds[rng.below(seeds.len())].clone();
+                    d.extend((0..rng.below(1400)).map(|_| rng.next() as u8));
+                    d
+                }
+            };
+            if junk.send_to(&d, node.addr).await.is_ok() {
+                sent += 1;
+            }
+            // Pace the flood a little so the kernel queue, not the server, is not what drops it.
+            if sent % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        // Real clients are served throughout (retransmitting as real clients do).
+        assert_eq!(
+            heartbeat_retrying(&mut a).await.observed.0,
+            a.sock.local_addr().unwrap(),
+            "round {round}"
+        );
+    }
+    let (rid, inc) = connect(&mut a, &b, "after the storm").await;
+    answer(&mut b, inc.connection, true, "").await;
+    assert!(matches!(outcome(&a, rid).await, Message::Connected(_)));
+    let dropped: f64 = node
+        .router
+        .metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("sigrouter_dropped_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    println!("garbage datagrams sent: {sent}; counted drops: {dropped}");
+    assert_eq!(b.query(vec![a.uuid]).await, vec![true]);
+    assert!(
+        dropped > (sent / 2) as f64,
+        "only {dropped} of {sent} garbage datagrams counted as drops"
+    );
+}
+
+async fn heartbeat_retrying(a: &mut Raw) -> proto::HeartbeatAck {
+    for _ in 0..10 {
+        let rid = a.next_rid();
+        a.send(&Message::Heartbeat(proto::Heartbeat { rid, uuid: a.uuid }))
+            .await;
+        let got = a
+            .recv_until(Duration::from_millis(500), |m| match m {
+                Message::HeartbeatAck(h) if h.rid == rid => Some(h.clone()),
+                _ => None,
+            })
+            .await;
+        if let Some(h) = got {
+            return h;
+        }
+    }
+    panic!("no HeartbeatAck in 10 tries")
+}
