@@ -1,0 +1,380 @@
+//! State shared by the [`Client`](crate::Client) handles and the background tasks, and the
+//! request machinery: request ids, waiters, retransmission, retry on refusals.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use sigrouter_proto::{
+    encode, encode_hello, Addr, ErrorCode, Message, Register, Registered, Resume, Secret,
+    MAX_LOCAL_ADDRS,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::driver::DriverCmd;
+use crate::supervisor::SupCmd;
+use crate::{ClientConfig, ClientError};
+
+/// How many times one request may trigger a Resume after `UnknownSession` before giving up.
+const MAX_RESUMES_PER_REQUEST: u32 = 3;
+
+/// The session as last agreed with the router. Small and `Copy`: readers copy it out.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Session {
+    /// Our UUID (nil before the first `Registered`).
+    pub(crate) uuid: Uuid,
+    /// Key of every MAC; `None` before the first `Registered`.
+    pub(crate) secret: Option<Secret>,
+    /// Our public address as the router last reported it.
+    pub(crate) observed: Option<SocketAddr>,
+    /// Where requests go: the router holding the session (or being asked to).
+    pub(crate) server: SocketAddr,
+    /// Heartbeat period the router asked for.
+    pub(crate) heartbeat: Duration,
+    /// The address the socket is bound to right now.
+    pub(crate) local: SocketAddr,
+    /// Bumped by every successful Register/Resume, so concurrent requests that all hit
+    /// `UnknownSession` trigger one Resume, not one each.
+    pub(crate) epoch: u64,
+}
+
+/// Which hello to send.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Hello {
+    /// A new session.
+    Register,
+    /// Take back this session.
+    Resume {
+        /// The session.
+        uuid: Uuid,
+        /// Its secret.
+        secret: Secret,
+    },
+}
+
+/// Everything the handle and the tasks share.
+pub(crate) struct Shared {
+    pub(crate) cfg: ClientConfig,
+    /// Std mutex: read on every datagram and request, copied out in nanoseconds, never held
+    /// across an `.await` (see [`Shared::session`] and [`Shared::update`]).
+    session: Mutex<Session>,
+    /// Waiters for answers by request id. Same rule: insert, remove, never awaited under.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    next_rid: AtomicU64,
+    /// Simulated loss rates as `f64` bits; tests change them while the client runs.
+    drop_in: AtomicU64,
+    drop_out: AtomicU64,
+    /// The IP this host uses to reach the server, announced as our local address.
+    route_ip: Option<IpAddr>,
+    /// Datagrams and rebinds for the socket task.
+    out_tx: mpsc::Sender<DriverCmd>,
+    /// Resume requests and migrations for the supervisor task.
+    pub(crate) sup_tx: mpsc::Sender<SupCmd>,
+    /// Stops every task.
+    pub(crate) shutdown: CancellationToken,
+    /// Stops only the supervisor (heartbeats, resumes): `Bye` must not be undone by a resume.
+    pub(crate) supervisor_stop: CancellationToken,
+    /// Tracks the tasks so `close` can wait for them.
+    pub(crate) tracker: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; carry on with it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(crate) fn new(
+        cfg: ClientConfig,
+        local: SocketAddr,
+        route_ip: Option<IpAddr>,
+        out_tx: mpsc::Sender<DriverCmd>,
+        sup_tx: mpsc::Sender<SupCmd>,
+    ) -> Self {
+        let shutdown = CancellationToken::new();
+        Self {
+            session: Mutex::new(Session {
+                uuid: Uuid::nil(),
+                secret: None,
+                observed: None,
+                server: cfg.server,
+                heartbeat: Duration::from_secs(15),
+                local,
+                epoch: 0,
+            }),
+            pending: Mutex::new(HashMap::new()),
+            next_rid: AtomicU64::new(u64::from(rand::random::<u32>())),
+            drop_in: AtomicU64::new(cfg.drop_inbound.to_bits()),
+            drop_out: AtomicU64::new(cfg.drop_outbound.to_bits()),
+            route_ip,
+            out_tx,
+            sup_tx,
+            supervisor_stop: shutdown.child_token(),
+            shutdown,
+            tracker: TaskTracker::new(),
+            cfg,
+        }
+    }
+
+    /// A copy of the session.
+    pub(crate) fn session(&self) -> Session {
+        *lock(&self.session)
+    }
+
+    /// Changes the session under the lock; `f` must not block.
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Session) -> R) -> R {
+        f(&mut lock(&self.session))
+    }
+
+    /// A fresh request id.
+    pub(crate) fn next_rid(&self) -> u64 {
+        self.next_rid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The waiter for `rid`, removed: an answer is delivered once.
+    pub(crate) fn take_pending(&self, rid: u64) -> Option<oneshot::Sender<Message>> {
+        lock(&self.pending).remove(&rid)
+    }
+
+    pub(crate) fn drop_rates(&self) -> (f64, f64) {
+        (
+            f64::from_bits(self.drop_in.load(Ordering::Relaxed)),
+            f64::from_bits(self.drop_out.load(Ordering::Relaxed)),
+        )
+    }
+
+    pub(crate) fn set_drop_rates(&self, inbound: f64, outbound: f64) {
+        self.drop_in.store(inbound.to_bits(), Ordering::Relaxed);
+        self.drop_out.store(outbound.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The local address as peers should see it: the bound port, with the IP used to reach the
+    /// server when bound to a wildcard.
+    pub(crate) fn local_addr(&self, s: &Session) -> SocketAddr {
+        match self.route_ip {
+            Some(ip) if s.local.ip().is_unspecified() => SocketAddr::new(ip, s.local.port()),
+            _ => s.local,
+        }
+    }
+
+    /// The local addresses announced in Register/Resume.
+    fn announced(&self, s: &Session) -> Vec<Addr> {
+        if !self.cfg.local_addrs.is_empty() {
+            return self
+                .cfg
+                .local_addrs
+                .iter()
+                .take(MAX_LOCAL_ADDRS)
+                .map(|a| Addr(*a))
+                .collect();
+        }
+        let a = self.local_addr(s);
+        if a.ip().is_unspecified() {
+            Vec::new()
+        } else {
+            vec![Addr(a)]
+        }
+    }
+
+    /// Runs `f` unless the client shuts down first.
+    pub(crate) async fn guarded<T>(
+        &self,
+        f: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Err(ClientError::Closed),
+            r = f => r,
+        }
+    }
+
+    async fn send(&self, to: SocketAddr, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.out_tx
+            .send(DriverCmd::Send { to, bytes })
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Moves the socket to a new local port (the old one is closed).
+    pub(crate) async fn rebind(&self) -> Result<SocketAddr, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.out_tx
+            .send(DriverCmd::Rebind { reply })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(rx.await.map_err(|_| ClientError::Closed)??)
+    }
+
+    /// Sends one request (built afresh for each transmission from the current session, so a
+    /// retransmission after a resume carries the new secret) to the current server, and
+    /// retransmits it with the same `rid` on a doubling timeout until an answer with that
+    /// `rid` arrives or `deadline` passes. Returns the answer and the session it was sent in.
+    async fn exchange(
+        &self,
+        rid: u64,
+        deadline: Instant,
+        mut make: impl FnMut(&Session) -> Result<Vec<u8>, ClientError>,
+    ) -> Result<(Message, Session), ClientError> {
+        struct Waiter<'a>(&'a Shared, u64);
+        impl Drop for Waiter<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.pending).remove(&self.1);
+            }
+        }
+        let (tx, mut rx) = oneshot::channel();
+        lock(&self.pending).insert(rid, tx);
+        let _waiter = Waiter(self, rid);
+        let mut rto = Backoff::new(self.cfg.initial_rto, self.cfg.max_rto);
+        loop {
+            let s = self.session();
+            let bytes = make(&s)?;
+            self.send(s.server, bytes).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(rto.next_delay().min(left), &mut rx).await {
+                Ok(Ok(m)) => return Ok((m, s)),
+                Ok(Err(_)) => return Err(ClientError::Closed),
+                Err(_) if Instant::now() >= deadline => return Err(ClientError::Timeout),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Waits out a refusal the router asked us to retry later. `Err` with `code` if the pause
+    /// would run past the deadline.
+    async fn pause(
+        pause: &mut Backoff,
+        deadline: Instant,
+        code: ErrorCode,
+    ) -> Result<(), ClientError> {
+        let d = pause.next_jittered();
+        if Instant::now() + d >= deadline {
+            return Err(ClientError::Server(code));
+        }
+        sleep(d).await;
+        Ok(())
+    }
+
+    /// An authenticated request: `build(rid, our_uuid)` makes the message. Retransmits with the
+    /// same rid (the router deduplicates), pauses and retries on `RateLimited`, `RetryLater`
+    /// and `Draining`, and on `UnknownSession` asks the supervisor to resume (when
+    /// `resume_on_unknown`) and retries. Returns the first non-`Error` answer.
+    pub(crate) async fn request(
+        &self,
+        within: Duration,
+        resume_on_unknown: bool,
+        build: impl Fn(u64, Uuid) -> Message,
+    ) -> Result<Message, ClientError> {
+        let deadline = Instant::now() + within;
+        let rid = self.next_rid();
+        let mut pause = Backoff::retry();
+        let mut resumes = 0;
+        loop {
+            let (msg, sent) = self
+                .exchange(rid, deadline, |s| {
+                    let secret = s.secret.ok_or(ClientError::Closed)?;
+                    Ok(encode(&build(rid, s.uuid), Some(&secret))?)
+                })
+                .await?;
+            let Message::Error(e) = msg else {
+                return Ok(msg);
+            };
+            match e.code {
+                ErrorCode::UnknownSession
+                    if resume_on_unknown && resumes < MAX_RESUMES_PER_REQUEST =>
+                {
+                    resumes += 1;
+                    self.ask_resume(sent.epoch).await?;
+                }
+                ErrorCode::RateLimited | ErrorCode::RetryLater | ErrorCode::Draining => {
+                    Self::pause(&mut pause, deadline, e.code).await?;
+                }
+                code => return Err(ClientError::Server(code)),
+            }
+        }
+    }
+
+    /// Asks the supervisor to resume the session if it is still the one of `epoch`, and
+    /// waits until it has (or failed).
+    async fn ask_resume(&self, epoch: u64) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.sup_tx
+            .send(SupCmd::Resume { epoch, reply })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Register or Resume at `server` (which becomes the current server), padded, retried
+    /// until `within` passes. `Draining` moves to a new local port before the retry;
+    /// `RateLimited`, `RetryLater` and `Capacity` just pause. On success the session takes
+    /// the router's answer (UUID, secret, observed address, heartbeat period).
+    pub(crate) async fn hello(
+        &self,
+        hello: Hello,
+        server: SocketAddr,
+        within: Duration,
+    ) -> Result<(), ClientError> {
+        self.update(|s| s.server = server);
+        let deadline = Instant::now() + within;
+        let mut pause = Backoff::retry();
+        loop {
+            let rid = self.next_rid();
+            let (msg, _) = self
+                .exchange(rid, deadline, |s| {
+                    let local = self.announced(s);
+                    let mut m = match hello {
+                        Hello::Register => Message::Register(Register {
+                            rid,
+                            local,
+                            pad: Vec::new(),
+                        }),
+                        Hello::Resume { uuid, secret } => Message::Resume(Resume {
+                            rid,
+                            uuid,
+                            secret,
+                            local,
+                            pad: Vec::new(),
+                        }),
+                    };
+                    Ok(encode_hello(&mut m)?)
+                })
+                .await?;
+            match msg {
+                Message::Registered(r) => {
+                    self.apply(&r);
+                    return Ok(());
+                }
+                Message::Error(e) => match e.code {
+                    ErrorCode::Draining => {
+                        Self::pause(&mut pause, deadline, e.code).await?;
+                        self.rebind().await?;
+                    }
+                    ErrorCode::RateLimited | ErrorCode::RetryLater | ErrorCode::Capacity => {
+                        Self::pause(&mut pause, deadline, e.code).await?;
+                    }
+                    code => return Err(ClientError::Server(code)),
+                },
+                _ => return Err(ClientError::Unexpected("answer to Register/Resume")),
+            }
+        }
+    }
+
+    fn apply(&self, r: &Registered) {
+        self.update(|s| {
+            s.uuid = r.uuid;
+            s.secret = Some(r.secret);
+            s.observed = Some(r.observed.0);
+            if r.heartbeat_ms > 0 {
+                s.heartbeat = Duration::from_millis(u64::from(r.heartbeat_ms));
+            }
+            s.epoch += 1;
+        });
+    }
+}
