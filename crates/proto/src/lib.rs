@@ -371,7 +371,7 @@ impl FailReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr)]
 #[repr(u16)]
 pub enum ErrorCode {
-    /// The request broke a protocol rule (for example an unpadded Register).
+    /// The request broke a protocol rule (for example a Connect to oneself).
     BadRequest = 1,
     /// Resume with an unknown UUID or a wrong secret.
     Unauthorized = 2,
@@ -845,6 +845,11 @@ pub fn peek_header(buf: &[u8]) -> Result<Header, DecodeError> {
 const MAX_BODY_DEPTH: usize = 8;
 
 fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, DecodeError> {
+    // The body must be a map (fixmap, map 16, map 32): rmp-serde would also take a struct from
+    // a positional array, a second encoding the protocol does not have.
+    if !matches!(b.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(DecodeError::Malformed);
+    }
     let mut rest = b;
     let mut de = rmp_serde::Deserializer::new(&mut rest);
     de.set_max_depth(MAX_BODY_DEPTH);
