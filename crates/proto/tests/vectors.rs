@@ -618,6 +618,10 @@ fn documented_decoding_rules() {
         malformed
     );
 
+    // The body must be a map: the same fields as a positional array are malformed.
+    let arr = [&[0x92, 0x03][..], &uuid_kv[5..]].concat();
+    assert_eq!(hb(&arr), malformed);
+
     // Nesting: the body map plus 6 levels in an unknown field is fine, one more is malformed.
     let nested = |levels: usize| {
         let mut v = vec![0xa1, b'x'];
