@@ -1,0 +1,617 @@
+//! Heartbeat throughput with hand-made datagrams.
+//!
+//! `--sockets` sockets, each owned by one task that registers its share of the `--clients`
+//! sessions, then keeps `--window` heartbeats in flight, round-robin over its sessions, until
+//! the duration passes. Request ids come from one counter per socket, so each session's ids
+//! increase as the protocol asks. An answer not back within `--timeout-ms` counts as lost (no
+//! retransmission: this measures, it does not hide loss).
+//!
+//! The sessions keep working through a node's restart or drain: `Error UnknownSession` makes
+//! the session `Resume`; a `Migrate` push is acknowledged and the session resumes where it
+//! says (from the same socket: the point here is load, not NAT behaviour).
+//!
+//! `--echo` sends datagrams of a Heartbeat's size to `echo-server` and counts the echoes: the
+//! same loop without the protocol, for the router/echo ratio.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use sigrouter_proto::{self as proto, ErrorCode, Message, Secret};
+use tokio::net::UdpSocket;
+use uuid::Uuid;
+
+use crate::stats;
+
+/// Registers (or resumes) in flight per socket during setup.
+const HELLO_WINDOW: usize = 64;
+/// A hello not answered in this long is sent again, same bytes (the router deduplicates).
+const HELLO_RTO: Duration = Duration::from_millis(500);
+/// Pause before retrying a hello the router refused with `RateLimited`.
+const HELLO_BACKOFF: Duration = Duration::from_millis(250);
+/// How often the loop looks for lost requests and the end of the run.
+const CHECK_EVERY: Duration = Duration::from_millis(20);
+
+/// Flags of `heartbeat`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Router (or echo server) address.
+    #[arg(long)]
+    server: SocketAddr,
+    /// Sessions to register and heartbeat, spread over the sockets.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Seconds of heartbeating (registration comes first and is not counted).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Heartbeats in flight per socket.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// UDP sockets (each with its own task and source port).
+    #[arg(long, default_value_t = 4)]
+    sockets: usize,
+    /// An answer later than this is counted as lost.
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+    /// Longest time registration may take before the run starts with the sessions it has.
+    #[arg(long, default_value_t = 60.0)]
+    register_timeout: f64,
+    /// Talk to `echo-server` instead of a router: no sessions, count echoes.
+    #[arg(long)]
+    echo: bool,
+    /// Allow a server address that is not loopback.
+    #[arg(long)]
+    allow_remote: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Not registered yet (or given up on).
+    New,
+    /// Heartbeating.
+    Active,
+    /// Waiting for `Registered` in answer to a Resume.
+    Resuming,
+}
+
+struct Sess {
+    uuid: Uuid,
+    secret: Secret,
+    server: SocketAddr,
+    state: State,
+}
+
+/// A hello (Register or Resume) in flight.
+struct Hello {
+    idx: usize,
+    sent: Instant,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Counts {
+    sent: u64,
+    acked: u64,
+    lost: u64,
+    late: u64,
+    bad_mac: u64,
+    undecodable: u64,
+    errors: HashMap<&'static str, u64>,
+    resumes: u64,
+    migrates: u64,
+    register_rate_limited: u64,
+}
+
+/// One socket's loop and state.
+struct Worker {
+    sock: UdpSocket,
+    sessions: Vec<Sess>,
+    /// Next request id, shared by every session of this socket (so each one's ids increase).
+    rid: u64,
+    /// Heartbeats in flight: rid → (session, sent at).
+    inflight: HashMap<u64, (usize, Instant)>,
+    /// Same rids in send order, to find the lost ones without scanning the map.
+    order: VecDeque<(u64, Instant)>,
+    hellos: HashMap<u64, Hello>,
+    /// Hellos waiting to be (re)sent, with the earliest time to send.
+    hello_queue: VecDeque<(usize, Instant)>,
+    cursor: usize,
+    window: usize,
+    timeout: Duration,
+    echo: bool,
+    echo_len: usize,
+    hist: Histogram<u64>,
+    c: Counts,
+    /// Failed sends (atomic only because `send` takes `&self`).
+    send_errors: AtomicU64,
+    buf: Vec<u8>,
+}
+
+impl Worker {
+    fn next_rid(&mut self) -> u64 {
+        self.rid += 1;
+        self.rid
+    }
+
+    async fn send(&self, bytes: &[u8], to: SocketAddr) {
+        let r = match self.sock.try_send_to(bytes, to) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.sock.send_to(bytes, to).await,
+            r => r,
+        };
+        if r.is_err() {
+            // ECONNREFUSED from an earlier ICMP, or a full buffer: the request will be lost.
+            self.send_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn hello_bytes(&mut self, idx: usize, rid: u64) -> Vec<u8> {
+        let s = &self.sessions[idx];
+        let mut m = if s.state == State::New {
+            Message::Register(proto::Register {
+                rid,
+                local: vec![],
+                pad: vec![],
+            })
+        } else {
+            Message::Resume(proto::Resume {
+                rid,
+                uuid: s.uuid,
+                secret: s.secret,
+                local: vec![],
+                pad: vec![],
+            })
+        };
+        proto::encode_hello(&mut m).expect("a hello always encodes")
+    }
+
+    /// Sends queued hellos that are due, up to the hello window.
+    async fn pump_hellos(&mut self, now: Instant) {
+        while self.hellos.len() < HELLO_WINDOW {
+            let Some(&(idx, at)) = self.hello_queue.front() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            self.hello_queue.pop_front();
+            let rid = self.next_rid();
+            let bytes = self.hello_bytes(idx, rid);
+            let to = self.sessions[idx].server;
+            self.send(&bytes, to).await;
+            self.hellos.insert(
+                rid,
+                Hello {
+                    idx,
+                    sent: now,
+                    bytes,
+                },
+            );
+        }
+        // Retransmit the unanswered ones, same bytes and rid.
+        let due: Vec<u64> = self
+            .hellos
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.sent) >= HELLO_RTO)
+            .map(|(r, _)| *r)
+            .collect();
+        for rid in due {
+            if let Some(h) = self.hellos.get_mut(&rid) {
+                h.sent = now;
+                let (bytes, to) = (h.bytes.clone(), self.sessions[h.idx].server);
+                self.send(&bytes, to).await;
+            }
+        }
+    }
+
+    /// Fills the heartbeat window.
+    async fn pump_heartbeats(&mut self, now: Instant) {
+        let n = self.sessions.len();
+        if !self.echo && n == 0 {
+            return;
+        }
+        let mut skipped = 0;
+        while self.inflight.len() < self.window {
+            let rid = self.next_rid();
+            let (idx, bytes, to) = if self.echo {
+                let mut b = vec![0u8; self.echo_len];
+                b[..8].copy_from_slice(&rid.to_le_bytes());
+                (
+                    0,
+                    b,
+                    self.sessions
+                        .first()
+                        .map_or(SocketAddr::from(([127, 0, 0, 1], 0)), |s| s.server),
+                )
+            } else {
+                let idx = self.cursor % n;
+                self.cursor = self.cursor.wrapping_add(1);
+                let s = &self.sessions[idx];
+                if s.state != State::Active {
+                    skipped += 1;
+                    if skipped >= n {
+                        return;
+                    }
+                    continue;
+                }
+                let m = Message::Heartbeat(proto::Heartbeat { rid, uuid: s.uuid });
+                let b = proto::encode(&m, Some(&s.secret)).expect("a heartbeat always encodes");
+                (idx, b, s.server)
+            };
+            self.send(&bytes, to).await;
+            self.c.sent += 1;
+            self.inflight.insert(rid, (idx, now));
+            self.order.push_back((rid, now));
+        }
+    }
+
+    /// Counts requests older than the timeout as lost.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(rid, sent)) = self.order.front() {
+            if now.saturating_duration_since(sent) < self.timeout {
+                break;
+            }
+            self.order.pop_front();
+            if self.inflight.remove(&rid).is_some() {
+                self.c.lost += 1;
+            }
+        }
+    }
+
+    fn start_resume(&mut self, idx: usize, to: SocketAddr, now: Instant) {
+        let s = &mut self.sessions[idx];
+        if s.state == State::Resuming {
+            return;
+        }
+        s.state = State::Resuming;
+        s.server = to;
+        self.c.resumes += 1;
+        self.hello_queue.push_back((idx, now));
+    }
+
+    /// Handles one received datagram.
+    async fn on_datagram(&mut self, n: usize, now: Instant) {
+        if self.echo {
+            if n >= 8 {
+                let rid = u64::from_le_bytes(self.buf[..8].try_into().expect("8 bytes"));
+                self.answered(rid, now);
+            }
+            return;
+        }
+        let b = &self.buf[..n];
+        let Ok(m) = proto::decode(b) else {
+            self.c.undecodable += 1;
+            return;
+        };
+        match m {
+            Message::HeartbeatAck(a) => {
+                let Some(&(idx, _)) = self.inflight.get(&a.rid) else {
+                    self.c.late += 1;
+                    return;
+                };
+                if !proto::verify_mac(b, &self.sessions[idx].secret) {
+                    self.c.bad_mac += 1;
+                    return;
+                }
+                self.answered(a.rid, now);
+            }
+            Message::Registered(r) => {
+                let Some(h) = self.hellos.remove(&r.rid) else {
+                    return;
+                };
+                let s = &mut self.sessions[h.idx];
+                s.uuid = r.uuid;
+                s.secret = r.secret;
+                s.state = State::Active;
+            }
+            Message::Error(e) => self.on_error(e.rid, e.code, now),
+            m if m.ty().is_push() => self.on_push(n, m, now).await,
+            _ => self.c.undecodable += 1,
+        }
+    }
+
+    fn answered(&mut self, rid: u64, now: Instant) {
+        match self.inflight.remove(&rid) {
+            Some((_, sent)) => {
+                self.c.acked += 1;
+                let us = now.saturating_duration_since(sent).as_micros();
+                stats::record(&mut self.hist, u64::try_from(us).unwrap_or(u64::MAX));
+            }
+            None => self.c.late += 1,
+        }
+    }
+
+    fn on_error(&mut self, rid: u64, code: ErrorCode, now: Instant) {
+        if let Some(h) = self.hellos.remove(&rid) {
+            match code {
+                ErrorCode::RateLimited | ErrorCode::RetryLater | ErrorCode::Draining => {
+                    self.c.register_rate_limited += 1;
+                    self.hello_queue.push_back((h.idx, now + HELLO_BACKOFF));
+                }
+                ErrorCode::Unauthorized => {
+                    // The session is gone: register anew.
+                    self.sessions[h.idx].state = State::New;
+                    self.hello_queue.push_back((h.idx, now));
+                }
+                other => *self.c.errors.entry(other.name()).or_default() += 1,
+            }
+            return;
+        }
+        let Some((idx, _)) = self.inflight.remove(&rid) else {
+            self.c.late += 1;
+            return;
+        };
+        *self.c.errors.entry(code.name()).or_default() += 1;
+        if code == ErrorCode::UnknownSession {
+            let to = self.sessions[idx].server;
+            self.start_resume(idx, to, now);
+        }
+    }
+
+    /// Acknowledges a push. Pushes name no session, so the one whose secret verifies the MAC is
+    /// the addressee (a linear scan: pushes are rare in this test).
+    async fn on_push(&mut self, n: usize, m: Message, now: Instant) {
+        let b = self.buf[..n].to_vec();
+        let Some(idx) = self
+            .sessions
+            .iter()
+            .position(|s| s.state != State::New && proto::verify_mac(&b, &s.secret))
+        else {
+            self.c.bad_mac += 1;
+            return;
+        };
+        let Some(push) = m.push_id() else { return };
+        let s = &self.sessions[idx];
+        let ack = Message::PushAck(proto::PushAck { uuid: s.uuid, push });
+        let bytes = proto::encode(&ack, Some(&s.secret)).expect("a push ack always encodes");
+        let server = s.server;
+        self.send(&bytes, server).await;
+        if let Message::Migrate(mg) = m {
+            self.c.migrates += 1;
+            let to = mg.to.map_or(server, |a| a.0);
+            self.start_resume(idx, to, now);
+        }
+    }
+
+    /// Receives what is waiting (up to a batch) and handles it.
+    async fn drain_socket(&mut self) {
+        for _ in 0..64 {
+            match self.sock.try_recv_from(&mut self.buf) {
+                Ok((n, _)) => {
+                    let now = Instant::now();
+                    self.on_datagram(n, now).await;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Waits until the socket is readable or `CHECK_EVERY` passes.
+    async fn wait(&self) {
+        let _ = tokio::time::timeout(CHECK_EVERY, self.sock.readable()).await;
+    }
+
+    /// Registers every session of this socket, or as many as the deadline allows.
+    async fn register_all(&mut self, deadline: Instant) {
+        let now = Instant::now();
+        for idx in 0..self.sessions.len() {
+            self.hello_queue.push_back((idx, now));
+        }
+        loop {
+            let now = Instant::now();
+            if (self.hellos.is_empty() && self.hello_queue.is_empty()) || now >= deadline {
+                break;
+            }
+            self.pump_hellos(now).await;
+            self.wait().await;
+            self.drain_socket().await;
+        }
+        self.hellos.clear();
+        self.hello_queue.clear();
+    }
+
+    /// The measured loop.
+    async fn heartbeat_until(&mut self, end: Instant) {
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            self.expire(now);
+            if !self.hello_queue.is_empty() || !self.hellos.is_empty() {
+                self.pump_hellos(now).await;
+            }
+            self.pump_heartbeats(now).await;
+            self.wait().await;
+            self.drain_socket().await;
+        }
+        // Let the last window come back; whatever does not is lost.
+        let grace = Instant::now() + self.timeout;
+        while !self.inflight.is_empty() && Instant::now() < grace {
+            self.wait().await;
+            self.drain_socket().await;
+        }
+        self.c.lost += self.inflight.len() as u64;
+        self.inflight.clear();
+    }
+}
+
+/// Runs the heartbeat load and returns the JSON summary.
+pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
+    stats::check_targets(&[a.server], a.allow_remote)?;
+    let duration = stats::check_duration(a.duration)?;
+    anyhow::ensure!(a.sockets >= 1, "--sockets must be at least 1");
+    anyhow::ensure!(
+        a.window >= 1 && a.window <= 4096,
+        "--window must be 1..=4096"
+    );
+    anyhow::ensure!(
+        a.echo || a.clients >= a.sockets,
+        "--clients must be at least --sockets"
+    );
+    anyhow::ensure!(a.clients <= 1_000_000, "--clients is at most 1000000");
+    let timeout = Duration::from_millis(a.timeout_ms.max(1));
+    let bind: SocketAddr = if a.server.is_ipv4() {
+        ([127, 0, 0, 1], 0).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+    };
+    let bind = if a.server.ip().is_loopback() {
+        bind
+    } else {
+        SocketAddr::new(
+            if a.server.is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            },
+            0,
+        )
+    };
+    // A dummy Heartbeat fixes the echo datagram size.
+    let echo_len = proto::encode(
+        &Message::Heartbeat(proto::Heartbeat {
+            rid: u64::MAX / 3,
+            uuid: Uuid::new_v4(),
+        }),
+        Some(&Secret([0; 32])),
+    )?
+    .len();
+
+    let mut workers = Vec::with_capacity(a.sockets);
+    for w in 0..a.sockets {
+        let n = if a.echo {
+            1
+        } else {
+            a.clients / a.sockets + usize::from(w < a.clients % a.sockets)
+        };
+        let sock = UdpSocket::bind(bind).await?;
+        let sessions = (0..n)
+            .map(|_| Sess {
+                uuid: Uuid::nil(),
+                secret: Secret([0; 32]),
+                server: a.server,
+                state: if a.echo { State::Active } else { State::New },
+            })
+            .collect();
+        workers.push(Worker {
+            sock,
+            sessions,
+            rid: 0,
+            inflight: HashMap::with_capacity(a.window * 2),
+            order: VecDeque::with_capacity(a.window * 2),
+            hellos: HashMap::new(),
+            hello_queue: VecDeque::new(),
+            cursor: w,
+            window: a.window,
+            timeout,
+            echo: a.echo,
+            echo_len,
+            hist: stats::histogram(),
+            c: Counts::default(),
+            send_errors: AtomicU64::new(0),
+            buf: vec![0u8; 2048],
+        });
+    }
+
+    let reg_started = Instant::now();
+    let mut registered = 0usize;
+    let mut rate_limited_hellos = 0u64;
+    if !a.echo {
+        eprintln!(
+            "registering {} sessions over {} sockets at {}",
+            a.clients, a.sockets, a.server
+        );
+        let deadline = reg_started + Duration::from_secs_f64(a.register_timeout.clamp(1.0, 600.0));
+        let mut set = tokio::task::JoinSet::new();
+        for mut w in workers.drain(..) {
+            set.spawn(async move {
+                w.register_all(deadline).await;
+                w
+            });
+        }
+        while let Some(w) = set.join_next().await {
+            let w = w?;
+            registered += w
+                .sessions
+                .iter()
+                .filter(|s| s.state == State::Active)
+                .count();
+            rate_limited_hellos += w.c.register_rate_limited;
+            workers.push(w);
+        }
+        anyhow::ensure!(registered > 0, "no session registered (is the router up?)");
+        if registered < a.clients {
+            eprintln!(
+                "only {registered}/{} sessions registered in time; raise the server's \
+                 --register-rate/--register-burst for load tests",
+                a.clients
+            );
+        }
+    }
+    let register_s = reg_started.elapsed().as_secs_f64();
+
+    eprintln!(
+        "{} for {:.1}s: {} sockets, window {}",
+        if a.echo { "echo" } else { "heartbeating" },
+        duration.as_secs_f64(),
+        a.sockets,
+        a.window
+    );
+    let started = Instant::now();
+    let end = started + duration;
+    let mut set = tokio::task::JoinSet::new();
+    for mut w in workers.drain(..) {
+        set.spawn(async move {
+            w.heartbeat_until(end).await;
+            w
+        });
+    }
+    let mut hist = stats::histogram();
+    let mut c = Counts::default();
+    let mut send_errors = 0;
+    while let Some(w) = set.join_next().await {
+        let w = w?;
+        hist.add(&w.hist).ok();
+        c.sent += w.c.sent;
+        c.acked += w.c.acked;
+        c.lost += w.c.lost;
+        c.late += w.c.late;
+        c.bad_mac += w.c.bad_mac;
+        c.undecodable += w.c.undecodable;
+        c.resumes += w.c.resumes;
+        c.migrates += w.c.migrates;
+        send_errors += w.send_errors.load(Ordering::Relaxed);
+        for (k, v) in w.c.errors {
+            *c.errors.entry(k).or_default() += v;
+        }
+    }
+    let secs = duration.as_secs_f64();
+    Ok(Some(json!({
+        "mode": if a.echo { "echo" } else { "heartbeat" },
+        "server": a.server.to_string(),
+        "sockets": a.sockets,
+        "window": a.window,
+        "clients": if a.echo { 0 } else { a.clients },
+        "registered": registered,
+        "register_s": (register_s * 1000.0).round() / 1000.0,
+        "register_rate_limited": rate_limited_hellos,
+        "duration_s": secs,
+        "sent": c.sent,
+        "acked": c.acked,
+        "lost": c.lost,
+        "late": c.late,
+        "bad_mac": c.bad_mac,
+        "undecodable": c.undecodable,
+        "send_errors": send_errors,
+        "errors": c.errors,
+        "resumes": c.resumes,
+        "migrates": c.migrates,
+        "acks_per_s": (c.acked as f64 / secs).round(),
+        "latency": stats::summary(&hist, "us"),
+    })))
+}
