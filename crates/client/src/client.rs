@@ -9,6 +9,7 @@ use sigrouter_proto::{
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::DropGuard;
 use uuid::Uuid;
 
@@ -151,6 +152,8 @@ impl Client {
         self.shared.set_drop_rates(inbound, outbound);
     }
 
+    /// One application request, waiting for a free in-flight slot first (the wait counts
+    /// against the deadline).
     async fn call(
         &self,
         connect: bool,
@@ -162,8 +165,16 @@ impl Client {
         } else {
             cfg.request_timeout
         };
+        let deadline = Instant::now() + within;
         self.shared
-            .guarded(self.shared.request(within, true, build))
+            .guarded(async {
+                let _slot = timeout_at(deadline, self.shared.in_flight.acquire())
+                    .await
+                    .map_err(|_| ClientError::Timeout)?
+                    .map_err(|_| ClientError::Closed)?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                self.shared.request(left, true, build).await
+            })
             .await
     }
 

@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sigrouter_proto::{
     decode, encode, verify_mac, Message, PushAck, Secret, MAC_LEN, MAX_DATAGRAM,
@@ -21,9 +21,11 @@ use crate::supervisor::SupCmd;
 use crate::window::{PushKey, PushWindow};
 use crate::Event;
 
-/// Pushes remembered for duplicate suppression. The router retransmits a push for seconds, at
-/// a few pushes per second per session: a thousand covers that with a wide margin.
-const PUSH_WINDOW: usize = 1024;
+/// How long a push is remembered for duplicate suppression. The router retransmits a push for
+/// about 8 s; the protocol asks clients to remember push ids for at least 10 s.
+const PUSH_MEMORY: Duration = Duration::from_secs(30);
+/// Most pushes remembered at once, whatever their age: bounds memory if the router floods us.
+const PUSH_MEMORY_CAP: usize = 16_384;
 
 /// Work for the socket task.
 #[derive(Debug)]
@@ -65,7 +67,7 @@ impl Driver {
             socket,
             rx,
             events,
-            window: PushWindow::new(PUSH_WINDOW),
+            window: PushWindow::new(PUSH_MEMORY, PUSH_MEMORY_CAP),
             loss_in: Loss::new(seed),
             loss_out: Loss::new(seed ^ 0xA5A5_A5A5_A5A5_A5A5),
         }
@@ -218,7 +220,7 @@ impl Driver {
             tracing::debug!(push, "no room for a push; not acknowledged");
             return None;
         }
-        self.window.insert(key);
+        self.window.insert(key, Instant::now());
         Some((from, ack))
     }
 

@@ -27,19 +27,27 @@
 //! ```
 //!
 //! # What the client does by itself
-//! - Retransmits every request with the same request id (the router deduplicates) on a
-//!   timeout doubling from [`ClientConfig::initial_rto`] to [`ClientConfig::max_rto`], until
-//!   the request's deadline; pauses and retries when the router says `RateLimited`,
-//!   `RetryLater` or `Draining`.
+//! - Retransmits every request unchanged, with the same request id (the router deduplicates),
+//!   on a timeout doubling from [`ClientConfig::initial_rto`] to [`ClientConfig::max_rto`],
+//!   until the request's deadline. After `RateLimited` it pauses and retransmits the same
+//!   request; after `RetryLater` or `Draining` it pauses and sends it as a new request (new
+//!   id). Request ids only grow, start below 2^32 and are never 0.
+//! - Keeps at most 15 application requests in flight (more wait their turn), plus its own
+//!   heartbeat: the router remembers the last 16 answers per session.
 //! - Heartbeats at the period the router gives in `Registered`.
-//! - Resumes (same UUID) when a request gets `UnknownSession`; follows `Migrate` (new local
-//!   port, resume at the new address: [`Event::Migrated`]); after
+//! - Resumes (same UUID) when a request gets `UnknownSession`, then retries it as a new
+//!   request ([`Event::Resumed`]); follows `Migrate` (new local port, resume at the given
+//!   address or else the configured one: [`Event::Migrated`]); after
 //!   [`ClientConfig::missed_acks_before_rehome`] unanswered heartbeats, moves to a new local
-//!   port and resumes at the configured server until that works ([`Event::Rehomed`]).
-//! - Drops answers and pushes whose MAC does not verify, and unauthenticated answers from
-//!   anyone but the router it is talking to.
-//! - Acknowledges every copy of every push, and surfaces each push once.
-//!
+//!   port and resumes at the configured server until that works ([`Event::Rehomed`]). When a
+//!   session cannot be resumed (`Unauthorized`: it expired, or the node restarted), registers a
+//!   new one ([`Event::Reregistered`], new UUID).
+//! - Drops answers and pushes whose MAC does not verify, and unauthenticated answers
+//!   (`Registered`, `Error`) from anyone but the router it is talking to.
+//! - Acknowledges every copy of every push and surfaces each push once (remembered for 30 s;
+//!   a push is identified by its id *and* a hash of its body, so a node that numbers pushes
+//!   afresh after a move is never mistaken for a duplicate).
+
 //! # Layout
 //! - `client`: [`Client`], the public handle; each method builds one request.
 //! - `shared`: state shared by handles and tasks, request ids, waiters, retransmission, retry.
@@ -48,7 +56,6 @@
 //! - `supervisor`: the task keeping the session alive: heartbeats, resume, migrate, re-home.
 //! - `backoff`, `window`, `loss`: pure helpers (retransmission schedule, push-duplicate
 //!   window, simulated loss).
-//! - [`raw`]: hand-made datagrams for router tests that break the rules on purpose.
 
 mod backoff;
 mod client;
@@ -57,7 +64,6 @@ mod driver;
 mod error;
 mod event;
 mod loss;
-pub mod raw;
 mod shared;
 mod supervisor;
 mod window;

@@ -12,7 +12,7 @@ use sigrouter_proto::{
     encode, encode_hello, Addr, ErrorCode, Message, Register, Registered, Resume, Secret,
     MAX_LOCAL_ADDRS,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,6 +25,11 @@ use crate::{ClientConfig, ClientError};
 
 /// How many times one request may trigger a Resume after `UnknownSession` before giving up.
 const MAX_RESUMES_PER_REQUEST: u32 = 3;
+
+/// Application requests in flight at once. The router remembers the last 16 answers per
+/// session, so at most 16 requests may be outstanding (protocol section 7); one slot is kept
+/// for the supervisor's heartbeat so a busy application cannot starve it.
+pub(crate) const APP_REQUESTS_IN_FLIGHT: usize = 15;
 
 /// The session as last agreed with the router. Small and `Copy`: readers copy it out.
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +89,8 @@ pub(crate) struct Shared {
     pub(crate) supervisor_stop: CancellationToken,
     /// Tracks the tasks so `close` can wait for them.
     pub(crate) tracker: TaskTracker,
+    /// Permits for application requests (see [`APP_REQUESTS_IN_FLIGHT`]).
+    pub(crate) in_flight: Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,7 +118,8 @@ impl Shared {
                 epoch: 0,
             }),
             pending: Mutex::new(HashMap::new()),
-            next_rid: AtomicU64::new(u64::from(rand::random::<u32>())),
+            // Random start below 2^32, never the reserved 0.
+            next_rid: AtomicU64::new(u64::from(rand::random::<u32>()).max(1)),
             drop_in: AtomicU64::new(cfg.drop_inbound.to_bits()),
             drop_out: AtomicU64::new(cfg.drop_outbound.to_bits()),
             route_ip,
@@ -120,6 +128,7 @@ impl Shared {
             supervisor_stop: shutdown.child_token(),
             shutdown,
             tracker: TaskTracker::new(),
+            in_flight: Semaphore::new(APP_REQUESTS_IN_FLIGHT),
             cfg,
         }
     }
@@ -262,9 +271,16 @@ impl Shared {
     }
 
     /// An authenticated request: `build(rid, our_uuid)` makes the message. Retransmits with the
-    /// same rid (the router deduplicates), pauses and retries on `RateLimited`, `RetryLater`
-    /// and `Draining`, and on `UnknownSession` asks the supervisor to resume (when
-    /// `resume_on_unknown`) and retries. Returns the first non-`Error` answer.
+    /// same rid (the router deduplicates). On refusals:
+    /// - `RateLimited`: pause, then the same rid again. The request may be one the router is
+    ///   still working on (a `Connect` awaiting its target) and only this retransmission was
+    ///   refused; a new rid would start a second attempt.
+    /// - `RetryLater`, `Draining`: pause, then a new rid. The router did not carry the request
+    ///   out, and may remember the refusal as the answer to the old rid.
+    /// - `UnknownSession` (when `resume_on_unknown`): the supervisor resumes, then a new rid,
+    ///   a new request for the node now holding the session.
+    ///
+    /// Returns the first non-`Error` answer.
     pub(crate) async fn request(
         &self,
         within: Duration,
@@ -272,7 +288,7 @@ impl Shared {
         build: impl Fn(u64, Uuid) -> Message,
     ) -> Result<Message, ClientError> {
         let deadline = Instant::now() + within;
-        let rid = self.next_rid();
+        let mut rid = self.next_rid();
         let mut pause = Backoff::retry();
         let mut resumes = 0;
         loop {
@@ -291,9 +307,14 @@ impl Shared {
                 {
                     resumes += 1;
                     self.ask_resume(sent.epoch).await?;
+                    rid = self.next_rid();
                 }
-                ErrorCode::RateLimited | ErrorCode::RetryLater | ErrorCode::Draining => {
+                ErrorCode::RateLimited => {
                     Self::pause(&mut pause, deadline, e.code).await?;
+                }
+                ErrorCode::RetryLater | ErrorCode::Draining => {
+                    Self::pause(&mut pause, deadline, e.code).await?;
+                    rid = self.next_rid();
                 }
                 code => return Err(ClientError::Server(code)),
             }

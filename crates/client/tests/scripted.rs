@@ -1,0 +1,466 @@
+//! The client against a scripted router: plain UDP sockets on 127.0.0.1 that speak the real
+//! codec and answer exactly as each test says. This covers what a single real node cannot be
+//! made to do on demand (Migrate, a duplicate push, a forged push, a spoofed Error) and checks
+//! datagram-level details (retransmissions reuse the request id, every push copy is
+//! acknowledged). The behaviour against the real router is in the root crate's
+//! `tests/client_lib.rs`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sigrouter_client::{Client, ClientConfig, ClientError, ErrorCode, Event, Events, Secret};
+use sigrouter_proto::{
+    decode, encode, verify_mac, Addr, ErrorMsg, HeartbeatAck, Incoming, Message, Migrate, Payload,
+    Registered, SignalPush, MIN_HELLO_LEN,
+};
+use tokio::net::UdpSocket;
+use tokio::time::{timeout, Instant};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Router {
+    sock: UdpSocket,
+    uuid: Uuid,
+    secret: Secret,
+}
+
+impl Router {
+    async fn new(uuid: Uuid, secret: Secret) -> Self {
+        Self {
+            sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            uuid,
+            secret,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    /// The next datagram: decoded message, raw bytes, sender.
+    async fn recv(&self) -> (Message, Vec<u8>, SocketAddr) {
+        let mut buf = [0u8; 2048];
+        let (n, from) = timeout(WAIT, self.sock.recv_from(&mut buf))
+            .await
+            .expect("a datagram from the client")
+            .unwrap();
+        let b = buf[..n].to_vec();
+        let m = decode(&b).expect("client sent a valid datagram");
+        if m.ty().is_authenticated() {
+            assert!(verify_mac(&b, &self.secret), "client MAC must verify");
+        }
+        (m, b, from)
+    }
+
+    async fn send(&self, m: &Message, to: SocketAddr) {
+        let key = m.ty().is_authenticated().then_some(&self.secret);
+        let b = encode(m, key).unwrap();
+        self.sock.send_to(&b, to).await.unwrap();
+    }
+
+    async fn send_with_key(&self, m: &Message, key: &Secret, to: SocketAddr) {
+        self.sock
+            .send_to(&encode(m, Some(key)).unwrap(), to)
+            .await
+            .unwrap();
+    }
+
+    fn registered(&self, rid: u64, observed: SocketAddr) -> Message {
+        Message::Registered(Registered {
+            rid,
+            uuid: self.uuid,
+            secret: self.secret,
+            observed: Addr(observed),
+            heartbeat_ms: 60_000,
+            ttl_ms: 180_000,
+        })
+    }
+
+    /// Expects a PushAck for `push` from `from`.
+    async fn expect_ack(&self, push: u64) -> SocketAddr {
+        match self.recv().await {
+            (Message::PushAck(a), _, from) => {
+                assert_eq!((a.uuid, a.push), (self.uuid, push));
+                from
+            }
+            (other, _, _) => panic!("expected PushAck {push}, got {other:?}"),
+        }
+    }
+}
+
+/// Registers a client at `r`, answering its Register by script.
+async fn register(r: &Router, cfg: ClientConfig) -> (Client, Events, SocketAddr) {
+    let reg = tokio::spawn(Client::register(cfg));
+    let (m, bytes, from) = r.recv().await;
+    let Message::Register(reg_msg) = m else {
+        panic!("expected Register, got {m:?}")
+    };
+    assert!(bytes.len() >= MIN_HELLO_LEN, "Register must be padded");
+    assert_eq!(
+        reg_msg.local,
+        vec![Addr(from)],
+        "announces its local address"
+    );
+    r.send(&r.registered(reg_msg.rid, from), from).await;
+    let (client, events) = reg.await.unwrap().expect("registered");
+    assert_eq!(client.uuid(), r.uuid);
+    assert_eq!(client.observed(), from);
+    (client, events, from)
+}
+
+fn incoming(push: u64, connection: Uuid, payload: &[u8]) -> Message {
+    Message::Incoming(Incoming {
+        push,
+        connection,
+        from: Uuid::from_u128(7),
+        observed: Addr("192.0.2.1:4000".parse().unwrap()),
+        local: vec![Addr("10.0.0.7:4000".parse().unwrap())],
+        payload: Payload::from(payload.to_vec()),
+    })
+}
+
+async fn next_event(events: &mut Events) -> Event {
+    timeout(WAIT, events.recv())
+        .await
+        .expect("an event")
+        .expect("events open")
+}
+
+#[tokio::test]
+async fn pushes_are_acked_every_time_and_surfaced_once() {
+    let r = Router::new(Uuid::new_v4(), Secret([3; 32])).await;
+    let (_client, mut events, at) = register(&r, ClientConfig::new(r.addr())).await;
+    let c1 = Uuid::new_v4();
+
+    // A push and its retransmission: both acknowledged, one event.
+    r.send(&incoming(1, c1, b"offer"), at).await;
+    r.send(&incoming(1, c1, b"offer"), at).await;
+    assert_eq!(r.expect_ack(1).await, at);
+    r.expect_ack(1).await;
+    match events.try_recv() {
+        Some(Event::Incoming {
+            connection,
+            from,
+            observed,
+            local,
+            payload,
+        }) => {
+            assert_eq!((connection, from), (c1, Uuid::from_u128(7)));
+            assert_eq!(observed, "192.0.2.1:4000".parse().unwrap());
+            assert_eq!(local, vec!["10.0.0.7:4000".parse().unwrap()]);
+            assert_eq!(payload, b"offer");
+        }
+        other => panic!("expected one Incoming, got {other:?}"),
+    }
+    assert_eq!(events.try_recv(), None, "the duplicate is not surfaced");
+
+    // A forged push (wrong key) is neither acknowledged nor surfaced: the first ack the router
+    // sees is for the genuine push sent after it.
+    r.send_with_key(
+        &incoming(2, Uuid::new_v4(), b"forged"),
+        &Secret([4; 32]),
+        at,
+    )
+    .await;
+    let signal = Message::SignalPush(SignalPush {
+        push: 3,
+        connection: c1,
+        from: Uuid::from_u128(7),
+        payload: Payload::from(b"candidate".to_vec()),
+    });
+    r.send(&signal, at).await;
+    r.expect_ack(3).await;
+    assert_eq!(
+        events.try_recv(),
+        Some(Event::Signal {
+            connection: c1,
+            from: Uuid::from_u128(7),
+            payload: b"candidate".to_vec()
+        })
+    );
+    assert_eq!(events.try_recv(), None);
+
+    // An id seen before but a different push (another node numbering from 1 after a move) is
+    // new, not a duplicate.
+    let c2 = Uuid::new_v4();
+    r.send(&incoming(1, c2, b"again"), at).await;
+    r.expect_ack(1).await;
+    assert!(matches!(
+        events.try_recv(),
+        Some(Event::Incoming { connection, .. }) if connection == c2
+    ));
+}
+
+#[tokio::test]
+async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_ignored() {
+    let r = Router::new(Uuid::new_v4(), Secret([5; 32])).await;
+    let mut cfg = ClientConfig::new(r.addr());
+    cfg.initial_rto = Duration::from_millis(100);
+    let (client, _events, at) = register(&r, cfg).await;
+
+    let hb = tokio::spawn({
+        let c = client.clone();
+        async move { c.heartbeat().await }
+    });
+    // The first Heartbeat is "lost"; the retransmission repeats it byte for byte.
+    let (first, first_bytes, _) = r.recv().await;
+    let sent = Instant::now();
+    let (again, again_bytes, _) = r.recv().await;
+    assert!(
+        sent.elapsed() >= Duration::from_millis(80),
+        "waited one RTO"
+    );
+    assert_eq!(first, again);
+    assert_eq!(first_bytes, again_bytes);
+    let rid = first.rid().unwrap();
+
+    // Someone else answers with an unauthenticated Error for that rid: ignored.
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let err = encode(
+        &Message::Error(ErrorMsg {
+            rid,
+            code: ErrorCode::Unauthorized,
+        }),
+        None,
+    )
+    .unwrap();
+    stranger.send_to(&err, at).await.unwrap();
+    // The router says slow down: the client pauses and retries with the same rid (the
+    // router may still be working on the request; only this copy was refused).
+    r.send(
+        &Message::Error(ErrorMsg {
+            rid,
+            code: ErrorCode::RateLimited,
+        }),
+        at,
+    )
+    .await;
+    let (retry, _, _) = r.recv().await;
+    assert_eq!(retry.rid(), Some(rid));
+    // RetryLater: the router did not do it and may remember the refusal under that rid, so
+    // the retry is a new request with a new rid.
+    r.send(
+        &Message::Error(ErrorMsg {
+            rid,
+            code: ErrorCode::RetryLater,
+        }),
+        at,
+    )
+    .await;
+    let (retry, _, _) = r.recv().await;
+    assert!(matches!(retry, Message::Heartbeat(_)));
+    let old = rid;
+    let rid = retry.rid().unwrap();
+    assert!(rid > old);
+    let observed: SocketAddr = "198.51.100.9:6000".parse().unwrap();
+    r.send(
+        &Message::HeartbeatAck(HeartbeatAck {
+            rid,
+            observed: Addr(observed),
+        }),
+        at,
+    )
+    .await;
+    assert_eq!(hb.await.unwrap().unwrap(), observed);
+    assert_eq!(client.observed(), observed);
+}
+
+#[tokio::test]
+async fn unknown_session_resumes_at_the_same_address_and_retries_with_a_new_rid() {
+    let r = Router::new(Uuid::new_v4(), Secret([6; 32])).await;
+    let (client, mut events, at) = register(&r, ClientConfig::new(r.addr())).await;
+    let q = tokio::spawn({
+        let c = client.clone();
+        async move { c.query(&[Uuid::from_u128(1)]).await }
+    });
+    let (m, _, _) = r.recv().await;
+    let rid = m.rid().unwrap();
+    r.send(
+        &Message::Error(ErrorMsg {
+            rid,
+            code: ErrorCode::UnknownSession,
+        }),
+        at,
+    )
+    .await;
+    // Resume from the same port, same UUID and secret.
+    let (m, bytes, from) = r.recv().await;
+    let Message::Resume(res) = m else {
+        panic!("expected Resume, got {m:?}")
+    };
+    assert_eq!(from, at, "UnknownSession does not change the port");
+    assert!(bytes.len() >= MIN_HELLO_LEN);
+    assert_eq!(res.uuid, r.uuid);
+    assert!(res.secret.ct_eq(&r.secret));
+    r.send(&r.registered(res.rid, from), from).await;
+    // Then the Query again, as a new request for the node now holding the session: a new,
+    // higher rid (rids only grow, Resume included).
+    let (m, _, _) = r.recv().await;
+    assert!(matches!(m, Message::Query(_)), "{m:?}");
+    let retry = m.rid().unwrap();
+    assert!(
+        retry > res.rid && res.rid > rid,
+        "{rid} < {} < {retry}",
+        res.rid
+    );
+    r.send(
+        &Message::QueryResult(sigrouter_proto::QueryResult {
+            rid: retry,
+            online: vec![true],
+        }),
+        at,
+    )
+    .await;
+    assert_eq!(q.await.unwrap().unwrap(), [true]);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Resumed { server: r.addr() }
+    );
+}
+
+#[tokio::test]
+async fn migrate_moves_to_a_new_port_and_resumes_where_told() {
+    let uuid = Uuid::new_v4();
+    let secret = Secret([8; 32]);
+    let r1 = Router::new(uuid, secret).await;
+    let r2 = Router::new(uuid, secret).await;
+    let (client, mut events, at) = register(&r1, ClientConfig::new(r1.addr())).await;
+
+    // Migrate to r2: acknowledged from the old port, then Resume at r2 from a new port.
+    let migrate = |push, to: Option<SocketAddr>| {
+        Message::Migrate(Migrate {
+            push,
+            to: to.map(Addr),
+        })
+    };
+    r1.send(&migrate(1, Some(r2.addr())), at).await;
+    assert_eq!(r1.expect_ack(1).await, at);
+    let (m, _, from) = r2.recv().await;
+    let Message::Resume(res) = m else {
+        panic!("expected Resume at r2, got {m:?}")
+    };
+    assert_ne!(from.port(), at.port(), "a new local port");
+    assert_eq!(res.uuid, uuid);
+    assert_eq!(res.local, vec![Addr(from)], "announces the new port");
+    r2.send(&r2.registered(res.rid, from), from).await;
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Migrated { to: r2.addr() }
+    );
+    assert_eq!(client.server(), r2.addr());
+    assert_eq!(client.local_addr(), from);
+    assert_eq!(client.uuid(), uuid);
+
+    // Requests now go to r2.
+    let hb = tokio::spawn({
+        let c = client.clone();
+        async move { c.heartbeat().await }
+    });
+    let (m, _, hb_from) = r2.recv().await;
+    assert!(matches!(m, Message::Heartbeat(_)));
+    assert_eq!(hb_from, from);
+    r2.send(
+        &Message::HeartbeatAck(HeartbeatAck {
+            rid: m.rid().unwrap(),
+            observed: Addr(from),
+        }),
+        from,
+    )
+    .await;
+    assert_eq!(hb.await.unwrap().unwrap(), from);
+
+    // Migrate without an address: back to the configured server, from yet another port.
+    r2.send(&migrate(2, None), from).await;
+    r2.expect_ack(2).await;
+    let (m, _, from3) = r1.recv().await;
+    let Message::Resume(res) = m else {
+        panic!("expected Resume at r1, got {m:?}")
+    };
+    assert!(from3.port() != from.port() && from3.port() != at.port());
+    r1.send(&r1.registered(res.rid, from3), from3).await;
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Migrated { to: r1.addr() }
+    );
+    assert_eq!(client.server(), r1.addr());
+
+    client.close().await;
+    assert!(
+        matches!(timeout(WAIT, events.recv()).await, Ok(None)),
+        "events end when the client closes"
+    );
+}
+
+#[tokio::test]
+async fn requests_time_out_and_closed_clients_refuse_work() {
+    let r = Router::new(Uuid::new_v4(), Secret([9; 32])).await;
+    let mut cfg = ClientConfig::new(r.addr());
+    cfg.request_timeout = Duration::from_millis(600);
+    cfg.initial_rto = Duration::from_millis(100);
+    let (client, _events, _) = register(&r, cfg).await;
+    let started = Instant::now();
+    assert!(matches!(
+        client.heartbeat().await,
+        Err(ClientError::Timeout)
+    ));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(550) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    // 100 + 200 + 300 (capped by the deadline): three transmissions.
+    let mut n = 0;
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok(_)) = timeout(Duration::from_millis(50), r.sock.recv_from(&mut buf)).await {
+        n += 1;
+    }
+    assert_eq!(n, 3, "transmissions of one request");
+
+    let c2 = client.clone();
+    client.close().await;
+    assert!(matches!(c2.heartbeat().await, Err(ClientError::Closed)));
+}
+
+#[tokio::test]
+async fn at_most_fifteen_application_requests_are_in_flight() {
+    let r = Router::new(Uuid::new_v4(), Secret([10; 32])).await;
+    let (client, _events, at) = register(&r, ClientConfig::new(r.addr())).await;
+    let mut tasks = Vec::new();
+    for n in 0..20u128 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(
+            async move { c.query(&[Uuid::from_u128(n)]).await },
+        ));
+    }
+    let mut rids = std::collections::BTreeSet::new();
+    while rids.len() < 15 {
+        rids.insert(r.recv().await.0.rid().unwrap());
+    }
+    // Only retransmissions of those 15 while none is answered.
+    let quiet = Instant::now() + Duration::from_millis(600);
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) = tokio::time::timeout_at(quiet, r.sock.recv_from(&mut buf)).await {
+        let rid = decode(&buf[..n]).unwrap().rid().unwrap();
+        assert!(rids.contains(&rid), "a 16th request went out");
+    }
+    // Answer everything as it comes; all 20 complete.
+    let answered = tokio::spawn(async move {
+        loop {
+            let (m, _, _) = r.recv().await;
+            let rid = m.rid().unwrap();
+            r.send(
+                &Message::QueryResult(sigrouter_proto::QueryResult {
+                    rid,
+                    online: vec![false],
+                }),
+                at,
+            )
+            .await;
+        }
+    });
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), [false]);
+    }
+    answered.abort();
+}
