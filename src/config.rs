@@ -71,6 +71,18 @@ pub struct ServeArgs {
     /// How long a draining node waits for its clients to move before it exits, in seconds.
     #[arg(long, env = "SIGROUTER_DRAIN_SECS", default_value_t = 20.0)]
     pub drain_secs: f64,
+    /// How often a node renews its registry record (it lives 3 periods), in seconds.
+    #[arg(long, env = "SIGROUTER_REGISTRY_PERIOD_SECS", default_value_t = 2.0)]
+    pub registry_period_secs: f64,
+    /// How often the node table is rebuilt without a nudge, in seconds.
+    #[arg(long, env = "SIGROUTER_TABLE_REFRESH_SECS", default_value_t = 5.0)]
+    pub table_refresh_secs: f64,
+    /// TTL of a client's presence record, renewed by its node, in seconds.
+    #[arg(long, env = "SIGROUTER_PRESENCE_TTL_SECS", default_value_t = 300.0)]
+    pub presence_ttl_secs: f64,
+    /// Deadline of every Redis call, in milliseconds.
+    #[arg(long, env = "SIGROUTER_REDIS_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_timeout_ms: u64,
 }
 
 /// Validated node configuration. Build it from [`ServeArgs`] or start from [`Config::default`]
@@ -130,6 +142,33 @@ pub struct ClusterConfig {
     pub cluster_key: Vec<u8>,
     /// Drain deadline.
     pub drain: Duration,
+    /// Registry renewal period.
+    pub registry_period: Duration,
+    /// Node-table rebuild period (also rebuilt when nudged).
+    pub table_period: Duration,
+    /// Presence record TTL (renewed every third of it).
+    pub presence_ttl: Duration,
+    /// Deadline of every Redis call.
+    pub redis_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// Settings for a node with these essentials and default timings.
+    pub fn new(redis_url: &str, node_id: &str, cluster_listen: SocketAddr, cluster_key: Vec<u8>) -> Self {
+        Self {
+            redis_url: redis_url.to_string(),
+            node_id: node_id.to_string(),
+            cluster_listen,
+            advertise: cluster_listen,
+            public_addr: cluster_listen,
+            cluster_key,
+            drain: Duration::from_secs(20),
+            registry_period: Duration::from_secs(2),
+            table_period: Duration::from_secs(5),
+            presence_ttl: Duration::from_secs(300),
+            redis_timeout: Duration::from_millis(500),
+        }
+    }
 }
 
 impl Default for Config {
@@ -223,6 +262,10 @@ impl Config {
                     public_addr,
                     cluster_key,
                     drain: secs("drain-secs", a.drain_secs)?,
+                    registry_period: secs("registry-period-secs", a.registry_period_secs)?,
+                    table_period: secs("table-refresh-secs", a.table_refresh_secs)?,
+                    presence_ttl: secs("presence-ttl-secs", a.presence_ttl_secs)?,
+                    redis_timeout: Duration::from_millis(a.redis_timeout_ms.max(1)),
                 })
             }
         };

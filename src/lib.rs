@@ -22,3 +22,5 @@ mod net;
 pub mod router;
 pub mod server;
 mod session;
+pub mod cluster;
+pub mod store;

@@ -1,15 +1,21 @@
 //! Routing decisions, apart from socket I/O.
 //!
 //! [`Router::handle`] takes one datagram, its source and the time, updates the node's state and
-//! appends what must be sent to `out`. It never awaits, never blocks on I/O and never holds a
-//! map guard past the statement that took it, so the socket loops call it inline for every
-//! packet. Time-driven work (push retransmission, connect timeouts, session expiry) lives in
-//! [`Router::tick`] and [`Router::sweep`], called by one timer task.
+//! appends what must happen to an [`Outbox`]: datagrams for clients, datagrams for other nodes,
+//! and [`Job`]s that need cluster state this node does not have at hand (a Redis lookup, a
+//! newer node table). It never awaits, never blocks on I/O and never holds a map guard past the
+//! statement that took it, so the socket loops call it inline for every packet. Jobs run
+//! elsewhere ([`crate::cluster::jobs`]) and come back through the `complete_*` methods.
+//! Time-driven work (retransmissions, timeouts, expiry) lives in [`Router::tick`] and
+//! [`Router::sweep`], called by one timer task.
 //!
 //! State:
-//! - `sessions`: who is online here (see [`crate::session`]).
-//! - `conns`: connections between two sessions, pending until the target answers.
+//! - `sessions`: who is online here (see `session`).
+//! - `conns`: connections, pending until the target answers; either end may be on another
+//!   node (`remote`), never both.
 //! - `pushes`: server pushes waiting for their `PushAck`.
+//! - `fwd`: node-to-node requests waiting for the other node's reply, retransmitted until
+//!   then: a forwarded push keeps its delivery guarantee across the hop.
 //! - `hellos`: recent `Register` answers by (source, request id), so a retransmitted Register
 //!   gets the same UUID instead of a second session.
 
@@ -23,12 +29,13 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand::RngCore;
 use sigrouter_proto::{
-    self as proto, Ack, Addr, Answer, ConnectFailed, Connected, ErrorCode, ErrorMsg, FailReason,
-    HeartbeatAck, Incoming, Message, MsgType, Payload, QueryResult, Registered, Secret, SignalPush,
-    MIN_HELLO_LEN,
+    self as proto, Ack, Addr, Answer, ConnectFailed, Connected, ErrorCode, ErrorMsg, FailReason, HeartbeatAck,
+    Incoming, Message, Migrate, Payload, QueryResult, Registered, Secret, SignalPush, MIN_HELLO_LEN,
 };
 use uuid::Uuid;
 
+use crate::cluster::wire::{Body, Status};
+use crate::cluster::{Cluster, NodeInfo, PresenceOp};
 use crate::config::Config;
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{Remembered, SenderView, Sessions};
@@ -37,6 +44,10 @@ use crate::session::{Remembered, SenderView, Sessions};
 const REPLAY_WINDOW: u64 = 1024;
 /// An established connection with no Signal for this long is forgotten.
 const CONN_IDLE: Duration = Duration::from_secs(3600);
+/// First retransmission of a node-to-node request.
+const FWD_RTO: Duration = Duration::from_millis(100);
+/// A node-to-node request unanswered for this long fails (retry-later for the client).
+const FWD_DEADLINE: Duration = Duration::from_secs(2);
 
 /// One datagram to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,22 +58,84 @@ pub struct Transmit {
     pub bytes: Vec<u8>,
 }
 
+/// Work that needs cluster state not at hand: run off the socket loop, with deadlines.
+#[derive(Clone, Debug)]
+pub enum Job {
+    /// Find the node holding `target` and forward the Incoming of connection `conn`.
+    Connect {
+        /// The connection (pending on this node).
+        conn: Uuid,
+        /// The target client.
+        target: Uuid,
+        /// Skip the presence cache (a forward just found the client gone).
+        fresh: bool,
+        /// The Incoming to forward.
+        body: Body,
+    },
+    /// Validate a Resume for a session this node does not hold.
+    Resume {
+        /// Source of the Resume.
+        src: SocketAddr,
+        /// Its size (bounds the answer).
+        req_len: usize,
+        /// The request.
+        msg: proto::Resume,
+    },
+    /// Answer a Query naming clients not held here.
+    Query {
+        /// The asking session.
+        uuid: Uuid,
+        /// Its request id.
+        rid: u64,
+        /// The clients asked about.
+        uuids: Vec<Uuid>,
+    },
+}
+
+/// What one call into the router decided.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Datagrams for clients (sent from the client port).
+    pub client: Vec<Transmit>,
+    /// Datagrams for other nodes (sent from the cluster port).
+    pub cluster: Vec<Transmit>,
+    /// Jobs to run off the socket loop.
+    pub jobs: Vec<Job>,
+}
+
+impl Outbox {
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.client.is_empty() && self.cluster.is_empty() && self.jobs.is_empty()
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum ConnState {
-    /// Incoming pushed to the target (push id), waiting for Accept/Reject until `deadline`.
+    /// Waiting for Accept/Reject until `deadline`; `push` is the local Incoming push (0 when
+    /// the target is on another node).
     Pending { deadline: Instant, push: u64 },
     /// Accepted; Signals flow until either side goes away.
     Established { last: Instant },
 }
 
-#[derive(Clone, Copy, Debug)]
+/// The far end of a connection that spans two nodes.
+#[derive(Clone, Debug)]
+struct Remote {
+    node: Arc<str>,
+    addr: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
 struct Conn {
     initiator: Uuid,
     target: Uuid,
-    /// Request id of the initiator's Connect: the outcome is the answer to it.
+    /// Request id of the initiator's Connect (on the initiator's node).
     initiator_rid: u64,
     started: Instant,
     state: ConnState,
+    /// The node holding the other end, if not this one.
+    remote: Option<Remote>,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +144,27 @@ struct PendingPush {
     next_at: Instant,
     rto: Duration,
     deadline: Instant,
+}
+
+/// What to do when a node-to-node request is answered (or not).
+#[derive(Clone, Debug)]
+enum Then {
+    /// Answer the client's request `rid` with Ack (or an error).
+    AckClient { uuid: Uuid, rid: u64 },
+    /// A forwarded Incoming: on NotHere look the target up afresh.
+    Incoming { conn: Uuid, target: Uuid, body: Body },
+    /// Nothing.
+    Nothing,
+}
+
+#[derive(Clone, Debug)]
+struct PendingFwd {
+    bytes: Arc<[u8]>,
+    to: SocketAddr,
+    next_at: Instant,
+    rto: Duration,
+    deadline: Instant,
+    then: Then,
 }
 
 /// The node's routing state and decisions. Shared by every socket loop (`Arc<Router>`).
@@ -85,10 +179,12 @@ pub struct Router {
     sessions: Sessions,
     conns: DashMap<Uuid, Conn>,
     pushes: DashMap<(Uuid, u64), PendingPush>,
+    fwd: DashMap<u64, PendingFwd>,
     hellos: DashMap<(SocketAddr, u64), (Uuid, Instant)>,
     register_limiter: DefaultKeyedRateLimiter<IpAddr>,
     session_limiter: DefaultKeyedRateLimiter<Uuid>,
     draining: AtomicBool,
+    cluster: Option<Arc<Cluster>>,
     metrics: Metrics,
 }
 
@@ -101,8 +197,8 @@ fn millis(d: Duration) -> u32 {
 }
 
 impl Router {
-    /// Builds an empty router from the node configuration.
-    pub fn new(cfg: &Config, metrics: Metrics) -> Self {
+    /// Builds an empty router. `cluster` is `None` in the embedded single-node mode.
+    pub fn new(cfg: &Config, metrics: Metrics, cluster: Option<Arc<Cluster>>) -> Self {
         Self {
             heartbeat: cfg.heartbeat,
             session_ttl: cfg.session_ttl,
@@ -114,6 +210,7 @@ impl Router {
             sessions: Sessions::default(),
             conns: DashMap::new(),
             pushes: DashMap::new(),
+            fwd: DashMap::new(),
             hellos: DashMap::new(),
             register_limiter: RateLimiter::dashmap(
                 Quota::per_second(nz(cfg.register_rate)).allow_burst(nz(cfg.register_burst)),
@@ -122,6 +219,7 @@ impl Router {
                 Quota::per_second(nz(cfg.session_rate)).allow_burst(nz(cfg.session_burst)),
             ),
             draining: AtomicBool::new(false),
+            cluster,
             metrics,
         }
     }
@@ -129,6 +227,11 @@ impl Router {
     /// The node's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The cluster state, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Number of sessions held.
@@ -141,19 +244,30 @@ impl Router {
         self.sessions.contains(uuid)
     }
 
+    /// Every session held, with its Resume verifier (for presence re-publication).
+    pub fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])> {
+        self.sessions.verifiers()
+    }
+
     /// Stops taking new sessions (Register answers `Draining`).
     pub fn set_draining(&self, v: bool) {
         self.draining.store(v, Ordering::Relaxed);
     }
 
-    /// Handles one datagram from `src` received at `now`; appends what to send to `out`.
-    pub fn handle(&self, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Vec<Transmit>) {
+    fn publish(&self, op: PresenceOp) {
+        if let Some(c) = &self.cluster {
+            c.publish(op);
+        }
+    }
+
+    /// Handles one client datagram from `src` received at `now`.
+    pub fn handle(&self, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
         self.metrics.rx_datagrams.increment(1);
         if proto::is_stun(buf) {
-            match stun_answer(buf, src) {
+            match crate::stun::answer(buf, src) {
                 Ok(bytes) => {
                     self.metrics.stun_answered.increment(1);
-                    out.push(Transmit { to: src, bytes });
+                    out.client.push(Transmit { to: src, bytes });
                 }
                 Err(_) => self.metrics.drop(DropReason::Stun),
             }
@@ -180,47 +294,21 @@ impl Router {
     }
 
     /// Sends an unauthenticated answer, but only if it is no larger than the request.
-    fn reply_bounded(
-        &self,
-        to: SocketAddr,
-        req_len: usize,
-        msg: &Message,
-        key: Option<&Secret>,
-        out: &mut Vec<Transmit>,
-    ) {
-        match proto::encode(msg, key) {
-            Ok(bytes) if bytes.len() <= req_len => out.push(Transmit { to, bytes }),
+    fn reply_bounded(&self, to: SocketAddr, req_len: usize, msg: &Message, out: &mut Outbox) {
+        match proto::encode(msg, None) {
+            Ok(bytes) if bytes.len() <= req_len => out.client.push(Transmit { to, bytes }),
             Ok(_) => self.metrics.drop(DropReason::Amplification),
             Err(e) => tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"),
         }
     }
 
-    fn error(
-        &self,
-        to: SocketAddr,
-        req_len: usize,
-        rid: u64,
-        code: ErrorCode,
-        out: &mut Vec<Transmit>,
-    ) {
-        self.reply_bounded(
-            to,
-            req_len,
-            &Message::Error(ErrorMsg { rid, code }),
-            None,
-            out,
-        );
+    fn error(&self, to: SocketAddr, req_len: usize, rid: u64, code: ErrorCode, out: &mut Outbox) {
+        self.reply_bounded(to, req_len, &Message::Error(ErrorMsg { rid, code }), out);
     }
 
     /// Per-IP limit for Register/Resume. Over the limit: a small Error (never larger than the
     /// request), so honest clients back off and floods gain nothing.
-    fn hello_allowed(
-        &self,
-        src: SocketAddr,
-        req_len: usize,
-        rid: u64,
-        out: &mut Vec<Transmit>,
-    ) -> bool {
+    fn hello_allowed(&self, src: SocketAddr, req_len: usize, rid: u64, out: &mut Outbox) -> bool {
         if req_len < MIN_HELLO_LEN {
             self.metrics.drop(DropReason::Unpadded);
             return false;
@@ -233,15 +321,7 @@ impl Router {
         true
     }
 
-    fn registered(
-        &self,
-        now: Instant,
-        rid: u64,
-        uuid: Uuid,
-        secret: Secret,
-        src: SocketAddr,
-    ) -> Message {
-        let _ = now;
+    fn registered(&self, rid: u64, uuid: Uuid, secret: Secret, src: SocketAddr) -> Message {
         Message::Registered(Registered {
             rid,
             uuid,
@@ -252,14 +332,7 @@ impl Router {
         })
     }
 
-    fn register(
-        &self,
-        now: Instant,
-        src: SocketAddr,
-        req_len: usize,
-        m: proto::Register,
-        out: &mut Vec<Transmit>,
-    ) {
+    fn register(&self, now: Instant, src: SocketAddr, req_len: usize, m: proto::Register, out: &mut Outbox) {
         if req_len < MIN_HELLO_LEN {
             self.metrics.drop(DropReason::Unpadded);
             return;
@@ -269,8 +342,8 @@ impl Router {
         if let Some(uuid) = known {
             if let Some(secret) = self.sessions.secret(&uuid) {
                 self.metrics.duplicates.increment(1);
-                let msg = self.registered(now, m.rid, uuid, secret, src);
-                self.reply_bounded(src, req_len, &msg, None, out);
+                let msg = self.registered(m.rid, uuid, secret, src);
+                self.reply_bounded(src, req_len, &msg, out);
                 return;
             }
         }
@@ -292,59 +365,89 @@ impl Router {
         let secret = Secret(secret);
         self.sessions.insert(uuid, secret, src, m.local, m.rid, now);
         self.hellos.insert((src, m.rid), (uuid, now));
+        self.publish(PresenceOp::Put(uuid, secret.verifier()));
         self.metrics.registered.increment(1);
         self.metrics.sessions.set(self.sessions.len() as f64);
-        let msg = self.registered(now, m.rid, uuid, secret, src);
-        self.reply_bounded(src, req_len, &msg, None, out);
+        let msg = self.registered(m.rid, uuid, secret, src);
+        self.reply_bounded(src, req_len, &msg, out);
     }
 
-    fn resume(
-        &self,
-        now: Instant,
-        src: SocketAddr,
-        req_len: usize,
-        m: proto::Resume,
-        out: &mut Vec<Transmit>,
-    ) {
+    fn resume(&self, now: Instant, src: SocketAddr, req_len: usize, m: proto::Resume, out: &mut Outbox) {
         if !self.hello_allowed(src, req_len, m.rid, out) {
             return;
         }
         match self.sessions.secret(&m.uuid) {
             Some(s) if s.ct_eq(&m.secret) => {
-                if !self.sessions.resume(&m.uuid, src, m.local, m.rid, now) {
-                    // Expired between the two statements: take it as unknown.
-                    self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out);
-                    return;
-                }
-            }
-            Some(_) => {
-                self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out);
-                return;
-            }
-            None => {
-                // Unknown here. Single-node mode cannot check the secret of a session it never
-                // held (the node restarted, or the session expired): the client registers anew.
                 if self.draining.load(Ordering::Relaxed) {
+                    // Still here while draining: the client was told to move; keep it moving.
                     self.error(src, req_len, m.rid, ErrorCode::Draining, out);
                     return;
                 }
-                self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out);
-                return;
+                if !self.sessions.resume(&m.uuid, src, m.local, m.rid, now) {
+                    self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out);
+                    return;
+                }
+                self.metrics.resumed.increment(1);
+                let msg = self.registered(m.rid, m.uuid, m.secret, src);
+                self.reply_bounded(src, req_len, &msg, out);
             }
+            Some(_) => self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out),
+            None if self.draining.load(Ordering::Relaxed) => {
+                self.error(src, req_len, m.rid, ErrorCode::Draining, out);
+            }
+            None if self.cluster.is_some() => {
+                // Held elsewhere (or was): the presence directory can vouch for the secret.
+                out.jobs.push(Job::Resume { src, req_len, msg: m });
+            }
+            // Single-node mode cannot check the secret of a session it never held (the node
+            // restarted, or the session expired): the client registers anew.
+            None => self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out),
         }
-        self.metrics.resumed.increment(1);
-        let msg = self.registered(now, m.rid, m.uuid, m.secret, src);
-        self.reply_bounded(src, req_len, &msg, None, out);
     }
 
-    fn authenticated(
+    /// Completes a Resume job: `verifier` is what the directory holds for the UUID (`None`:
+    /// unknown), `old` the node that held it. `Err(())` means the directory could not be read.
+    pub fn complete_resume(
         &self,
         now: Instant,
         src: SocketAddr,
-        buf: &[u8],
-        msg: Message,
-        out: &mut Vec<Transmit>,
+        req_len: usize,
+        m: proto::Resume,
+        found: Result<Option<([u8; 32], Arc<str>)>, ()>,
+        out: &mut Outbox,
     ) {
+        let (verifier, old) = match found {
+            Ok(Some(v)) => v,
+            Ok(None) => return self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out),
+            Err(()) => return self.error(src, req_len, m.rid, ErrorCode::RetryLater, out),
+        };
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(&m.secret.verifier()[..], &verifier[..]).into();
+        if !ok {
+            return self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out);
+        }
+        if self.sessions.len() >= self.max_sessions {
+            self.metrics.capacity_refused.increment(1);
+            return self.error(src, req_len, m.rid, ErrorCode::Capacity, out);
+        }
+        self.sessions.insert(m.uuid, m.secret, src, m.local.clone(), m.rid, now);
+        self.publish(PresenceOp::Put(m.uuid, verifier));
+        self.metrics.resumed.increment(1);
+        self.metrics.sessions.set(self.sessions.len() as f64);
+        if let Some(c) = &self.cluster {
+            c.cache_presence(m.uuid, Some(c.id.clone()), now);
+            // Tell the old node to let go, so its drain finishes early and it stops answering
+            // for this client.
+            if *old != *c.id {
+                if let Some(node) = c.node(&old) {
+                    self.forward(now, c, &node.id, node.internal, Body::Moved { uuid: m.uuid }, Then::Nothing, out);
+                }
+            }
+        }
+        let msg = self.registered(m.rid, m.uuid, m.secret, src);
+        self.reply_bounded(src, req_len, &msg, out);
+    }
+
+    fn authenticated(&self, now: Instant, src: SocketAddr, buf: &[u8], msg: Message, out: &mut Outbox) {
         let Some(uuid) = msg.sender() else {
             self.metrics.drop(DropReason::WrongDirection);
             return;
@@ -388,11 +491,13 @@ impl Router {
                 } else {
                     view.addr
                 };
-                out.push(Transmit {
+                out.client.push(Transmit {
                     to,
                     bytes: bytes.to_vec(),
                 });
             }
+            // Pending: the answer comes when the outcome is known (a retransmission of a
+            // forwarded request is covered by the node-to-node retransmission).
             return;
         }
         if view.stale(rid, REPLAY_WINDOW) {
@@ -409,12 +514,7 @@ impl Router {
             }
             Message::Query(q) => {
                 self.metrics.routed.increment(1);
-                let online = q.uuids.iter().map(|u| self.sessions.contains(u)).collect();
-                self.send(
-                    &view,
-                    Message::QueryResult(QueryResult { rid, online }),
-                    out,
-                );
+                self.query(now, uuid, &view, q, out);
             }
             Message::Connect(c) => {
                 self.metrics.routed.increment(1);
@@ -434,7 +534,9 @@ impl Router {
             }
             Message::Bye(_) => {
                 self.send(&view, Message::Ack(Ack { rid }), out);
-                self.sessions.remove(&uuid);
+                if self.sessions.remove(&uuid) {
+                    self.publish(PresenceOp::Del(uuid));
+                }
                 self.metrics.sessions.set(self.sessions.len() as f64);
             }
             _ => self.metrics.drop(DropReason::WrongDirection),
@@ -442,14 +544,11 @@ impl Router {
     }
 
     /// Encodes an answer for the sender, MAC'd with its secret, and sends it to its address.
-    fn send(&self, view: &SenderView, msg: Message, out: &mut Vec<Transmit>) -> Option<Arc<[u8]>> {
+    fn send(&self, view: &SenderView, msg: Message, out: &mut Outbox) -> Option<Arc<[u8]>> {
         match proto::encode(&msg, Some(&view.secret)) {
             Ok(bytes) => {
                 let shared: Arc<[u8]> = bytes.as_slice().into();
-                out.push(Transmit {
-                    to: view.addr,
-                    bytes,
-                });
+                out.client.push(Transmit { to: view.addr, bytes });
                 Some(shared)
             }
             Err(e) => {
@@ -460,57 +559,125 @@ impl Router {
     }
 
     /// Sends an answer and remembers it for retransmissions of the same request id.
-    fn answer(
-        &self,
-        now: Instant,
-        uuid: Uuid,
-        view: &SenderView,
-        rid: u64,
-        msg: Message,
-        out: &mut Vec<Transmit>,
-    ) {
+    fn answer(&self, now: Instant, uuid: Uuid, view: &SenderView, rid: u64, msg: Message, out: &mut Outbox) {
         if let Some(bytes) = self.send(view, msg, out) {
-            self.sessions
-                .remember(&uuid, rid, Remembered::Answer(bytes), now);
+            self.sessions.remember(&uuid, rid, Remembered::Answer(bytes), now);
         }
     }
 
-    /// Answers a Connect that failed at once, remembering the outcome.
-    fn connect_failed(
-        &self,
-        now: Instant,
-        uuid: Uuid,
-        view: &SenderView,
-        rid: u64,
-        reason: FailReason,
-        out: &mut Vec<Transmit>,
-    ) {
+    /// Answers session `uuid`'s request `rid` (looked up afresh: the answer may come long after
+    /// the request, from a job or another node).
+    fn answer_later(&self, now: Instant, uuid: Uuid, rid: u64, msg: Message, out: &mut Outbox) {
+        if let Some(p) = self.sessions.peer(&uuid) {
+            let view = SenderView::to_peer(p.secret, p.addr);
+            self.answer(now, uuid, &view, rid, msg, out);
+        }
+    }
+
+    /// An Error for an authenticated request (not remembered: the client may retry it).
+    fn error_to(&self, view: &SenderView, rid: u64, code: ErrorCode, out: &mut Outbox) {
+        self.reply_bounded(view.addr, usize::MAX, &Message::Error(ErrorMsg { rid, code }), out);
+    }
+
+    fn query(&self, now: Instant, uuid: Uuid, view: &SenderView, q: proto::Query, out: &mut Outbox) {
+        let mut online = Vec::with_capacity(q.uuids.len());
+        let mut unknown = false;
+        for u in &q.uuids {
+            if self.sessions.contains(u) {
+                online.push(true);
+                continue;
+            }
+            match &self.cluster {
+                None => online.push(false),
+                Some(c) => match c.cached_presence(u, now) {
+                    Some(Some(node)) => online.push(*node != *c.id && c.node(&node).is_some()),
+                    Some(None) => online.push(false),
+                    None => {
+                        unknown = true;
+                        break;
+                    }
+                },
+            }
+        }
+        if unknown {
+            out.jobs.push(Job::Query {
+                uuid,
+                rid: q.rid,
+                uuids: q.uuids,
+            });
+            return;
+        }
+        self.send(&view.clone(), Message::QueryResult(QueryResult { rid: q.rid, online }), out);
+    }
+
+    /// Completes a Query job: `online` per asked UUID, or `None` if the directory failed.
+    pub fn complete_query(&self, uuid: Uuid, rid: u64, online: Option<Vec<bool>>, out: &mut Outbox) {
+        let Some(p) = self.sessions.peer(&uuid) else {
+            return;
+        };
+        let view = SenderView::to_peer(p.secret, p.addr);
+        match online {
+            Some(online) => {
+                self.send(&view, Message::QueryResult(QueryResult { rid, online }), out);
+            }
+            None => self.error_to(&view, rid, ErrorCode::RetryLater, out),
+        }
+    }
+
+    /// Answers a Connect that failed, remembering the outcome.
+    fn connect_failed(&self, now: Instant, uuid: Uuid, rid: u64, reason: FailReason, out: &mut Outbox) {
         self.metrics.outcome(Some(reason));
         let msg = Message::ConnectFailed(ConnectFailed {
             rid,
             reason,
             payload: Payload::new(),
         });
-        self.answer(now, uuid, view, rid, msg, out);
+        self.answer_later(now, uuid, rid, msg, out);
     }
 
-    fn connect(
-        &self,
-        now: Instant,
-        uuid: Uuid,
-        view: &SenderView,
-        c: proto::Connect,
-        out: &mut Vec<Transmit>,
-    ) {
+    fn connect(&self, now: Instant, uuid: Uuid, view: &SenderView, c: proto::Connect, out: &mut Outbox) {
         if c.to == uuid {
-            self.error(view.addr, usize::MAX, c.rid, ErrorCode::BadRequest, out);
+            self.error_to(view, c.rid, ErrorCode::BadRequest, out);
             return;
         }
-        let Some((push, target)) = self.sessions.next_push(&c.to) else {
-            self.connect_failed(now, uuid, view, c.rid, FailReason::Offline, out);
+        let connection = Uuid::new_v4();
+        // Local first: a target on this node never touches Redis or the network.
+        if let Some((push, target)) = self.sessions.next_push(&c.to) {
+            self.conns.insert(
+                connection,
+                Conn {
+                    initiator: uuid,
+                    target: c.to,
+                    initiator_rid: c.rid,
+                    started: now,
+                    state: ConnState::Pending {
+                        deadline: now + self.connect_timeout,
+                        push,
+                    },
+                    remote: None,
+                },
+            );
+            self.sessions.remember(&uuid, c.rid, Remembered::Pending, now);
+            let incoming = Message::Incoming(Incoming {
+                push,
+                connection,
+                from: uuid,
+                observed: Addr(view.addr),
+                local: view.local.to_vec(),
+                payload: c.payload,
+            });
+            self.push(now, c.to, push, &target.secret, target.addr, incoming, out);
+            return;
+        }
+        let Some(cluster) = &self.cluster else {
+            self.connect_failed(now, uuid, c.rid, FailReason::Offline, out);
             return;
         };
-        let connection = Uuid::new_v4();
+        let cached = cluster.cached_presence(&c.to, now);
+        if matches!(cached, Some(None)) {
+            self.connect_failed(now, uuid, c.rid, FailReason::Offline, out);
+            return;
+        }
         self.conns.insert(
             connection,
             Conn {
@@ -520,35 +687,83 @@ impl Router {
                 started: now,
                 state: ConnState::Pending {
                     deadline: now + self.connect_timeout,
-                    push,
+                    push: 0,
                 },
+                remote: None,
             },
         );
-        self.sessions
-            .remember(&uuid, c.rid, Remembered::PendingConnect, now);
-        let incoming = Message::Incoming(Incoming {
-            push,
-            connection,
+        self.sessions.remember(&uuid, c.rid, Remembered::Pending, now);
+        let body = Body::Incoming {
+            conn: connection,
             from: uuid,
+            to: c.to,
             observed: Addr(view.addr),
             local: view.local.to_vec(),
             payload: c.payload,
+        };
+        // A fresh cache entry and a known node: forward now, no Redis, no waiting.
+        if let Some(Some(node_id)) = cached {
+            if let Some(node) = cluster.node(&node_id) {
+                self.forward_incoming(now, connection, c.to, &node, body, out);
+                return;
+            }
+        }
+        out.jobs.push(Job::Connect {
+            conn: connection,
+            target: c.to,
+            fresh: false,
+            body,
         });
-        self.push(now, c.to, push, &target.secret, target.addr, incoming, out);
+    }
+
+    /// Completes a Connect job: forward to `node`, or fail the pending connection.
+    pub fn complete_connect(&self, now: Instant, conn: Uuid, target: Uuid, body: Body, found: Result<Arc<NodeInfo>, FailReason>, out: &mut Outbox) {
+        match found {
+            Ok(node) => self.forward_incoming(now, conn, target, &node, body, out),
+            Err(reason) => self.fail_pending(now, conn, reason, out),
+        }
+    }
+
+    fn forward_incoming(&self, now: Instant, conn: Uuid, target: Uuid, node: &NodeInfo, body: Body, out: &mut Outbox) {
+        let Some(cluster) = &self.cluster else { return };
+        let known = match self.conns.get_mut(&conn) {
+            Some(mut c) if matches!(c.state, ConnState::Pending { .. }) => {
+                c.remote = Some(Remote {
+                    node: node.id.as_str().into(),
+                    addr: node.internal,
+                });
+                true
+            }
+            _ => false,
+        };
+        if known {
+            let then = Then::Incoming {
+                conn,
+                target,
+                body: body.clone(),
+            };
+            self.forward(now, cluster, &node.id, node.internal, body, then, out);
+        }
+    }
+
+    /// Fails a pending connection (if still pending) with `reason`.
+    fn fail_pending(&self, now: Instant, conn: Uuid, reason: FailReason, out: &mut Outbox) {
+        let Some((_, c)) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let ConnState::Pending { push, .. } = c.state {
+            if push != 0 {
+                self.pushes.remove(&(c.target, push));
+            }
+            if self.sessions.contains(&c.initiator) {
+                self.connect_failed(now, c.initiator, c.initiator_rid, reason, out);
+            }
+        }
     }
 
     /// Sends a push and keeps it for retransmission until acknowledged.
     #[allow(clippy::too_many_arguments)]
-    fn push(
-        &self,
-        now: Instant,
-        to: Uuid,
-        id: u64,
-        key: &Secret,
-        addr: SocketAddr,
-        msg: Message,
-        out: &mut Vec<Transmit>,
-    ) {
+    fn push(&self, now: Instant, to: Uuid, id: u64, key: &Secret, addr: SocketAddr, msg: Message, out: &mut Outbox) {
         let bytes = match proto::encode(&msg, Some(key)) {
             Ok(b) => b,
             Err(e) => {
@@ -566,22 +781,36 @@ impl Router {
             },
         );
         self.metrics.pushes_sent.increment(1);
-        out.push(Transmit { to: addr, bytes });
+        out.client.push(Transmit { to: addr, bytes });
     }
 
-    fn answer_incoming(
-        &self,
-        now: Instant,
-        uuid: Uuid,
-        view: &SenderView,
-        a: Answer,
-        accept: bool,
-        out: &mut Vec<Transmit>,
-    ) {
+    /// Sends a node-to-node request and keeps it for retransmission until answered.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, now: Instant, cluster: &Cluster, node: &str, addr: SocketAddr, body: Body, then: Then, out: &mut Outbox) {
+        let Some((seq, bytes)) = cluster.envelope(node, None, body) else {
+            tracing::error!("encoding a node-to-node datagram failed");
+            return;
+        };
+        self.fwd.insert(
+            seq,
+            PendingFwd {
+                bytes: bytes.as_slice().into(),
+                to: addr,
+                next_at: now + FWD_RTO,
+                rto: FWD_RTO,
+                deadline: now + FWD_DEADLINE,
+                then,
+            },
+        );
+        self.metrics.forwarded.increment(1);
+        out.cluster.push(Transmit { to: addr, bytes });
+    }
+
+    fn answer_incoming(&self, now: Instant, uuid: Uuid, view: &SenderView, a: Answer, accept: bool, out: &mut Outbox) {
         // Read and change the connection in one statement; act on the copy afterwards.
         let found = match self.conns.get_mut(&a.connection) {
             Some(mut c) if c.target == uuid => {
-                let before = *c;
+                let before = c.clone();
                 if accept {
                     c.state = ConnState::Established { last: now };
                 }
@@ -590,25 +819,12 @@ impl Router {
             _ => None,
         };
         let Some(conn) = found else {
-            self.error(
-                view.addr,
-                usize::MAX,
-                a.rid,
-                ErrorCode::UnknownConnection,
-                out,
-            );
+            self.error_to(view, a.rid, ErrorCode::UnknownConnection, out);
             return;
         };
         let ConnState::Pending { push, .. } = conn.state else {
             // Already answered under another request id: nothing more to do.
-            self.answer(
-                now,
-                uuid,
-                view,
-                a.rid,
-                Message::Ack(Ack { rid: a.rid }),
-                out,
-            );
+            self.answer(now, uuid, view, a.rid, Message::Ack(Ack { rid: a.rid }), out);
             return;
         };
         // The answer proves the Incoming arrived.
@@ -616,33 +832,47 @@ impl Router {
         if !accept {
             self.conns.remove(&a.connection);
         }
-        self.answer(
-            now,
-            uuid,
-            view,
-            a.rid,
-            Message::Ack(Ack { rid: a.rid }),
-            out,
-        );
-        let Some(init) = self.sessions.peer(&conn.initiator) else {
-            self.conns.remove(&a.connection);
-            return;
-        };
-        let (msg, reason) = if accept {
-            let m = Message::Connected(Connected {
-                rid: conn.initiator_rid,
-                connection: a.connection,
+        if let (Some(remote), Some(cluster)) = (&conn.remote, &self.cluster) {
+            // The initiator is on another node: the Ack waits for that node's reply.
+            self.sessions.remember(&uuid, a.rid, Remembered::Pending, now);
+            let body = Body::Answered {
+                conn: a.connection,
+                accept,
                 peer: uuid,
                 observed: Addr(view.addr),
                 local: view.local.to_vec(),
                 payload: a.payload,
+            };
+            let then = Then::AckClient { uuid, rid: a.rid };
+            self.forward(now, cluster, &remote.node, remote.addr, body, then, out);
+            return;
+        }
+        self.answer(now, uuid, view, a.rid, Message::Ack(Ack { rid: a.rid }), out);
+        self.deliver_outcome(now, &conn, a.connection, accept, uuid, Addr(view.addr), view.local.to_vec(), a.payload, out);
+    }
+
+    /// Tells the (local) initiator of `conn` how its Connect ended.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_outcome(&self, now: Instant, conn: &Conn, id: Uuid, accept: bool, peer: Uuid, observed: Addr, local: Vec<Addr>, payload: Payload, out: &mut Outbox) {
+        if !self.sessions.contains(&conn.initiator) {
+            self.conns.remove(&id);
+            return;
+        }
+        let (msg, reason) = if accept {
+            let m = Message::Connected(Connected {
+                rid: conn.initiator_rid,
+                connection: id,
+                peer,
+                observed,
+                local,
+                payload,
             });
             (m, None)
         } else {
             let m = Message::ConnectFailed(ConnectFailed {
                 rid: conn.initiator_rid,
                 reason: FailReason::Rejected,
-                payload: a.payload,
+                payload,
             });
             (m, Some(FailReason::Rejected))
         };
@@ -650,66 +880,255 @@ impl Router {
         self.metrics
             .connect_seconds
             .record(now.saturating_duration_since(conn.started).as_secs_f64());
-        let iview = SenderView::to_peer(init.secret, init.addr);
-        self.answer(now, conn.initiator, &iview, conn.initiator_rid, msg, out);
+        self.answer_later(now, conn.initiator, conn.initiator_rid, msg, out);
     }
 
-    fn signal(
-        &self,
-        now: Instant,
-        uuid: Uuid,
-        view: &SenderView,
-        s: proto::Signal,
-        out: &mut Vec<Transmit>,
-    ) {
+    fn signal(&self, now: Instant, uuid: Uuid, view: &SenderView, s: proto::Signal, out: &mut Outbox) {
         let peer = match self.conns.get_mut(&s.connection) {
-            Some(mut c)
-                if matches!(c.state, ConnState::Established { .. })
-                    && (c.initiator == uuid || c.target == uuid) =>
-            {
+            Some(mut c) if matches!(c.state, ConnState::Established { .. }) && (c.initiator == uuid || c.target == uuid) => {
                 c.state = ConnState::Established { last: now };
-                Some(if c.initiator == uuid {
-                    c.target
-                } else {
-                    c.initiator
-                })
+                let other = if c.initiator == uuid { c.target } else { c.initiator };
+                Some((other, c.remote.clone()))
             }
             _ => None,
         };
-        let Some((push, target)) = peer.and_then(|p| self.sessions.next_push(&p).map(|t| (t, p)))
-        else {
-            self.error(
-                view.addr,
-                usize::MAX,
-                s.rid,
-                ErrorCode::UnknownConnection,
-                out,
-            );
+        let Some((other, remote)) = peer else {
+            self.error_to(view, s.rid, ErrorCode::UnknownConnection, out);
             return;
         };
-        let (push_id, tview) = push;
-        let msg = Message::SignalPush(SignalPush {
-            push: push_id,
-            connection: s.connection,
-            from: uuid,
-            payload: s.payload,
-        });
-        self.push(now, target, push_id, &tview.secret, tview.addr, msg, out);
-        self.metrics.signals_relayed.increment(1);
-        self.answer(
-            now,
-            uuid,
-            view,
-            s.rid,
-            Message::Ack(Ack { rid: s.rid }),
-            out,
-        );
+        if let (Some(remote), Some(cluster)) = (&remote, &self.cluster) {
+            self.sessions.remember(&uuid, s.rid, Remembered::Pending, now);
+            let body = Body::Signal {
+                conn: s.connection,
+                from: uuid,
+                to: other,
+                payload: s.payload,
+            };
+            let then = Then::AckClient { uuid, rid: s.rid };
+            self.forward(now, cluster, &remote.node, remote.addr, body, then, out);
+            return;
+        }
+        if !self.push_signal(now, s.connection, uuid, other, s.payload, out) {
+            self.error_to(view, s.rid, ErrorCode::UnknownConnection, out);
+            return;
+        }
+        self.answer(now, uuid, view, s.rid, Message::Ack(Ack { rid: s.rid }), out);
     }
 
-    /// Time-driven work that must be prompt: push retransmissions and connect timeouts.
-    /// Call every few tens of milliseconds.
-    pub fn tick(&self, now: Instant, out: &mut Vec<Transmit>) {
-        // Collect first, act after: no guard of `pushes` is held while another map is touched.
+    fn push_signal(&self, now: Instant, conn: Uuid, from: Uuid, to: Uuid, payload: Payload, out: &mut Outbox) -> bool {
+        let Some((push_id, tview)) = self.sessions.next_push(&to) else {
+            return false;
+        };
+        let msg = Message::SignalPush(SignalPush {
+            push: push_id,
+            connection: conn,
+            from,
+            payload,
+        });
+        self.push(now, to, push_id, &tview.secret, tview.addr, msg, out);
+        self.metrics.signals_relayed.increment(1);
+        true
+    }
+
+    /// Handles one datagram from another node, received on the cluster port.
+    pub fn handle_internal(&self, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let env = match cluster.open(buf) {
+            Ok(e) => e,
+            Err(_) => {
+                self.metrics.drop(DropReason::ClusterAuth);
+                return;
+            }
+        };
+        self.metrics.forwarded_in.increment(1);
+        if let Body::Reply { status } = env.body {
+            self.complete_forward(now, env.seq, Some(status), out);
+            return;
+        }
+        // A repeat (our reply was lost): answer the same, do nothing twice.
+        let status = match cluster.seen(&env.from, env.seq) {
+            Some(s) => s,
+            None => {
+                let s = self.apply_internal(now, &env.from, src, env.body, out);
+                cluster.remember(&env.from, env.seq, s, now);
+                s
+            }
+        };
+        if let Some((_, bytes)) = cluster.envelope(&env.from, Some(env.seq), Body::Reply { status }) {
+            out.cluster.push(Transmit { to: src, bytes });
+        }
+    }
+
+    fn apply_internal(&self, now: Instant, from_node: &str, src: SocketAddr, body: Body, out: &mut Outbox) -> Status {
+        match body {
+            Body::Incoming {
+                conn,
+                from,
+                to,
+                observed,
+                local,
+                payload,
+            } => {
+                let Some((push, target)) = self.sessions.next_push(&to) else {
+                    return Status::NotHere;
+                };
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        initiator: from,
+                        target: to,
+                        initiator_rid: 0,
+                        started: now,
+                        state: ConnState::Pending {
+                            deadline: now + self.connect_timeout,
+                            push,
+                        },
+                        remote: Some(Remote {
+                            node: from_node.into(),
+                            addr: src,
+                        }),
+                    },
+                );
+                let msg = Message::Incoming(Incoming {
+                    push,
+                    connection: conn,
+                    from,
+                    observed,
+                    local,
+                    payload,
+                });
+                self.push(now, to, push, &target.secret, target.addr, msg, out);
+                Status::Ok
+            }
+            Body::Answered {
+                conn,
+                accept,
+                peer,
+                observed,
+                local,
+                payload,
+            } => {
+                let found = match self.conns.get_mut(&conn) {
+                    Some(mut c) if c.target == peer && matches!(c.state, ConnState::Pending { .. }) => {
+                        let before = c.clone();
+                        if accept {
+                            c.state = ConnState::Established { last: now };
+                        }
+                        Some(before)
+                    }
+                    _ => None,
+                };
+                let Some(c) = found else {
+                    return Status::UnknownConnection;
+                };
+                if !accept {
+                    self.conns.remove(&conn);
+                }
+                self.deliver_outcome(now, &c, conn, accept, peer, observed, local, payload, out);
+                Status::Ok
+            }
+            Body::Signal { conn, from, to, payload } => {
+                let ok = match self.conns.get_mut(&conn) {
+                    Some(mut c)
+                        if matches!(c.state, ConnState::Established { .. })
+                            && ((c.initiator == from && c.target == to) || (c.initiator == to && c.target == from)) =>
+                    {
+                        c.state = ConnState::Established { last: now };
+                        true
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return Status::UnknownConnection;
+                }
+                if self.push_signal(now, conn, from, to, payload, out) {
+                    Status::Ok
+                } else {
+                    Status::NotHere
+                }
+            }
+            Body::Moved { uuid } => {
+                // The presence now names the new node: do not delete it.
+                self.sessions.remove(&uuid);
+                self.metrics.sessions.set(self.sessions.len() as f64);
+                Status::Ok
+            }
+            Body::Reply { .. } => Status::Ok,
+        }
+    }
+
+    /// Completes node-to-node request `seq` (`None`: it timed out).
+    fn complete_forward(&self, now: Instant, seq: u64, status: Option<Status>, out: &mut Outbox) {
+        let Some((_, f)) = self.fwd.remove(&seq) else {
+            return; // a repeat reply
+        };
+        match f.then {
+            Then::Nothing => {}
+            Then::AckClient { uuid, rid } => match status {
+                Some(Status::Ok) => self.answer_later(now, uuid, rid, Message::Ack(Ack { rid }), out),
+                Some(_) => self.answer_error(now, uuid, rid, ErrorCode::UnknownConnection, out),
+                None => self.answer_error(now, uuid, rid, ErrorCode::RetryLater, out),
+            },
+            Then::Incoming { conn, target, body } => match status {
+                Some(Status::Ok) => {}
+                Some(_) => {
+                    // The client moved or left since the lookup: look again, once, afresh.
+                    if let Some(c) = &self.cluster {
+                        c.invalidate(&target);
+                    }
+                    out.jobs.push(Job::Connect {
+                        conn,
+                        target,
+                        fresh: true,
+                        body,
+                    });
+                }
+                None => {
+                    if let Some(c) = &self.cluster {
+                        c.invalidate(&target);
+                    }
+                    self.fail_pending(now, conn, FailReason::RetryLater, out);
+                }
+            },
+        }
+    }
+
+    /// An Error remembered as the answer to `rid` (the client retries with a new id).
+    fn answer_error(&self, now: Instant, uuid: Uuid, rid: u64, code: ErrorCode, out: &mut Outbox) {
+        let Some(p) = self.sessions.peer(&uuid) else {
+            return;
+        };
+        if let Ok(bytes) = proto::encode(&Message::Error(ErrorMsg { rid, code }), None) {
+            self.sessions.remember(&uuid, rid, Remembered::Answer(bytes.as_slice().into()), now);
+            out.client.push(Transmit { to: p.addr, bytes });
+        }
+    }
+
+    /// Pushes Migrate to every session: resume at `to(uuid)` (None: the same public address,
+    /// from a new local port). Returns how many were told.
+    pub fn migrate_all(&self, now: Instant, mut to: impl FnMut() -> Option<SocketAddr>, out: &mut Outbox) -> usize {
+        let mut n = 0;
+        for uuid in self.sessions.uuids() {
+            let Some((push, p)) = self.sessions.next_push(&uuid) else {
+                continue;
+            };
+            let msg = Message::Migrate(Migrate {
+                push,
+                to: to().map(Addr),
+            });
+            self.push(now, uuid, push, &p.secret, p.addr, msg, out);
+            n += 1;
+        }
+        self.metrics.migrates.increment(n as u64);
+        n
+    }
+
+    /// Time-driven work that must be prompt: retransmissions and timeouts. Call every few tens
+    /// of milliseconds.
+    pub fn tick(&self, now: Instant, out: &mut Outbox) {
+        // Collect first, act after: no guard of one map is held while another is touched.
         let due: Vec<((Uuid, u64), bool)> = self
             .pushes
             .iter()
@@ -734,75 +1153,81 @@ impl Router {
             });
             if let Some(bytes) = bytes {
                 self.metrics.push_retransmits.increment(1);
-                out.push(Transmit {
+                out.client.push(Transmit {
                     to: addr,
                     bytes: bytes.to_vec(),
                 });
             }
         }
-        let timed_out: Vec<(Uuid, Conn)> = self
+        let due: Vec<(u64, bool)> = self
+            .fwd
+            .iter()
+            .filter(|e| e.next_at <= now)
+            .map(|e| (*e.key(), e.deadline <= now))
+            .collect();
+        for (seq, expired) in due {
+            if expired {
+                self.complete_forward(now, seq, None, out);
+                continue;
+            }
+            let again = self.fwd.get_mut(&seq).map(|mut f| {
+                f.rto = f.rto.saturating_mul(2);
+                f.next_at = now + f.rto;
+                (f.to, f.bytes.clone())
+            });
+            if let Some((to, bytes)) = again {
+                out.cluster.push(Transmit {
+                    to,
+                    bytes: bytes.to_vec(),
+                });
+            }
+        }
+        let timed_out: Vec<Uuid> = self
             .conns
             .iter()
             .filter(|e| matches!(e.state, ConnState::Pending { deadline, .. } if deadline <= now))
-            .map(|e| (*e.key(), *e.value()))
+            .map(|e| *e.key())
             .collect();
-        for (id, conn) in timed_out {
-            if self.conns.remove(&id).is_none() {
-                continue;
-            }
-            if let ConnState::Pending { push, .. } = conn.state {
-                self.pushes.remove(&(conn.target, push));
-            }
-            let Some(init) = self.sessions.peer(&conn.initiator) else {
-                continue;
-            };
-            let view = SenderView::to_peer(init.secret, init.addr);
-            self.connect_failed(
-                now,
-                conn.initiator,
-                &view,
-                conn.initiator_rid,
-                FailReason::Timeout,
-                out,
-            );
+        for id in timed_out {
+            // Only the initiator's node answers the Connect; a target-side pending entry
+            // (initiator remote) just goes away.
+            self.fail_pending(now, id, FailReason::Timeout, out);
         }
     }
 
     /// Slow housekeeping: expires sessions, forgets old answers and idle connections, prunes
     /// rate-limiter state. Call about once a second. Returns the expired sessions.
     pub fn sweep(&self, now: Instant) -> Vec<Uuid> {
-        let gone = self
-            .sessions
-            .sweep(now, self.session_ttl, self.dedup_window);
+        let gone = self.sessions.sweep(now, self.session_ttl, self.dedup_window);
+        for u in &gone {
+            self.publish(PresenceOp::Del(*u));
+        }
         self.metrics.expired.increment(gone.len() as u64);
         self.metrics.sessions.set(self.sessions.len() as f64);
         let dedup = self.dedup_window;
-        self.hellos
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
-        let dead: Vec<Uuid> = self
+        self.hellos.retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
+        let established: Vec<(Uuid, Uuid, Uuid, bool, Instant)> = self
             .conns
             .iter()
-            .filter(|e| match e.state {
-                ConnState::Established { last } => now.saturating_duration_since(last) > CONN_IDLE,
-                ConnState::Pending { .. } => false,
+            .filter_map(|e| match e.state {
+                ConnState::Established { last } => Some((*e.key(), e.initiator, e.target, e.remote.is_some(), last)),
+                ConnState::Pending { .. } => None,
             })
-            .map(|e| *e.key())
             .collect();
-        for id in dead {
-            self.conns.remove(&id);
+        for (id, a, b, remote, last) in established {
+            let idle = now.saturating_duration_since(last) > CONN_IDLE;
+            // An end on another node is that node's business; ours must still be here.
+            let gone = if remote {
+                !self.sessions.contains(&a) && !self.sessions.contains(&b)
+            } else {
+                !self.sessions.contains(&a) || !self.sessions.contains(&b)
+            };
+            if idle || gone {
+                self.conns.remove(&id);
+            }
         }
-        let orphaned: Vec<Uuid> = self
-            .conns
-            .iter()
-            .filter(|e| matches!(e.state, ConnState::Established { .. }))
-            .map(|e| (*e.key(), e.initiator, e.target))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter(|(_, a, b)| !self.sessions.contains(a) || !self.sessions.contains(b))
-            .map(|(id, _, _)| id)
-            .collect();
-        for id in orphaned {
-            self.conns.remove(&id);
+        if let Some(c) = &self.cluster {
+            c.sweep(now);
         }
         self.register_limiter.retain_recent();
         self.session_limiter.retain_recent();
@@ -829,9 +1254,13 @@ impl SenderView {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_types(_: MsgType) {}
-#[allow(clippy::missing_const_for_fn)]
-fn stun_answer(_b: &[u8], _s: SocketAddr) -> Result<Vec<u8>, ()> {
-    Err(())
+impl Router {
+    /// Fails a job that could not be run (too many in flight): retry-later for its client.
+    pub fn reject_job(&self, now: Instant, job: Job, out: &mut Outbox) {
+        match job {
+            Job::Connect { conn, .. } => self.fail_pending(now, conn, FailReason::RetryLater, out),
+            Job::Resume { src, req_len, msg } => self.error(src, req_len, msg.rid, ErrorCode::RetryLater, out),
+            Job::Query { uuid, rid, .. } => self.complete_query(uuid, rid, None, out),
+        }
+    }
 }

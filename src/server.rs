@@ -1,26 +1,41 @@
-//! Wires a node together and owns its tasks: the socket loops, the timer task and the HTTP
-//! endpoint. Shutdown is detect -> signal -> wait: the caller's `shutdown` future fires, readiness
-//! goes off, a [`CancellationToken`] stops every task, and a [`TaskTracker`] waits for them
-//! within the configured grace period.
+//! Wires a node together and owns its tasks: the socket loops, the timer task, the HTTP
+//! endpoint and, in cluster mode, the cluster port, the node-table refresher, the registry
+//! publisher and the presence writer.
+//!
+//! Shutdown is detect -> signal -> wait: the caller's `shutdown` future fires, readiness goes
+//! off, and in cluster mode the node drains (registry says draining, clients get Migrate, the
+//! node keeps serving until they have moved or the drain deadline passes); then a
+//! [`CancellationToken`] stops every task and a [`TaskTracker`] waits for them within the
+//! grace period.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::{tasks, Cluster, PresenceOp};
 use crate::config::Config;
 use crate::metrics::{self, Health, Metrics};
-use crate::net;
-use crate::router::Router;
+use crate::net::{self, Dispatch, Port};
+use crate::router::{Outbox, Router};
+use crate::store::Store;
 
-/// How often the timer task runs push retransmissions and connect timeouts.
+/// How often the timer task runs retransmissions and timeouts.
 const TICK: Duration = Duration::from_millis(25);
+/// Most deferred jobs in flight at once.
+const MAX_JOBS: usize = 4096;
+
+struct ClusterParts {
+    cluster: Arc<Cluster>,
+    presence_rx: mpsc::Receiver<PresenceOp>,
+    socket: std::net::UdpSocket,
+}
 
 /// A bound, not yet running node.
 pub struct Server {
@@ -30,20 +45,19 @@ pub struct Server {
     local_addr: SocketAddr,
     http: Option<TcpListener>,
     health: Arc<Health>,
+    cluster: Option<ClusterParts>,
 }
 
 impl Server {
-    /// Binds the client port (and the metrics port, if configured).
+    /// Binds the client port (and the metrics and cluster ports, if configured). Does not wait
+    /// for Redis: a node starts and serves local traffic while Redis is away.
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
         let workers = if cfg.workers == 0 {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(8)
+            std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
         } else {
             cfg.workers
         };
-        let sockets = net::bind_udp(cfg.listen, workers)
-            .with_context(|| format!("binding UDP {}", cfg.listen))?;
+        let sockets = net::bind_udp(cfg.listen, workers).with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local_addr = sockets[0].local_addr()?;
         let http = match cfg.metrics_listen {
             Some(a) => Some(
@@ -53,7 +67,32 @@ impl Server {
             ),
             None => None,
         };
-        let router = Arc::new(Router::new(&cfg, Metrics::new()));
+        let metrics = Metrics::new();
+        let cluster = match &cfg.cluster {
+            None => None,
+            Some(cc) => {
+                let store = Arc::new(Store::open(&cc.redis_url, cc.redis_timeout, metrics.clone())?);
+                let socket = net::bind_udp(cc.cluster_listen, 1)
+                    .with_context(|| format!("binding cluster UDP {}", cc.cluster_listen))?
+                    .remove(0);
+                let mut cc = cc.clone();
+                // Port 0 (tests): publish the port actually bound.
+                let bound = socket.local_addr()?;
+                if cc.advertise.port() == 0 {
+                    cc.advertise.set_port(bound.port());
+                }
+                if cc.public_addr.port() == 0 || cc.public_addr == cfg.listen {
+                    cc.public_addr = local_addr;
+                }
+                let (cluster, presence_rx) = Cluster::new(cc, store, metrics.clone());
+                Some(ClusterParts {
+                    cluster,
+                    presence_rx,
+                    socket,
+                })
+            }
+        };
+        let router = Arc::new(Router::new(&cfg, metrics, cluster.as_ref().map(|c| c.cluster.clone())));
         Ok(Self {
             cfg,
             router,
@@ -61,12 +100,18 @@ impl Server {
             local_addr,
             http,
             health: Arc::new(Health::default()),
+            cluster,
         })
     }
 
     /// The UDP address clients talk to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The UDP address of the cluster port (cluster mode).
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().and_then(|c| c.socket.local_addr().ok())
     }
 
     /// The HTTP address of `/metrics`, `/healthz` and `/readyz`, if enabled.
@@ -79,28 +124,28 @@ impl Server {
         self.router.clone()
     }
 
-    /// Runs until `shutdown` completes, then stops within the grace period.
+    /// Runs until `shutdown` completes, drains (cluster mode), then stops within the grace
+    /// period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let (tx, rx) = mpsc::channel(8192);
-        let mut rx = Some(rx);
+        let (client_tx, client_rx) = mpsc::channel(16_384);
+        let (cluster_tx, cluster_rx) = mpsc::channel(16_384);
+        let cluster = self.cluster.as_ref().map(|c| c.cluster.clone());
+        let d = Dispatch {
+            router: self.router.clone(),
+            client_tx,
+            cluster_tx: cluster.as_ref().map(|_| cluster_tx),
+            cluster: cluster.clone(),
+            jobs: Arc::new(Semaphore::new(MAX_JOBS)),
+            tracker: tracker.clone(),
+        };
+        let mut client_rx = Some(client_rx);
         for s in self.sockets {
             let sock = UdpSocket::from_std(s)?;
-            tracker.spawn(net::run_socket(
-                sock,
-                self.router.clone(),
-                rx.take(),
-                stop.clone(),
-            ));
+            tracker.spawn(net::run_socket(sock, Port::Client, d.clone(), client_rx.take(), stop.clone()));
         }
-        tracker.spawn(net::run_timers(
-            self.router.clone(),
-            tx,
-            TICK,
-            self.cfg.sweep_interval,
-            stop.clone(),
-        ));
+        tracker.spawn(net::run_timers(d.clone(), TICK, self.cfg.sweep_interval, stop.clone()));
         if let Some(l) = self.http {
             tracker.spawn(metrics::serve_http(
                 l,
@@ -109,20 +154,76 @@ impl Server {
                 stop.clone(),
             ));
         }
+        // Background tasks that must outlive the drain get their own token.
+        let bg_stop = CancellationToken::new();
+        let bg = TaskTracker::new();
+        if let Some(parts) = self.cluster {
+            let c = parts.cluster.clone();
+            let cc = c.cfg.clone();
+            let sock = UdpSocket::from_std(parts.socket)?;
+            tracker.spawn(net::run_socket(sock, Port::Cluster, d.clone(), Some(cluster_rx), stop.clone()));
+            bg.spawn(tasks::run_refresher(c.clone(), cc.table_period, bg_stop.clone()));
+            bg.spawn(tasks::run_registry(c.clone(), self.router.clone(), cc.registry_period, bg_stop.clone()));
+            bg.spawn(tasks::run_presence_writer(
+                c.clone(),
+                self.router.clone(),
+                parts.presence_rx,
+                cc.presence_ttl,
+                cc.presence_ttl / 3,
+                bg_stop.clone(),
+            ));
+            tracing::info!(node = %c.id, cluster = %cc.advertise, "cluster mode");
+        }
         self.health.set_ready(true);
         tracing::info!(listen = %self.local_addr, "sigrouter serving");
         shutdown.await;
         tracing::info!("shutting down");
         self.health.set_ready(false);
         self.router.set_draining(true);
+        if let Some(c) = &cluster {
+            drain(c, &self.router, &d).await;
+        }
         stop.cancel();
+        bg_stop.cancel();
         tracker.close();
-        if tokio::time::timeout(self.cfg.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        bg.close();
+        let waited = tokio::time::timeout(self.cfg.shutdown_grace, async {
+            tracker.wait().await;
+            bg.wait().await;
+        })
+        .await;
+        if waited.is_err() {
             tracing::warn!("tasks did not stop within the grace period");
         }
         Ok(())
     }
+}
+
+/// Moves every client to another node, within the drain deadline.
+async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
+    let started = Instant::now();
+    let deadline = started + c.cfg.drain;
+    c.set_draining();
+    if !tasks::publish_self(c, router, c.cfg.registry_period).await {
+        tracing::warn!("could not mark this node draining in Redis; continuing the drain");
+    }
+    let mut told_at = None;
+    while router.session_count() > 0 && Instant::now() < deadline {
+        // Tell clients (again, every few seconds, for any that missed it) where to go.
+        if told_at.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
+            let table = c.table();
+            let mut out = Outbox::default();
+            let n = router.migrate_all(Instant::now(), || table.pick_active(&c.id).map(|n| n.public), &mut out);
+            d.route_all(&mut out);
+            tracing::info!(sessions = n, "draining: told clients to move");
+            told_at = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(
+        left = router.session_count(),
+        secs = started.elapsed().as_secs_f64(),
+        "drain finished"
+    );
+    tasks::unpublish_self(c).await;
 }

@@ -23,8 +23,9 @@ const DEDUP_SLOTS: usize = 16;
 pub(crate) enum Remembered {
     /// The answer that was sent (already encoded and MAC'd).
     Answer(Arc<[u8]>),
-    /// A Connect whose outcome is not known yet.
-    PendingConnect,
+    /// A request whose answer is not known yet (a Connect waiting for the target, a request
+    /// forwarded to another node): retransmissions wait for it.
+    Pending,
 }
 
 /// One client session.
@@ -228,7 +229,7 @@ impl Sessions {
                 return false;
             }
             while s.recent.front().is_some_and(|(_, t, m)| {
-                !matches!(m, Remembered::PendingConnect)
+                !matches!(m, Remembered::Pending)
                     && now.saturating_duration_since(*t) > dedup
             }) {
                 s.recent.pop_front();
@@ -238,9 +239,14 @@ impl Sessions {
         gone
     }
 
-    /// A snapshot of every session's UUID (for cluster re-publication).
-    #[allow(dead_code)]
+    /// A snapshot of every session's UUID.
     pub(crate) fn uuids(&self) -> Vec<Uuid> {
         self.map.iter().map(|e| *e.key()).collect()
+    }
+
+    /// Every session with its Resume verifier (for presence re-publication).
+    pub(crate) fn verifiers(&self) -> Vec<(Uuid, [u8; 32])> {
+        let secrets: Vec<(Uuid, Secret)> = self.map.iter().map(|e| (*e.key(), e.secret)).collect();
+        secrets.into_iter().map(|(u, s)| (u, s.verifier())).collect()
     }
 }

@@ -1,0 +1,330 @@
+//! Cluster state behind clear seams.
+//!
+//! - [`NodeTable`]: an immutable snapshot of the registry behind [`ArcSwap`]. Exactly one task,
+//!   the refresher in [`tasks`], builds and stores new snapshots; everything else only loads.
+//!   A request that misses a node calls [`Cluster::wait_for_node`]: it nudges the refresher
+//!   (nudges coalesce into one Redis read) and waits for a newer generation with a deadline,
+//!   holding nothing, then gives up with retry-later. The seed's deadlock (a read guard held
+//!   while asking for the write guard) has no place to happen: there is no guard to hold.
+//! - Presence: where each client is. Writes go through a channel to one batching writer task;
+//!   reads hit a short-lived local cache first, Redis on a miss (only from deferred jobs, never
+//!   from a socket loop).
+//! - [`wire`]: the authenticated node-to-node datagram format.
+
+pub mod jobs;
+pub mod tasks;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+use uuid::Uuid;
+
+use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// How long a cached presence answer is trusted (a failed forward invalidates it sooner).
+const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// How long "not online anywhere" is cached.
+const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Node-to-node datagrams older or newer than this are refused as replays.
+const FRESHNESS_MS: u64 = 30_000;
+
+/// A node's lifecycle state in the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Takes new sessions.
+    Active,
+    /// Moving its clients away; never chosen for new sessions.
+    Draining,
+}
+
+/// One node's registry record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// Client-facing address.
+    pub public: SocketAddr,
+    /// Internal (node-to-node) address.
+    pub internal: SocketAddr,
+    /// Lifecycle state.
+    pub state: NodeState,
+    /// Software version.
+    pub version: String,
+    /// Sessions held at the last renewal.
+    pub sessions: u64,
+    /// Start time, ms since the Unix epoch.
+    pub started_ms: u64,
+    /// The record is void after this time, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// An immutable snapshot of the live nodes.
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    /// Increases with every snapshot the refresher stores.
+    pub generation: u64,
+    nodes: HashMap<String, Arc<NodeInfo>>,
+}
+
+impl NodeTable {
+    /// Builds a snapshot.
+    pub fn new(generation: u64, nodes: impl IntoIterator<Item = NodeInfo>) -> Self {
+        Self {
+            generation,
+            nodes: nodes.into_iter().map(|n| (n.id.clone(), Arc::new(n))).collect(),
+        }
+    }
+
+    /// A node by id.
+    pub fn get(&self, id: &str) -> Option<Arc<NodeInfo>> {
+        self.nodes.get(id).cloned()
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Best of two random active nodes other than `except` (fewer sessions wins): spreads
+    /// clients without herding them all onto the newest, emptiest node.
+    pub fn pick_active(&self, except: &str) -> Option<Arc<NodeInfo>> {
+        let active: Vec<&Arc<NodeInfo>> = self
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Active && n.id != except)
+            .collect();
+        let mut rng = rand::thread_rng();
+        let two: Vec<&&Arc<NodeInfo>> = active.choose_multiple(&mut rng, 2).collect();
+        two.into_iter().min_by_key(|n| n.sessions).map(|n| Arc::clone(n))
+    }
+}
+
+/// A presence write for the batching writer.
+#[derive(Clone, Debug)]
+pub enum PresenceOp {
+    /// The client is held here; `verifier` validates its Resume elsewhere.
+    Put(Uuid, [u8; 32]),
+    /// The client left this node.
+    Del(Uuid),
+}
+
+#[derive(Clone, Debug)]
+struct Cached {
+    node: Option<Arc<str>>,
+    at: Instant,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A node's cluster state, shared by its socket loops, deferred jobs and background tasks.
+pub struct Cluster {
+    /// This node's id.
+    pub id: Arc<str>,
+    /// Settings.
+    pub cfg: ClusterConfig,
+    /// Redis.
+    pub store: Arc<Store>,
+    table: ArcSwap<NodeTable>,
+    generation: watch::Sender<u64>,
+    nudge: Notify,
+    presence: DashMap<Uuid, Cached>,
+    presence_tx: mpsc::Sender<PresenceOp>,
+    /// Set when Redis may have lost our writes: the writer re-publishes every session.
+    pub republish: AtomicBool,
+    seq: AtomicU64,
+    seen: DashMap<(Arc<str>, u64), (wire::Status, Instant)>,
+    draining: AtomicBool,
+    /// When this node started, ms since the Unix epoch.
+    pub started_ms: u64,
+    metrics: Metrics,
+}
+
+impl Cluster {
+    /// Builds the state; returns it with the receiving end of the presence channel (for the
+    /// writer task).
+    pub fn new(cfg: ClusterConfig, store: Arc<Store>, metrics: Metrics) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
+        let (presence_tx, rx) = mpsc::channel(65_536);
+        let (generation, _) = watch::channel(0);
+        let c = Arc::new(Self {
+            id: cfg.node_id.as_str().into(),
+            cfg,
+            store,
+            table: ArcSwap::from_pointee(NodeTable::default()),
+            generation,
+            nudge: Notify::new(),
+            presence: DashMap::new(),
+            presence_tx,
+            republish: AtomicBool::new(false),
+            seq: AtomicU64::new(1),
+            seen: DashMap::new(),
+            draining: AtomicBool::new(false),
+            started_ms: now_ms(),
+            metrics,
+        });
+        (c, rx)
+    }
+
+    /// The current snapshot (a cheap `Arc` clone; nothing is held).
+    pub fn table(&self) -> Arc<NodeTable> {
+        self.table.load_full()
+    }
+
+    /// A node from the current snapshot.
+    pub fn node(&self, id: &str) -> Option<Arc<NodeInfo>> {
+        // One load, one lookup, Guard dropped at the end of the statement.
+        self.table.load().get(id)
+    }
+
+    /// Stores a new snapshot. Only the refresher task calls this.
+    pub(crate) fn store_table(&self, nodes: Vec<NodeInfo>) {
+        let generation = self.table.load().generation + 1;
+        self.metrics.cluster_nodes.set(nodes.len() as f64);
+        self.table.store(Arc::new(NodeTable::new(generation, nodes)));
+        self.metrics.table_refreshes.increment(1);
+        self.generation.send_replace(generation);
+    }
+
+    /// Asks the refresher for a new snapshot now. Many nudges before it runs make one read.
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+
+    pub(crate) async fn nudged(&self) {
+        self.nudge.notified().await;
+    }
+
+    /// Finds node `id`, waiting up to `deadline` for a newer snapshot if it is missing.
+    /// Holds no lock or guard while it waits.
+    pub async fn wait_for_node(&self, id: &str, deadline: Duration) -> Option<Arc<NodeInfo>> {
+        if let Some(n) = self.node(id) {
+            return Some(n);
+        }
+        let mut rx = self.generation.subscribe();
+        let start_gen = *rx.borrow_and_update();
+        self.nudge();
+        self.metrics.waiting_requests.increment(1.0);
+        let started = Instant::now();
+        let found = tokio::time::timeout(deadline, async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+                let g = *rx.borrow_and_update();
+                if g > start_gen {
+                    return self.node(id);
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        self.metrics.waiting_requests.decrement(1.0);
+        self.metrics.table_wait_seconds.record(started.elapsed().as_secs_f64());
+        found
+    }
+
+    /// The cached location of a client: `Some(Some(node))`, `Some(None)` for "nowhere", or
+    /// `None` when the cache has nothing fresh.
+    pub fn cached_presence(&self, uuid: &Uuid, now: Instant) -> Option<Option<Arc<str>>> {
+        let c = self.presence.get(uuid).map(|c| c.clone())?;
+        let ttl = if c.node.is_some() {
+            PRESENCE_CACHE_TTL
+        } else {
+            NEGATIVE_CACHE_TTL
+        };
+        (now.saturating_duration_since(c.at) <= ttl).then_some(c.node)
+    }
+
+    /// Remembers a lookup.
+    pub fn cache_presence(&self, uuid: Uuid, node: Option<Arc<str>>, now: Instant) {
+        self.presence.insert(uuid, Cached { node, at: now });
+    }
+
+    /// Forgets a cached location (after a failed forward).
+    pub fn invalidate(&self, uuid: &Uuid) {
+        self.presence.remove(uuid);
+    }
+
+    /// Queues a presence write; never waits. A full queue marks a full re-publication.
+    pub fn publish(&self, op: PresenceOp) {
+        if self.presence_tx.try_send(op).is_err() {
+            self.republish.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks this node draining (the registry task publishes it).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Builds an authenticated datagram for node `to`; returns its sequence number too.
+    pub fn envelope(&self, to: &str, seq: Option<u64>, body: wire::Body) -> Option<(u64, Vec<u8>)> {
+        let seq = seq.unwrap_or_else(|| self.seq.fetch_add(1, Ordering::Relaxed));
+        let env = wire::Envelope {
+            from: self.id.to_string(),
+            to: to.to_string(),
+            ts: now_ms(),
+            seq,
+            body,
+        };
+        wire::encode(&env, &self.cfg.cluster_key).map(|b| (seq, b))
+    }
+
+    /// Authenticates an internal datagram: MAC, addressed to us, fresh. `Err` is a counted drop.
+    pub fn open(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
+        let env = wire::decode(buf, &self.cfg.cluster_key)?;
+        if env.to != *self.id || env.from == *self.id {
+            return Err(wire::WireError::BadMac);
+        }
+        if now_ms().abs_diff(env.ts) > FRESHNESS_MS {
+            return Err(wire::WireError::BadMac);
+        }
+        Ok(env)
+    }
+
+    /// The reply already given to request (`from`, `seq`), if it is a repeat.
+    pub fn seen(&self, from: &str, seq: u64) -> Option<wire::Status> {
+        self.seen.get(&(Arc::from(from), seq)).map(|e| e.0)
+    }
+
+    /// Remembers the reply to request (`from`, `seq`).
+    pub fn remember(&self, from: &str, seq: u64, status: wire::Status, now: Instant) {
+        self.seen.insert((Arc::from(from), seq), (status, now));
+    }
+
+    /// Forgets replies older than the freshness window (repeats older than that are refused
+    /// by [`Cluster::open`] anyway).
+    pub fn sweep(&self, now: Instant) {
+        let keep = Duration::from_millis(FRESHNESS_MS * 2);
+        self.seen.retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
+        self.presence
+            .retain(|_, c| now.saturating_duration_since(c.at) <= PRESENCE_CACHE_TTL);
+    }
+}

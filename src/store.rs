@@ -1,0 +1,185 @@
+//! Redis I/O: the only place in the node that awaits Redis.
+//!
+//! Every call has a deadline ([`Store::timeout`]); an error or a timeout is counted, marks Redis
+//! down and is returned, never waited out. The redis crate's `ConnectionManager` reconnects with
+//! backoff by itself; a `redis+cluster://` URL (or a comma-separated list of `redis://` URLs)
+//! selects Redis Cluster.
+//!
+//! # Key layout (Redis Cluster safe: every command names one key)
+//! - `sigrouter:{nodes}` — a hash: field = node id, value = JSON [`crate::cluster::NodeInfo`]
+//!   with its own `expires_ms`. Every node renews its field and the key's TTL; readers ignore
+//!   and delete expired fields, so a node that stops renewing disappears.
+//! - `sigrouter:presence:{<uuid>}` — a string `"<node id> <hex SHA-256 verifier>"` with a TTL
+//!   the owning node renews: which node holds a client, and what any node needs to validate its
+//!   Resume (a hash of the secret, never the secret).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
+use tokio::sync::OnceCell;
+
+use crate::metrics::Metrics;
+
+/// The node registry key.
+pub const NODES_KEY: &str = "sigrouter:{nodes}";
+
+/// The presence key of a client.
+pub fn presence_key(uuid: &uuid::Uuid) -> String {
+    format!("sigrouter:presence:{{{}}}", uuid.simple())
+}
+
+/// Why a Redis call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No answer within the deadline.
+    #[error("redis timed out")]
+    Timeout,
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+}
+
+enum Backend {
+    Single(ConnectionManager),
+    Cluster {
+        client: ClusterClient,
+        conn: OnceCell<ClusterConnection>,
+    },
+}
+
+/// A handle on Redis with deadlines and metrics. Cheap to share (`Arc<Store>`).
+pub struct Store {
+    backend: Backend,
+    timeout: Duration,
+    up: AtomicBool,
+    metrics: Metrics,
+}
+
+impl Store {
+    /// Prepares a connection without waiting for Redis: a node starts (and serves local
+    /// traffic) while Redis is away.
+    pub fn open(url: &str, timeout: Duration, metrics: Metrics) -> anyhow::Result<Self> {
+        let cluster_urls: Option<Vec<String>> = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            Some(rest.split(',').map(|h| format!("redis://{h}")).collect())
+        } else if url.contains(',') {
+            Some(url.split(',').map(str::to_string).collect())
+        } else {
+            None
+        };
+        let backend = match cluster_urls {
+            Some(urls) => Backend::Cluster {
+                client: ClusterClient::builder(urls)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()?,
+                conn: OnceCell::new(),
+            },
+            None => {
+                let client = redis::Client::open(url)?;
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(2))
+                    .set_number_of_retries(2);
+                Backend::Single(ConnectionManager::new_lazy_with_config(client, cfg)?)
+            }
+        };
+        Ok(Self {
+            backend,
+            timeout,
+            up: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// The per-call deadline.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether the last call succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self, ok: bool) {
+        let was = self.up.swap(ok, Ordering::Relaxed);
+        if was != ok {
+            if ok {
+                tracing::info!("redis reachable");
+            } else {
+                tracing::warn!("redis unreachable; local routing continues, cross-node requests get retry-later");
+            }
+        }
+        self.metrics.redis_up.set(if ok { 1.0 } else { 0.0 });
+        if !ok {
+            self.metrics.redis_errors.increment(1);
+        }
+    }
+
+    async fn exec(&self, what: Packed<'_>) -> Result<Vec<Value>, StoreError> {
+        self.metrics.redis_commands.increment(what.count() as u64);
+        let work = async {
+            match &self.backend {
+                Backend::Single(m) => what.send(&mut m.clone()).await,
+                Backend::Cluster { client, conn } => {
+                    let c = conn.get_or_try_init(|| client.get_async_connection()).await?;
+                    what.send(&mut c.clone()).await
+                }
+            }
+        };
+        let r = match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout),
+        };
+        self.mark(r.is_ok());
+        r
+    }
+
+    /// Runs one command.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        let v = self.exec(Packed::One(cmd)).await?.pop().unwrap_or(Value::Nil);
+        T::from_redis_value(v).map_err(|e| StoreError::Redis(e.into()))
+    }
+
+    /// Runs a pipeline (not a transaction: commands may touch keys in different slots).
+    pub async fn pipeline(&self, p: &Pipeline, commands: usize) -> Result<Vec<Value>, StoreError> {
+        if commands == 0 {
+            return Ok(Vec::new());
+        }
+        self.exec(Packed::Many(p, commands)).await
+    }
+
+    /// A cheap liveness probe.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+}
+
+enum Packed<'a> {
+    One(&'a Cmd),
+    Many(&'a Pipeline, usize),
+}
+
+impl Packed<'_> {
+    fn count(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Many(_, n) => *n,
+        }
+    }
+
+    async fn send<C: ConnectionLike>(&self, c: &mut C) -> Result<Vec<Value>, RedisError> {
+        match self {
+            Self::One(cmd) => Ok(vec![c.req_packed_command(cmd).await?]),
+            Self::Many(p, n) => c.req_packed_commands(p, 0, *n).await,
+        }
+    }
+}
