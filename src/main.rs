@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Run a router node (single-node by default; cluster mode with --redis-url).
     Serve(ServeArgs),
+    /// Talk to a router as a client (prints JSON lines).
+    #[command(subcommand)]
+    Client(sigrouter::cli::ClientCommand),
 }
 
 fn init_tracing(json: bool) {
@@ -80,5 +83,12 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Client(cmd) => match sigrouter::cli::run(cmd).await {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(2)),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
