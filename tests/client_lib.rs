@@ -292,7 +292,7 @@ async fn connect_times_out_when_the_target_never_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limited_and_draining_registers_are_retried() {
+async fn rate_limited_registers_are_retried() {
     let node = Node::start(Config {
         register_rate: 2,
         register_burst: 1,
@@ -304,7 +304,11 @@ async fn rate_limited_and_draining_registers_are_retried() {
     for _ in 0..3 {
         clients.push(register(&node).await);
     }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_registers_are_retried_from_new_ports() {
+    let node = Node::start(test_config()).await;
     node.router.set_draining(true);
     let mut c = cfg(&node);
     c.request_timeout = Duration::from_millis(1500);
