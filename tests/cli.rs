@@ -277,3 +277,92 @@ fn flags_parse_and_bad_input_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The real binary: flags from `SIGROUTER_*` variables, a line visible while the process
+/// still runs (flushed), SIGTERM ends `listen` with a Bye and exit 0.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reads_env_flushes_lines_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    /// Kills the child if the test fails before it ends by itself.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+
+    let node = Node::start(test_config()).await;
+    let server = node.addr.to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_sigrouter"))
+        .args(["client", "listen"])
+        .env("SIGROUTER_SERVER", &server)
+        .env("SIGROUTER_ECHO_SIGNALS", "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn sigrouter");
+    let mut child = Reap(child);
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = timeout(WAIT, lines.recv())
+        .await
+        .expect("a line while listen runs")
+        .expect("stdout open");
+    let reg: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(reg["event"], "registered");
+    let uuid = reg["uuid"].as_str().unwrap().to_owned();
+
+    // connect through the binary too, with every flag from the environment.
+    let out = tokio::task::spawn_blocking({
+        let (server, uuid) = (server.clone(), uuid.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_sigrouter"))
+                .args(["client", "connect"])
+                .env("SIGROUTER_SERVER", server)
+                .env("SIGROUTER_TO", uuid)
+                .env("SIGROUTER_PAYLOAD", "offer")
+                .env("SIGROUTER_SIGNAL", "ping")
+                .output()
+                .expect("run connect")
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let connect_lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(connect_lines[0]["event"], "connected");
+    assert_eq!(connect_lines[0]["peer"], uuid.as_str());
+    assert_eq!(connect_lines[1]["event"], "signal");
+    assert_eq!(connect_lines[1]["payload"], "ping");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code.code(), Some(0));
+    // It said Bye on the way out.
+    let (_, q) = run(&["query", "--server", &server, &uuid]).await;
+    assert_eq!(q[0]["online"], false);
+}
