@@ -154,7 +154,12 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     /// Settings for a node with these essentials and default timings.
-    pub fn new(redis_url: &str, node_id: &str, cluster_listen: SocketAddr, cluster_key: Vec<u8>) -> Self {
+    pub fn new(
+        redis_url: &str,
+        node_id: &str,
+        cluster_listen: SocketAddr,
+        cluster_key: Vec<u8>,
+    ) -> Self {
         Self {
             redis_url: redis_url.to_string(),
             node_id: node_id.to_string(),

@@ -17,10 +17,10 @@ pub mod stun;
 
 pub use config::{Config, ServeArgs};
 pub use sigrouter_proto as proto;
+pub mod cluster;
 pub mod metrics;
 mod net;
 pub mod router;
 pub mod server;
 mod session;
-pub mod cluster;
 pub mod store;

@@ -200,7 +200,12 @@ pub(crate) async fn run_socket(
 
 /// The one timer task: retransmissions and timeouts every `tick`, slow housekeeping every
 /// `sweep`.
-pub(crate) async fn run_timers(d: Dispatch, tick: Duration, sweep: Duration, stop: CancellationToken) {
+pub(crate) async fn run_timers(
+    d: Dispatch,
+    tick: Duration,
+    sweep: Duration,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep = Instant::now();

@@ -29,8 +29,9 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand::RngCore;
 use sigrouter_proto::{
-    self as proto, Ack, Addr, Answer, ConnectFailed, Connected, ErrorCode, ErrorMsg, FailReason, HeartbeatAck,
-    Incoming, Message, Migrate, Payload, QueryResult, Registered, Secret, SignalPush, MIN_HELLO_LEN,
+    self as proto, Ack, Addr, Answer, ConnectFailed, Connected, ErrorCode, ErrorMsg, FailReason,
+    HeartbeatAck, Incoming, Message, Migrate, Payload, QueryResult, Registered, Secret, SignalPush,
+    MIN_HELLO_LEN,
 };
 use uuid::Uuid;
 
@@ -152,7 +153,11 @@ enum Then {
     /// Answer the client's request `rid` with Ack (or an error).
     AckClient { uuid: Uuid, rid: u64 },
     /// A forwarded Incoming: on NotHere look the target up afresh.
-    Incoming { conn: Uuid, target: Uuid, body: Body },
+    Incoming {
+        conn: Uuid,
+        target: Uuid,
+        body: Body,
+    },
     /// Nothing.
     Nothing,
 }
@@ -332,7 +337,14 @@ impl Router {
         })
     }
 
-    fn register(&self, now: Instant, src: SocketAddr, req_len: usize, m: proto::Register, out: &mut Outbox) {
+    fn register(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        req_len: usize,
+        m: proto::Register,
+        out: &mut Outbox,
+    ) {
         if req_len < MIN_HELLO_LEN {
             self.metrics.drop(DropReason::Unpadded);
             return;
@@ -372,7 +384,14 @@ impl Router {
         self.reply_bounded(src, req_len, &msg, out);
     }
 
-    fn resume(&self, now: Instant, src: SocketAddr, req_len: usize, m: proto::Resume, out: &mut Outbox) {
+    fn resume(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        req_len: usize,
+        m: proto::Resume,
+        out: &mut Outbox,
+    ) {
         if !self.hello_allowed(src, req_len, m.rid, out) {
             return;
         }
@@ -397,7 +416,11 @@ impl Router {
             }
             None if self.cluster.is_some() => {
                 // Held elsewhere (or was): the presence directory can vouch for the secret.
-                out.jobs.push(Job::Resume { src, req_len, msg: m });
+                out.jobs.push(Job::Resume {
+                    src,
+                    req_len,
+                    msg: m,
+                });
             }
             // Single-node mode cannot check the secret of a session it never held (the node
             // restarted, or the session expired): the client registers anew.
@@ -421,7 +444,8 @@ impl Router {
             Ok(None) => return self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out),
             Err(()) => return self.error(src, req_len, m.rid, ErrorCode::RetryLater, out),
         };
-        let ok: bool = subtle::ConstantTimeEq::ct_eq(&m.secret.verifier()[..], &verifier[..]).into();
+        let ok: bool =
+            subtle::ConstantTimeEq::ct_eq(&m.secret.verifier()[..], &verifier[..]).into();
         if !ok {
             return self.error(src, req_len, m.rid, ErrorCode::Unauthorized, out);
         }
@@ -429,7 +453,8 @@ impl Router {
             self.metrics.capacity_refused.increment(1);
             return self.error(src, req_len, m.rid, ErrorCode::Capacity, out);
         }
-        self.sessions.insert(m.uuid, m.secret, src, m.local.clone(), m.rid, now);
+        self.sessions
+            .insert(m.uuid, m.secret, src, m.local.clone(), m.rid, now);
         self.publish(PresenceOp::Put(m.uuid, verifier));
         self.metrics.resumed.increment(1);
         self.metrics.sessions.set(self.sessions.len() as f64);
@@ -439,7 +464,15 @@ impl Router {
             // for this client.
             if *old != *c.id {
                 if let Some(node) = c.node(&old) {
-                    self.forward(now, c, &node.id, node.internal, Body::Moved { uuid: m.uuid }, Then::Nothing, out);
+                    self.forward(
+                        now,
+                        c,
+                        &node.id,
+                        node.internal,
+                        Body::Moved { uuid: m.uuid },
+                        Then::Nothing,
+                        out,
+                    );
                 }
             }
         }
@@ -447,7 +480,14 @@ impl Router {
         self.reply_bounded(src, req_len, &msg, out);
     }
 
-    fn authenticated(&self, now: Instant, src: SocketAddr, buf: &[u8], msg: Message, out: &mut Outbox) {
+    fn authenticated(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        buf: &[u8],
+        msg: Message,
+        out: &mut Outbox,
+    ) {
         let Some(uuid) = msg.sender() else {
             self.metrics.drop(DropReason::WrongDirection);
             return;
@@ -548,7 +588,10 @@ impl Router {
         match proto::encode(&msg, Some(&view.secret)) {
             Ok(bytes) => {
                 let shared: Arc<[u8]> = bytes.as_slice().into();
-                out.client.push(Transmit { to: view.addr, bytes });
+                out.client.push(Transmit {
+                    to: view.addr,
+                    bytes,
+                });
                 Some(shared)
             }
             Err(e) => {
@@ -559,9 +602,18 @@ impl Router {
     }
 
     /// Sends an answer and remembers it for retransmissions of the same request id.
-    fn answer(&self, now: Instant, uuid: Uuid, view: &SenderView, rid: u64, msg: Message, out: &mut Outbox) {
+    fn answer(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        rid: u64,
+        msg: Message,
+        out: &mut Outbox,
+    ) {
         if let Some(bytes) = self.send(view, msg, out) {
-            self.sessions.remember(&uuid, rid, Remembered::Answer(bytes), now);
+            self.sessions
+                .remember(&uuid, rid, Remembered::Answer(bytes), now);
         }
     }
 
@@ -576,10 +628,22 @@ impl Router {
 
     /// An Error for an authenticated request (not remembered: the client may retry it).
     fn error_to(&self, view: &SenderView, rid: u64, code: ErrorCode, out: &mut Outbox) {
-        self.reply_bounded(view.addr, usize::MAX, &Message::Error(ErrorMsg { rid, code }), out);
+        self.reply_bounded(
+            view.addr,
+            usize::MAX,
+            &Message::Error(ErrorMsg { rid, code }),
+            out,
+        );
     }
 
-    fn query(&self, now: Instant, uuid: Uuid, view: &SenderView, q: proto::Query, out: &mut Outbox) {
+    fn query(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        q: proto::Query,
+        out: &mut Outbox,
+    ) {
         let mut online = Vec::with_capacity(q.uuids.len());
         let mut unknown = false;
         for u in &q.uuids {
@@ -607,25 +671,46 @@ impl Router {
             });
             return;
         }
-        self.send(&view.clone(), Message::QueryResult(QueryResult { rid: q.rid, online }), out);
+        self.send(
+            &view.clone(),
+            Message::QueryResult(QueryResult { rid: q.rid, online }),
+            out,
+        );
     }
 
     /// Completes a Query job: `online` per asked UUID, or `None` if the directory failed.
-    pub fn complete_query(&self, uuid: Uuid, rid: u64, online: Option<Vec<bool>>, out: &mut Outbox) {
+    pub fn complete_query(
+        &self,
+        uuid: Uuid,
+        rid: u64,
+        online: Option<Vec<bool>>,
+        out: &mut Outbox,
+    ) {
         let Some(p) = self.sessions.peer(&uuid) else {
             return;
         };
         let view = SenderView::to_peer(p.secret, p.addr);
         match online {
             Some(online) => {
-                self.send(&view, Message::QueryResult(QueryResult { rid, online }), out);
+                self.send(
+                    &view,
+                    Message::QueryResult(QueryResult { rid, online }),
+                    out,
+                );
             }
             None => self.error_to(&view, rid, ErrorCode::RetryLater, out),
         }
     }
 
     /// Answers a Connect that failed, remembering the outcome.
-    fn connect_failed(&self, now: Instant, uuid: Uuid, rid: u64, reason: FailReason, out: &mut Outbox) {
+    fn connect_failed(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        rid: u64,
+        reason: FailReason,
+        out: &mut Outbox,
+    ) {
         self.metrics.outcome(Some(reason));
         let msg = Message::ConnectFailed(ConnectFailed {
             rid,
@@ -635,7 +720,14 @@ impl Router {
         self.answer_later(now, uuid, rid, msg, out);
     }
 
-    fn connect(&self, now: Instant, uuid: Uuid, view: &SenderView, c: proto::Connect, out: &mut Outbox) {
+    fn connect(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        c: proto::Connect,
+        out: &mut Outbox,
+    ) {
         if c.to == uuid {
             self.error_to(view, c.rid, ErrorCode::BadRequest, out);
             return;
@@ -657,7 +749,8 @@ impl Router {
                     remote: None,
                 },
             );
-            self.sessions.remember(&uuid, c.rid, Remembered::Pending, now);
+            self.sessions
+                .remember(&uuid, c.rid, Remembered::Pending, now);
             let incoming = Message::Incoming(Incoming {
                 push,
                 connection,
@@ -692,7 +785,8 @@ impl Router {
                 remote: None,
             },
         );
-        self.sessions.remember(&uuid, c.rid, Remembered::Pending, now);
+        self.sessions
+            .remember(&uuid, c.rid, Remembered::Pending, now);
         let body = Body::Incoming {
             conn: connection,
             from: uuid,
@@ -717,14 +811,30 @@ impl Router {
     }
 
     /// Completes a Connect job: forward to `node`, or fail the pending connection.
-    pub fn complete_connect(&self, now: Instant, conn: Uuid, target: Uuid, body: Body, found: Result<Arc<NodeInfo>, FailReason>, out: &mut Outbox) {
+    pub fn complete_connect(
+        &self,
+        now: Instant,
+        conn: Uuid,
+        target: Uuid,
+        body: Body,
+        found: Result<Arc<NodeInfo>, FailReason>,
+        out: &mut Outbox,
+    ) {
         match found {
             Ok(node) => self.forward_incoming(now, conn, target, &node, body, out),
             Err(reason) => self.fail_pending(now, conn, reason, out),
         }
     }
 
-    fn forward_incoming(&self, now: Instant, conn: Uuid, target: Uuid, node: &NodeInfo, body: Body, out: &mut Outbox) {
+    fn forward_incoming(
+        &self,
+        now: Instant,
+        conn: Uuid,
+        target: Uuid,
+        node: &NodeInfo,
+        body: Body,
+        out: &mut Outbox,
+    ) {
         let Some(cluster) = &self.cluster else { return };
         let known = match self.conns.get_mut(&conn) {
             Some(mut c) if matches!(c.state, ConnState::Pending { .. }) => {
@@ -763,7 +873,16 @@ impl Router {
 
     /// Sends a push and keeps it for retransmission until acknowledged.
     #[allow(clippy::too_many_arguments)]
-    fn push(&self, now: Instant, to: Uuid, id: u64, key: &Secret, addr: SocketAddr, msg: Message, out: &mut Outbox) {
+    fn push(
+        &self,
+        now: Instant,
+        to: Uuid,
+        id: u64,
+        key: &Secret,
+        addr: SocketAddr,
+        msg: Message,
+        out: &mut Outbox,
+    ) {
         let bytes = match proto::encode(&msg, Some(key)) {
             Ok(b) => b,
             Err(e) => {
@@ -786,7 +905,16 @@ impl Router {
 
     /// Sends a node-to-node request and keeps it for retransmission until answered.
     #[allow(clippy::too_many_arguments)]
-    fn forward(&self, now: Instant, cluster: &Cluster, node: &str, addr: SocketAddr, body: Body, then: Then, out: &mut Outbox) {
+    fn forward(
+        &self,
+        now: Instant,
+        cluster: &Cluster,
+        node: &str,
+        addr: SocketAddr,
+        body: Body,
+        then: Then,
+        out: &mut Outbox,
+    ) {
         let Some((seq, bytes)) = cluster.envelope(node, None, body) else {
             tracing::error!("encoding a node-to-node datagram failed");
             return;
@@ -806,7 +934,15 @@ impl Router {
         out.cluster.push(Transmit { to: addr, bytes });
     }
 
-    fn answer_incoming(&self, now: Instant, uuid: Uuid, view: &SenderView, a: Answer, accept: bool, out: &mut Outbox) {
+    fn answer_incoming(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        a: Answer,
+        accept: bool,
+        out: &mut Outbox,
+    ) {
         // Read and change the connection in one statement; act on the copy afterwards.
         let found = match self.conns.get_mut(&a.connection) {
             Some(mut c) if c.target == uuid => {
@@ -824,7 +960,14 @@ impl Router {
         };
         let ConnState::Pending { push, .. } = conn.state else {
             // Already answered under another request id: nothing more to do.
-            self.answer(now, uuid, view, a.rid, Message::Ack(Ack { rid: a.rid }), out);
+            self.answer(
+                now,
+                uuid,
+                view,
+                a.rid,
+                Message::Ack(Ack { rid: a.rid }),
+                out,
+            );
             return;
         };
         // The answer proves the Incoming arrived.
@@ -834,7 +977,8 @@ impl Router {
         }
         if let (Some(remote), Some(cluster)) = (&conn.remote, &self.cluster) {
             // The initiator is on another node: the Ack waits for that node's reply.
-            self.sessions.remember(&uuid, a.rid, Remembered::Pending, now);
+            self.sessions
+                .remember(&uuid, a.rid, Remembered::Pending, now);
             let body = Body::Answered {
                 conn: a.connection,
                 accept,
@@ -847,13 +991,41 @@ impl Router {
             self.forward(now, cluster, &remote.node, remote.addr, body, then, out);
             return;
         }
-        self.answer(now, uuid, view, a.rid, Message::Ack(Ack { rid: a.rid }), out);
-        self.deliver_outcome(now, &conn, a.connection, accept, uuid, Addr(view.addr), view.local.to_vec(), a.payload, out);
+        self.answer(
+            now,
+            uuid,
+            view,
+            a.rid,
+            Message::Ack(Ack { rid: a.rid }),
+            out,
+        );
+        self.deliver_outcome(
+            now,
+            &conn,
+            a.connection,
+            accept,
+            uuid,
+            Addr(view.addr),
+            view.local.to_vec(),
+            a.payload,
+            out,
+        );
     }
 
     /// Tells the (local) initiator of `conn` how its Connect ended.
     #[allow(clippy::too_many_arguments)]
-    fn deliver_outcome(&self, now: Instant, conn: &Conn, id: Uuid, accept: bool, peer: Uuid, observed: Addr, local: Vec<Addr>, payload: Payload, out: &mut Outbox) {
+    fn deliver_outcome(
+        &self,
+        now: Instant,
+        conn: &Conn,
+        id: Uuid,
+        accept: bool,
+        peer: Uuid,
+        observed: Addr,
+        local: Vec<Addr>,
+        payload: Payload,
+        out: &mut Outbox,
+    ) {
         if !self.sessions.contains(&conn.initiator) {
             self.conns.remove(&id);
             return;
@@ -883,11 +1055,25 @@ impl Router {
         self.answer_later(now, conn.initiator, conn.initiator_rid, msg, out);
     }
 
-    fn signal(&self, now: Instant, uuid: Uuid, view: &SenderView, s: proto::Signal, out: &mut Outbox) {
+    fn signal(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        s: proto::Signal,
+        out: &mut Outbox,
+    ) {
         let peer = match self.conns.get_mut(&s.connection) {
-            Some(mut c) if matches!(c.state, ConnState::Established { .. }) && (c.initiator == uuid || c.target == uuid) => {
+            Some(mut c)
+                if matches!(c.state, ConnState::Established { .. })
+                    && (c.initiator == uuid || c.target == uuid) =>
+            {
                 c.state = ConnState::Established { last: now };
-                let other = if c.initiator == uuid { c.target } else { c.initiator };
+                let other = if c.initiator == uuid {
+                    c.target
+                } else {
+                    c.initiator
+                };
                 Some((other, c.remote.clone()))
             }
             _ => None,
@@ -897,7 +1083,8 @@ impl Router {
             return;
         };
         if let (Some(remote), Some(cluster)) = (&remote, &self.cluster) {
-            self.sessions.remember(&uuid, s.rid, Remembered::Pending, now);
+            self.sessions
+                .remember(&uuid, s.rid, Remembered::Pending, now);
             let body = Body::Signal {
                 conn: s.connection,
                 from: uuid,
@@ -912,10 +1099,25 @@ impl Router {
             self.error_to(view, s.rid, ErrorCode::UnknownConnection, out);
             return;
         }
-        self.answer(now, uuid, view, s.rid, Message::Ack(Ack { rid: s.rid }), out);
+        self.answer(
+            now,
+            uuid,
+            view,
+            s.rid,
+            Message::Ack(Ack { rid: s.rid }),
+            out,
+        );
     }
 
-    fn push_signal(&self, now: Instant, conn: Uuid, from: Uuid, to: Uuid, payload: Payload, out: &mut Outbox) -> bool {
+    fn push_signal(
+        &self,
+        now: Instant,
+        conn: Uuid,
+        from: Uuid,
+        to: Uuid,
+        payload: Payload,
+        out: &mut Outbox,
+    ) -> bool {
         let Some((push_id, tview)) = self.sessions.next_push(&to) else {
             return false;
         };
@@ -956,12 +1158,20 @@ impl Router {
                 s
             }
         };
-        if let Some((_, bytes)) = cluster.envelope(&env.from, Some(env.seq), Body::Reply { status }) {
+        if let Some((_, bytes)) = cluster.envelope(&env.from, Some(env.seq), Body::Reply { status })
+        {
             out.cluster.push(Transmit { to: src, bytes });
         }
     }
 
-    fn apply_internal(&self, now: Instant, from_node: &str, src: SocketAddr, body: Body, out: &mut Outbox) -> Status {
+    fn apply_internal(
+        &self,
+        now: Instant,
+        from_node: &str,
+        src: SocketAddr,
+        body: Body,
+        out: &mut Outbox,
+    ) -> Status {
         match body {
             Body::Incoming {
                 conn,
@@ -1011,7 +1221,9 @@ impl Router {
                 payload,
             } => {
                 let found = match self.conns.get_mut(&conn) {
-                    Some(mut c) if c.target == peer && matches!(c.state, ConnState::Pending { .. }) => {
+                    Some(mut c)
+                        if c.target == peer && matches!(c.state, ConnState::Pending { .. }) =>
+                    {
                         let before = c.clone();
                         if accept {
                             c.state = ConnState::Established { last: now };
@@ -1029,11 +1241,17 @@ impl Router {
                 self.deliver_outcome(now, &c, conn, accept, peer, observed, local, payload, out);
                 Status::Ok
             }
-            Body::Signal { conn, from, to, payload } => {
+            Body::Signal {
+                conn,
+                from,
+                to,
+                payload,
+            } => {
                 let ok = match self.conns.get_mut(&conn) {
                     Some(mut c)
                         if matches!(c.state, ConnState::Established { .. })
-                            && ((c.initiator == from && c.target == to) || (c.initiator == to && c.target == from)) =>
+                            && ((c.initiator == from && c.target == to)
+                                || (c.initiator == to && c.target == from)) =>
                     {
                         c.state = ConnState::Established { last: now };
                         true
@@ -1067,7 +1285,9 @@ impl Router {
         match f.then {
             Then::Nothing => {}
             Then::AckClient { uuid, rid } => match status {
-                Some(Status::Ok) => self.answer_later(now, uuid, rid, Message::Ack(Ack { rid }), out),
+                Some(Status::Ok) => {
+                    self.answer_later(now, uuid, rid, Message::Ack(Ack { rid }), out)
+                }
                 Some(_) => self.answer_error(now, uuid, rid, ErrorCode::UnknownConnection, out),
                 None => self.answer_error(now, uuid, rid, ErrorCode::RetryLater, out),
             },
@@ -1101,14 +1321,20 @@ impl Router {
             return;
         };
         if let Ok(bytes) = proto::encode(&Message::Error(ErrorMsg { rid, code }), None) {
-            self.sessions.remember(&uuid, rid, Remembered::Answer(bytes.as_slice().into()), now);
+            self.sessions
+                .remember(&uuid, rid, Remembered::Answer(bytes.as_slice().into()), now);
             out.client.push(Transmit { to: p.addr, bytes });
         }
     }
 
     /// Pushes Migrate to every session: resume at `to(uuid)` (None: the same public address,
     /// from a new local port). Returns how many were told.
-    pub fn migrate_all(&self, now: Instant, mut to: impl FnMut() -> Option<SocketAddr>, out: &mut Outbox) -> usize {
+    pub fn migrate_all(
+        &self,
+        now: Instant,
+        mut to: impl FnMut() -> Option<SocketAddr>,
+        out: &mut Outbox,
+    ) -> usize {
         let mut n = 0;
         for uuid in self.sessions.uuids() {
             let Some((push, p)) = self.sessions.next_push(&uuid) else {
@@ -1198,19 +1424,24 @@ impl Router {
     /// Slow housekeeping: expires sessions, forgets old answers and idle connections, prunes
     /// rate-limiter state. Call about once a second. Returns the expired sessions.
     pub fn sweep(&self, now: Instant) -> Vec<Uuid> {
-        let gone = self.sessions.sweep(now, self.session_ttl, self.dedup_window);
+        let gone = self
+            .sessions
+            .sweep(now, self.session_ttl, self.dedup_window);
         for u in &gone {
             self.publish(PresenceOp::Del(*u));
         }
         self.metrics.expired.increment(gone.len() as u64);
         self.metrics.sessions.set(self.sessions.len() as f64);
         let dedup = self.dedup_window;
-        self.hellos.retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
+        self.hellos
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
         let established: Vec<(Uuid, Uuid, Uuid, bool, Instant)> = self
             .conns
             .iter()
             .filter_map(|e| match e.state {
-                ConnState::Established { last } => Some((*e.key(), e.initiator, e.target, e.remote.is_some(), last)),
+                ConnState::Established { last } => {
+                    Some((*e.key(), e.initiator, e.target, e.remote.is_some(), last))
+                }
                 ConnState::Pending { .. } => None,
             })
             .collect();
@@ -1259,7 +1490,9 @@ impl Router {
     pub fn reject_job(&self, now: Instant, job: Job, out: &mut Outbox) {
         match job {
             Job::Connect { conn, .. } => self.fail_pending(now, conn, FailReason::RetryLater, out),
-            Job::Resume { src, req_len, msg } => self.error(src, req_len, msg.rid, ErrorCode::RetryLater, out),
+            Job::Resume { src, req_len, msg } => {
+                self.error(src, req_len, msg.rid, ErrorCode::RetryLater, out)
+            }
             Job::Query { uuid, rid, .. } => self.complete_query(uuid, rid, None, out),
         }
     }

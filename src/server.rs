@@ -53,11 +53,14 @@ impl Server {
     /// for Redis: a node starts and serves local traffic while Redis is away.
     pub async fn bind(cfg: Config) -> anyhow::Result<Self> {
         let workers = if cfg.workers == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(8)
         } else {
             cfg.workers
         };
-        let sockets = net::bind_udp(cfg.listen, workers).with_context(|| format!("binding UDP {}", cfg.listen))?;
+        let sockets = net::bind_udp(cfg.listen, workers)
+            .with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local_addr = sockets[0].local_addr()?;
         let http = match cfg.metrics_listen {
             Some(a) => Some(
@@ -71,7 +74,11 @@ impl Server {
         let cluster = match &cfg.cluster {
             None => None,
             Some(cc) => {
-                let store = Arc::new(Store::open(&cc.redis_url, cc.redis_timeout, metrics.clone())?);
+                let store = Arc::new(Store::open(
+                    &cc.redis_url,
+                    cc.redis_timeout,
+                    metrics.clone(),
+                )?);
                 let socket = net::bind_udp(cc.cluster_listen, 1)
                     .with_context(|| format!("binding cluster UDP {}", cc.cluster_listen))?
                     .remove(0);
@@ -92,7 +99,11 @@ impl Server {
                 })
             }
         };
-        let router = Arc::new(Router::new(&cfg, metrics, cluster.as_ref().map(|c| c.cluster.clone())));
+        let router = Arc::new(Router::new(
+            &cfg,
+            metrics,
+            cluster.as_ref().map(|c| c.cluster.clone()),
+        ));
         Ok(Self {
             cfg,
             router,
@@ -111,7 +122,9 @@ impl Server {
 
     /// The UDP address of the cluster port (cluster mode).
     pub fn cluster_addr(&self) -> Option<SocketAddr> {
-        self.cluster.as_ref().and_then(|c| c.socket.local_addr().ok())
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.socket.local_addr().ok())
     }
 
     /// The HTTP address of `/metrics`, `/healthz` and `/readyz`, if enabled.
@@ -143,9 +156,20 @@ impl Server {
         let mut client_rx = Some(client_rx);
         for s in self.sockets {
             let sock = UdpSocket::from_std(s)?;
-            tracker.spawn(net::run_socket(sock, Port::Client, d.clone(), client_rx.take(), stop.clone()));
+            tracker.spawn(net::run_socket(
+                sock,
+                Port::Client,
+                d.clone(),
+                client_rx.take(),
+                stop.clone(),
+            ));
         }
-        tracker.spawn(net::run_timers(d.clone(), TICK, self.cfg.sweep_interval, stop.clone()));
+        tracker.spawn(net::run_timers(
+            d.clone(),
+            TICK,
+            self.cfg.sweep_interval,
+            stop.clone(),
+        ));
         if let Some(l) = self.http {
             tracker.spawn(metrics::serve_http(
                 l,
@@ -161,9 +185,24 @@ impl Server {
             let c = parts.cluster.clone();
             let cc = c.cfg.clone();
             let sock = UdpSocket::from_std(parts.socket)?;
-            tracker.spawn(net::run_socket(sock, Port::Cluster, d.clone(), Some(cluster_rx), stop.clone()));
-            bg.spawn(tasks::run_refresher(c.clone(), cc.table_period, bg_stop.clone()));
-            bg.spawn(tasks::run_registry(c.clone(), self.router.clone(), cc.registry_period, bg_stop.clone()));
+            tracker.spawn(net::run_socket(
+                sock,
+                Port::Cluster,
+                d.clone(),
+                Some(cluster_rx),
+                stop.clone(),
+            ));
+            bg.spawn(tasks::run_refresher(
+                c.clone(),
+                cc.table_period,
+                bg_stop.clone(),
+            ));
+            bg.spawn(tasks::run_registry(
+                c.clone(),
+                self.router.clone(),
+                cc.registry_period,
+                bg_stop.clone(),
+            ));
             bg.spawn(tasks::run_presence_writer(
                 c.clone(),
                 self.router.clone(),
@@ -204,7 +243,7 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let started = Instant::now();
     let deadline = started + c.cfg.drain;
     c.set_draining();
-    if !tasks::publish_self(c, router, c.cfg.registry_period).await {
+    if tasks::publish_self(c, router, c.cfg.registry_period).await.is_none() {
         tracing::warn!("could not mark this node draining in Redis; continuing the drain");
     }
     let mut told_at = None;
@@ -213,7 +252,11 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         if told_at.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
             let table = c.table();
             let mut out = Outbox::default();
-            let n = router.migrate_all(Instant::now(), || table.pick_active(&c.id).map(|n| n.public), &mut out);
+            let n = router.migrate_all(
+                Instant::now(),
+                || table.pick_active(&c.id).map(|n| n.public),
+                &mut out,
+            );
             d.route_all(&mut out);
             tracing::info!(sessions = n, "draining: told clients to move");
             told_at = Some(Instant::now());

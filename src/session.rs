@@ -229,8 +229,7 @@ impl Sessions {
                 return false;
             }
             while s.recent.front().is_some_and(|(_, t, m)| {
-                !matches!(m, Remembered::Pending)
-                    && now.saturating_duration_since(*t) > dedup
+                !matches!(m, Remembered::Pending) && now.saturating_duration_since(*t) > dedup
             }) {
                 s.recent.pop_front();
             }
@@ -247,6 +246,9 @@ impl Sessions {
     /// Every session with its Resume verifier (for presence re-publication).
     pub(crate) fn verifiers(&self) -> Vec<(Uuid, [u8; 32])> {
         let secrets: Vec<(Uuid, Secret)> = self.map.iter().map(|e| (*e.key(), e.secret)).collect();
-        secrets.into_iter().map(|(u, s)| (u, s.verifier())).collect()
+        secrets
+            .into_iter()
+            .map(|(u, s)| (u, s.verifier()))
+            .collect()
     }
 }

@@ -13,7 +13,7 @@
 //!   the owning node renews: which node holds a client, and what any node needs to validate its
 //!   Resume (a hash of the secret, never the secret).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -56,6 +56,7 @@ pub struct Store {
     backend: Backend,
     timeout: Duration,
     up: AtomicBool,
+    recoveries: AtomicU64,
     metrics: Metrics,
 }
 
@@ -63,13 +64,14 @@ impl Store {
     /// Prepares a connection without waiting for Redis: a node starts (and serves local
     /// traffic) while Redis is away.
     pub fn open(url: &str, timeout: Duration, metrics: Metrics) -> anyhow::Result<Self> {
-        let cluster_urls: Option<Vec<String>> = if let Some(rest) = url.strip_prefix("redis+cluster://") {
-            Some(rest.split(',').map(|h| format!("redis://{h}")).collect())
-        } else if url.contains(',') {
-            Some(url.split(',').map(str::to_string).collect())
-        } else {
-            None
-        };
+        let cluster_urls: Option<Vec<String>> =
+            if let Some(rest) = url.strip_prefix("redis+cluster://") {
+                Some(rest.split(',').map(|h| format!("redis://{h}")).collect())
+            } else if url.contains(',') {
+                Some(url.split(',').map(str::to_string).collect())
+            } else {
+                None
+            };
         let backend = match cluster_urls {
             Some(urls) => Backend::Cluster {
                 client: ClusterClient::builder(urls)
@@ -92,7 +94,8 @@ impl Store {
         Ok(Self {
             backend,
             timeout,
-            up: AtomicBool::new(false),
+            up: AtomicBool::new(true),
+            recoveries: AtomicU64::new(0),
             metrics,
         })
     }
@@ -100,6 +103,11 @@ impl Store {
     /// The per-call deadline.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// How many times Redis came back after failing.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(Ordering::Relaxed)
     }
 
     /// Whether the last call succeeded.
@@ -111,7 +119,8 @@ impl Store {
         let was = self.up.swap(ok, Ordering::Relaxed);
         if was != ok {
             if ok {
-                tracing::info!("redis reachable");
+                self.recoveries.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("redis reachable again");
             } else {
                 tracing::warn!("redis unreachable; local routing continues, cross-node requests get retry-later");
             }
@@ -128,7 +137,9 @@ impl Store {
             match &self.backend {
                 Backend::Single(m) => what.send(&mut m.clone()).await,
                 Backend::Cluster { client, conn } => {
-                    let c = conn.get_or_try_init(|| client.get_async_connection()).await?;
+                    let c = conn
+                        .get_or_try_init(|| client.get_async_connection())
+                        .await?;
                     what.send(&mut c.clone()).await
                 }
             }
@@ -144,7 +155,11 @@ impl Store {
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let v = self.exec(Packed::One(cmd)).await?.pop().unwrap_or(Value::Nil);
+        let v = self
+            .exec(Packed::One(cmd))
+            .await?
+            .pop()
+            .unwrap_or(Value::Nil);
         T::from_redis_value(v).map_err(|e| StoreError::Redis(e.into()))
     }
 

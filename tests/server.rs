@@ -6,66 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, recv_msg, test_config, Node, Raw};
+use common::{answer, connect, eventually, outcome, payload, recv_msg, signal, test_config, Node, Raw, T};
 use sigrouter::proto::{self, ErrorCode, FailReason, Message, Payload, Secret};
 use uuid::Uuid;
 
-const T: Duration = Duration::from_secs(5);
-
-fn payload(s: &str) -> Payload {
-    Payload::from(s.as_bytes().to_vec())
-}
-
-/// Sends Connect from `a` to `b`; returns the Incoming `b` sees (already acked).
-async fn connect(a: &mut Raw, b: &Raw, text: &str) -> (u64, proto::Incoming) {
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: b.uuid,
-        payload: payload(text),
-    }))
-    .await;
-    let inc = b
-        .recv_until(T, |m| match m {
-            Message::Incoming(i) => Some(i.clone()),
-            _ => None,
-        })
-        .await
-        .expect("Incoming");
-    (rid, inc)
-}
-
-async fn answer(b: &mut Raw, conn: Uuid, accept: bool, text: &str) {
-    let rid = b.next_rid();
-    let ans = proto::Answer {
-        rid,
-        uuid: b.uuid,
-        connection: conn,
-        payload: payload(text),
-    };
-    b.send(&if accept {
-        Message::Accept(ans)
-    } else {
-        Message::Reject(ans)
-    })
-    .await;
-    b.recv_until(T, |m| {
-        matches!(m, Message::Ack(a) if a.rid == rid).then_some(())
-    })
-    .await
-    .expect("Ack for the answer");
-}
-
-async fn outcome(a: &Raw, rid: u64) -> Message {
-    a.recv_until(Duration::from_secs(15), |m| match m {
-        Message::Connected(c) if c.rid == rid => Some(m.clone()),
-        Message::ConnectFailed(c) if c.rid == rid => Some(m.clone()),
-        _ => None,
-    })
-    .await
-    .expect("an outcome for the Connect")
-}
 
 #[tokio::test]
 async fn register_heartbeat_and_query() {
@@ -171,34 +115,6 @@ async fn connect_accepted_exchanges_addresses_and_signals_both_ways() {
 
     signal(&mut a, &b, c.connection, "a->b candidate").await;
     signal(&mut b, &a, c.connection, "b->a candidate").await;
-}
-
-async fn signal(from: &mut Raw, to: &Raw, connection: Uuid, text: &str) {
-    let rid = from.next_rid();
-    let uuid = from.uuid;
-    from.send(&Message::Signal(proto::Signal {
-        rid,
-        uuid,
-        connection,
-        payload: payload(text),
-    }))
-    .await;
-    from.recv_until(T, |m| {
-        matches!(m, Message::Ack(a) if a.rid == rid).then_some(())
-    })
-    .await
-    .expect("Signal acked");
-    let got = to
-        .recv_until(T, |m| match m {
-            Message::SignalPush(s) => Some(s.clone()),
-            _ => None,
-        })
-        .await
-        .expect("SignalPush");
-    assert_eq!(
-        (got.from, got.connection, got.payload),
-        (uuid, connection, payload(text))
-    );
 }
 
 #[tokio::test]

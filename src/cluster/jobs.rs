@@ -102,9 +102,17 @@ pub fn format_presence(node: &str, verifier: &[u8; 32]) -> String {
 
 /// Finds the node holding `target`: cache, then Redis, then the node table (waiting briefly
 /// for a newer one when the node is new to us).
-async fn resolve(cluster: &Cluster, target: &Uuid, fresh: bool) -> Result<Arc<NodeInfo>, FailReason> {
+async fn resolve(
+    cluster: &Cluster,
+    target: &Uuid,
+    fresh: bool,
+) -> Result<Arc<NodeInfo>, FailReason> {
     let now = Instant::now();
-    let cached = if fresh { None } else { cluster.cached_presence(target, now) };
+    let cached = if fresh {
+        None
+    } else {
+        cluster.cached_presence(target, now)
+    };
     let node = match cached {
         Some(n) => n,
         None => {

@@ -83,7 +83,10 @@ impl NodeTable {
     pub fn new(generation: u64, nodes: impl IntoIterator<Item = NodeInfo>) -> Self {
         Self {
             generation,
-            nodes: nodes.into_iter().map(|n| (n.id.clone(), Arc::new(n))).collect(),
+            nodes: nodes
+                .into_iter()
+                .map(|n| (n.id.clone(), Arc::new(n)))
+                .collect(),
         }
     }
 
@@ -112,7 +115,9 @@ impl NodeTable {
             .collect();
         let mut rng = rand::thread_rng();
         let two: Vec<&&Arc<NodeInfo>> = active.choose_multiple(&mut rng, 2).collect();
-        two.into_iter().min_by_key(|n| n.sessions).map(|n| Arc::clone(n))
+        two.into_iter()
+            .min_by_key(|n| n.sessions)
+            .map(|n| Arc::clone(n))
     }
 }
 
@@ -149,6 +154,7 @@ pub struct Cluster {
     table: ArcSwap<NodeTable>,
     generation: watch::Sender<u64>,
     nudge: Notify,
+    nudged: AtomicBool,
     presence: DashMap<Uuid, Cached>,
     presence_tx: mpsc::Sender<PresenceOp>,
     /// Set when Redis may have lost our writes: the writer re-publishes every session.
@@ -164,7 +170,11 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the state; returns it with the receiving end of the presence channel (for the
     /// writer task).
-    pub fn new(cfg: ClusterConfig, store: Arc<Store>, metrics: Metrics) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
+    pub fn new(
+        cfg: ClusterConfig,
+        store: Arc<Store>,
+        metrics: Metrics,
+    ) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
         let (presence_tx, rx) = mpsc::channel(65_536);
         let (generation, _) = watch::channel(0);
         let c = Arc::new(Self {
@@ -174,6 +184,7 @@ impl Cluster {
             table: ArcSwap::from_pointee(NodeTable::default()),
             generation,
             nudge: Notify::new(),
+            nudged: AtomicBool::new(false),
             presence: DashMap::new(),
             presence_tx,
             republish: AtomicBool::new(false),
@@ -201,18 +212,28 @@ impl Cluster {
     pub(crate) fn store_table(&self, nodes: Vec<NodeInfo>) {
         let generation = self.table.load().generation + 1;
         self.metrics.cluster_nodes.set(nodes.len() as f64);
-        self.table.store(Arc::new(NodeTable::new(generation, nodes)));
+        self.table
+            .store(Arc::new(NodeTable::new(generation, nodes)));
         self.metrics.table_refreshes.increment(1);
         self.generation.send_replace(generation);
     }
 
-    /// Asks the refresher for a new snapshot now. Many nudges before it runs make one read.
+    /// Asks the refresher for a new snapshot now. Nudges coalesce: all those that arrive
+    /// before the refresher reads Redis are served by that one read.
     pub fn nudge(&self) {
-        self.nudge.notify_one();
+        if !self.nudged.swap(true, Ordering::AcqRel) {
+            self.nudge.notify_one();
+        }
     }
 
+    /// Waits for a nudge (refresher only).
     pub(crate) async fn nudged(&self) {
         self.nudge.notified().await;
+    }
+
+    /// Takes the pending nudge, if any (refresher only, just before it reads Redis).
+    pub(crate) fn take_nudge(&self) -> bool {
+        self.nudged.swap(false, Ordering::AcqRel)
     }
 
     /// Finds node `id`, waiting up to `deadline` for a newer snapshot if it is missing.
@@ -241,7 +262,9 @@ impl Cluster {
         .ok()
         .flatten();
         self.metrics.waiting_requests.decrement(1.0);
-        self.metrics.table_wait_seconds.record(started.elapsed().as_secs_f64());
+        self.metrics
+            .table_wait_seconds
+            .record(started.elapsed().as_secs_f64());
         found
     }
 
@@ -323,7 +346,8 @@ impl Cluster {
     /// by [`Cluster::open`] anyway).
     pub fn sweep(&self, now: Instant) {
         let keep = Duration::from_millis(FRESHNESS_MS * 2);
-        self.seen.retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
+        self.seen
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
         self.presence
             .retain(|_, c| now.saturating_duration_since(c.at) <= PRESENCE_CACHE_TTL);
     }

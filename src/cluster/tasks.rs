@@ -19,6 +19,10 @@ use crate::store::{presence_key, NODES_KEY};
 const RECORD_PERIODS: u32 = 3;
 /// The registry hash itself expires if no node renews it for this long.
 const REGISTRY_KEY_TTL_MS: u64 = 120_000;
+/// How long a nudge waits for more nudges before the refresher reads.
+const NUDGE_DEBOUNCE: Duration = Duration::from_millis(20);
+/// Least time between two registry reads.
+const MIN_GAP: Duration = Duration::from_millis(50);
 /// Most presence commands in one pipeline.
 const BATCH: usize = 512;
 
@@ -42,7 +46,10 @@ return 0";
 /// Rebuilds the node table every `period` and whenever nudged; the only writer of it. On a
 /// Redis failure the last snapshot stays in use.
 pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: CancellationToken) {
+    let mut last = tokio::time::Instant::now();
     loop {
+        cluster.take_nudge();
+        last = last.max(tokio::time::Instant::now());
         match read_nodes(&cluster).await {
             Ok((live, expired)) => {
                 cluster.store_table(live);
@@ -54,10 +61,20 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
             }
             Err(()) => tracing::debug!("node table refresh failed; keeping the last snapshot"),
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-            _ = cluster.nudged() => {}
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(last + period) => break,
+                _ = cluster.nudged() => {
+                    // Gather the misses that arrive together, and keep reads apart, so a storm
+                    // of misses costs one read.
+                    tokio::time::sleep(NUDGE_DEBOUNCE).await;
+                    tokio::time::sleep_until(last + MIN_GAP).await;
+                    if cluster.take_nudge() {
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -97,20 +114,21 @@ pub fn own_record(cluster: &Cluster, router: &Router, period: Duration) -> NodeI
         version: env!("CARGO_PKG_VERSION").to_string(),
         sessions: router.session_count() as u64,
         started_ms: cluster.started_ms,
-        expires_ms: now_ms() + u64::try_from((period * RECORD_PERIODS).as_millis()).unwrap_or(u64::MAX),
+        expires_ms: now_ms()
+            + u64::try_from((period * RECORD_PERIODS).as_millis()).unwrap_or(u64::MAX),
     }
 }
 
-/// Writes this node's record once. Returns whether Redis took it.
-pub async fn publish_self(cluster: &Cluster, router: &Router, period: Duration) -> bool {
+/// Writes this node's record once. `Some(true)` when the record was missing before (first
+/// publication, or Redis lost its data), `None` when Redis did not take it.
+pub async fn publish_self(cluster: &Cluster, router: &Router, period: Duration) -> Option<bool> {
     let rec = own_record(cluster, router, period);
-    let Ok(json) = serde_json::to_string(&rec) else {
-        return false;
-    };
+    let json = serde_json::to_string(&rec).ok()?;
     let mut p = redis::pipe();
-    p.cmd("HSET").arg(NODES_KEY).arg(&rec.id).arg(json).ignore();
-    p.cmd("PEXPIRE").arg(NODES_KEY).arg(REGISTRY_KEY_TTL_MS).ignore();
-    cluster.store.pipeline(&p, 2).await.is_ok()
+    p.cmd("HSET").arg(NODES_KEY).arg(&rec.id).arg(json);
+    p.cmd("PEXPIRE").arg(NODES_KEY).arg(REGISTRY_KEY_TTL_MS);
+    let v = cluster.store.pipeline(&p, 2).await.ok()?;
+    Some(matches!(v.first(), Some(redis::Value::Int(1))))
 }
 
 /// Removes this node's record (end of drain).
@@ -122,15 +140,27 @@ pub async fn unpublish_self(cluster: &Cluster) {
 
 /// Renews this node's record every `period`. After Redis comes back it asks the presence
 /// writer to re-publish every session (Redis may have lost them).
-pub async fn run_registry(cluster: Arc<Cluster>, router: Arc<Router>, period: Duration, stop: CancellationToken) {
-    let mut ok_before = true;
+pub async fn run_registry(
+    cluster: Arc<Cluster>,
+    router: Arc<Router>,
+    period: Duration,
+    stop: CancellationToken,
+) {
+    let mut first = true;
+    let mut recoveries = cluster.store.recoveries();
     loop {
-        let ok = publish_self(&cluster, &router, period).await;
-        if ok && !ok_before {
+        let r = publish_self(&cluster, &router, period).await;
+        if r.is_some() && first {
+            // Our own record is in: make the table include us without waiting a period.
+            first = false;
+            cluster.nudge();
+        } else if r == Some(true) || cluster.store.recoveries() != recoveries {
+            // Redis was unreachable, or lost our record: it may have lost presence too.
             tracing::info!("redis back: re-publishing registry record and all presence");
             cluster.republish.store(true, Ordering::Relaxed);
+            cluster.nudge();
         }
-        ok_before = ok;
+        recoveries = cluster.store.recoveries();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
@@ -158,8 +188,8 @@ pub async fn run_presence_writer(
             n = rx.recv_many(&mut ops, BATCH) => if n == 0 { return },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        let full = cluster.republish.swap(false, Ordering::Relaxed)
-            || last_refresh.elapsed() >= refresh;
+        let full =
+            cluster.republish.swap(false, Ordering::Relaxed) || last_refresh.elapsed() >= refresh;
         if full {
             last_refresh = tokio::time::Instant::now();
         }

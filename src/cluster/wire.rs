@@ -179,7 +179,10 @@ mod tests {
         let i = relabelled.iter().position(|&c| c == b'a').unwrap();
         relabelled[i] = b'c';
         assert_eq!(decode(&relabelled, &key), Err(WireError::BadMac));
-        assert_eq!(decode(&b[..b.len() - MAC_LEN], &key), Err(WireError::BadMac));
+        assert_eq!(
+            decode(&b[..b.len() - MAC_LEN], &key),
+            Err(WireError::BadMac)
+        );
         assert_eq!(decode(b"SN", &key), Err(WireError::Malformed));
     }
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sigrouter::proto::{self, Message, Secret};
+use sigrouter::proto::{self, Message, Payload, Secret};
 use sigrouter::server::Server;
 use sigrouter::Config;
 use tokio::net::UdpSocket;
@@ -15,6 +15,7 @@ use uuid::Uuid;
 /// A node running in this process until dropped.
 pub struct Node {
     pub addr: SocketAddr,
+    pub cluster: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub router: std::sync::Arc<sigrouter::router::Router>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -34,6 +35,7 @@ impl Node {
         let server = Server::bind(cfg).await.expect("bind");
         let addr = server.local_addr();
         let metrics = server.metrics_addr();
+        let cluster = server.cluster_addr();
         let router = server.router();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
@@ -41,6 +43,7 @@ impl Node {
         }));
         Self {
             addr,
+            cluster,
             metrics,
             router,
             stop: Some(tx),
@@ -224,3 +227,227 @@ pub async fn eventually(t: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A real redis-server on a free loopback port, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("sigrouter-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "local"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        let r = Self {
+            port,
+            child: Some(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if r.cmd(&["PING"]).is_ok() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Runs one command synchronously (a plain client of our own, not the code under test).
+    pub fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut c = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c)
+    }
+
+    /// Sends a command without waiting for its answer (DEBUG SLEEP).
+    pub fn cmd_detached(&self, args: &[&str]) {
+        let url = self.url();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        std::thread::spawn(move || {
+            let client = redis::Client::open(url).unwrap();
+            let mut c = client.get_connection().unwrap();
+            let mut cmd = redis::cmd(&args[0]);
+            for a in &args[1..] {
+                cmd.arg(a);
+            }
+            let _: redis::RedisResult<redis::Value> = cmd.query(&mut c);
+        });
+    }
+
+    /// Whether Redis is not answering a PING within 100 ms (blocked by DEBUG SLEEP).
+    pub fn is_blocked(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+            return true;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
+        redis::cmd("PING").query::<String>(&mut c).is_err()
+    }
+
+    /// Whether a client's presence record names `node`.
+    pub fn presence_on(&self, uuid: &Uuid, node: &str) -> bool {
+        let key = format!("sigrouter:presence:{{{}}}", uuid.simple());
+        match self.cmd(&["GET", &key]) {
+            Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).starts_with(&format!("{node} ")),
+            _ => false,
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub const CLUSTER_KEY: &[u8] = b"test-cluster-key-0123456789abcdef0123456789";
+
+/// A cluster node config on free loopback ports.
+pub fn cluster_config(redis: &str, id: &str) -> Config {
+    let mut cfg = test_config();
+    let mut cc = sigrouter::config::ClusterConfig::new(redis, id, "127.0.0.1:0".parse().unwrap(), CLUSTER_KEY.to_vec());
+    cc.registry_period = Duration::from_millis(300);
+    cc.table_period = Duration::from_millis(300);
+    cc.redis_timeout = Duration::from_millis(300);
+    cc.drain = Duration::from_secs(5);
+    cfg.cluster = Some(cc);
+    cfg
+}
+
+/// Waits until every node's table lists `n` nodes.
+pub async fn wait_for_nodes(nodes: &[&Node], n: usize) {
+    let ok = eventually(Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|x| x.router.cluster().is_some_and(|c| c.table().len() >= n))
+    })
+    .await;
+    assert!(ok, "nodes never saw {n} nodes in their tables");
+}
+
+/// Default deadline for one expected message.
+pub const T: Duration = Duration::from_secs(5);
+
+pub fn payload(s: &str) -> Payload {
+    Payload::from(s.as_bytes().to_vec())
+}
+
+/// Sends Connect from `a` to `b`; returns the Incoming `b` sees (already acked).
+pub async fn connect(a: &mut Raw, b: &Raw, text: &str) -> (u64, proto::Incoming) {
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: b.uuid,
+        payload: payload(text),
+    }))
+    .await;
+    let inc = b
+        .recv_until(T, |m| match m {
+            Message::Incoming(i) => Some(i.clone()),
+            _ => None,
+        })
+        .await
+        .expect("Incoming");
+    (rid, inc)
+}
+
+pub async fn answer(b: &mut Raw, conn: Uuid, accept: bool, text: &str) {
+    let rid = b.next_rid();
+    let ans = proto::Answer {
+        rid,
+        uuid: b.uuid,
+        connection: conn,
+        payload: payload(text),
+    };
+    b.send(&if accept {
+        Message::Accept(ans)
+    } else {
+        Message::Reject(ans)
+    })
+    .await;
+    b.recv_until(T, |m| {
+        matches!(m, Message::Ack(a) if a.rid == rid).then_some(())
+    })
+    .await
+    .expect("Ack for the answer");
+}
+
+pub async fn outcome(a: &Raw, rid: u64) -> Message {
+    a.recv_until(Duration::from_secs(15), |m| match m {
+        Message::Connected(c) if c.rid == rid => Some(m.clone()),
+        Message::ConnectFailed(c) if c.rid == rid => Some(m.clone()),
+        _ => None,
+    })
+    .await
+    .expect("an outcome for the Connect")
+}
+
+pub async fn signal(from: &mut Raw, to: &Raw, connection: Uuid, text: &str) {
+    let rid = from.next_rid();
+    let uuid = from.uuid;
+    from.send(&Message::Signal(proto::Signal {
+        rid,
+        uuid,
+        connection,
+        payload: payload(text),
+    }))
+    .await;
+    from.recv_until(T, |m| {
+        matches!(m, Message::Ack(a) if a.rid == rid).then_some(())
+    })
+    .await
+    .expect("Signal acked");
+    let got = to
+        .recv_until(T, |m| match m {
+            Message::SignalPush(s) => Some(s.clone()),
+            _ => None,
+        })
+        .await
+        .expect("SignalPush");
+    assert_eq!(
+        (got.from, got.connection, got.payload),
+        (uuid, connection, payload(text))
+    );
+}
+

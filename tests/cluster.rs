@@ -1,0 +1,395 @@
+//! Cluster mode against a real redis-server: nodes in this process on loopback, clients driven
+//! by hand-crafted datagrams.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    answer, cluster_config, connect, eventually, outcome, payload, recv_msg, signal, wait_for_nodes, Node, Raw, Redis, CLUSTER_KEY, T,
+};
+use sigrouter::cluster::wire::{self, Body, Envelope};
+use sigrouter::proto::{self, ErrorCode, FailReason, Message};
+use uuid::Uuid;
+
+fn metric(node: &Node, line_prefix: &str) -> f64 {
+    node.router
+        .metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(line_prefix))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_presence(redis: &Redis, uuid: &Uuid, node: &str) {
+    let ok = eventually(T, || redis.presence_on(uuid, node)).await;
+    assert!(ok, "presence of {uuid} never named {node}");
+}
+
+/// Connects `a` to `b` until it is not retry-later (a real client's retries), returning the
+/// final outcome.
+async fn connect_retrying(a: &mut Raw, b: &mut Raw, deadline: Duration) -> Message {
+    let end = Instant::now() + deadline;
+    loop {
+        let rid = a.next_rid();
+        a.send(&Message::Connect(proto::Connect {
+            rid,
+            uuid: a.uuid,
+            to: b.uuid,
+            payload: payload("retrying"),
+        }))
+        .await;
+        // The target may get an Incoming: accept it.
+        let got = tokio::time::timeout(Duration::from_secs(3), async {
+            tokio::select! {
+                m = outcome(a, rid) => Err(m),
+                inc = b.recv_until(Duration::from_secs(3), |m| match m {
+                    Message::Incoming(i) => Some(i.clone()),
+                    _ => None,
+                }) => Ok(inc),
+            }
+        })
+        .await;
+        let m = match got {
+            Ok(Err(m)) => m,
+            Ok(Ok(Some(inc))) => {
+                answer(b, inc.connection, true, "").await;
+                outcome(a, rid).await
+            }
+            _ => {
+                assert!(Instant::now() < end, "no outcome in time");
+                continue;
+            }
+        };
+        match &m {
+            Message::ConnectFailed(f) if f.reason == FailReason::RetryLater && Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => return m,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_connect_and_signal_across_nodes() {
+    let redis = Redis::start();
+    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    let n3 = Node::start(cluster_config(&redis.url(), "n3")).await;
+    wait_for_nodes(&[&n1, &n2, &n3], 3).await;
+    let mut a = Raw::register(n1.addr).await;
+    let mut b = Raw::register(n2.addr).await;
+    let mut c = Raw::register(n3.addr).await;
+    wait_presence(&redis, &a.uuid, "n1").await;
+    wait_presence(&redis, &b.uuid, "n2").await;
+    wait_presence(&redis, &c.uuid, "n3").await;
+
+    // a (n1) -> b (n2): accepted, addresses exchanged, signals both ways across the hop.
+    let (rid, inc) = connect(&mut a, &b, "offer").await;
+    assert_eq!((inc.from, inc.observed.0), (a.uuid, a.sock.local_addr().unwrap()));
+    assert_eq!(inc.payload, payload("offer"));
+    answer(&mut b, inc.connection, true, "answer").await;
+    let Message::Connected(conn) = outcome(&a, rid).await else {
+        panic!("expected Connected across nodes")
+    };
+    assert_eq!((conn.peer, conn.observed.0), (b.uuid, b.sock.local_addr().unwrap()));
+    assert_eq!(conn.payload, payload("answer"));
+    signal(&mut a, &b, conn.connection, "a->b over the hop").await;
+    signal(&mut b, &a, conn.connection, "b->a over the hop").await;
+
+    // c (n3) -> a (n1): rejected, with the payload.
+    let (rid, inc) = connect(&mut c, &a, "hi").await;
+    answer(&mut a, inc.connection, false, "no thanks").await;
+    match outcome(&c, rid).await {
+        Message::ConnectFailed(f) => assert_eq!((f.reason, f.payload), (FailReason::Rejected, payload("no thanks"))),
+        m => panic!("expected rejected, got {m:?}"),
+    }
+
+    // Online status across nodes.
+    assert_eq!(c.query(vec![a.uuid, b.uuid, Uuid::new_v4()]).await, vec![true, true, false]);
+
+    // An offline target anywhere: offline.
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: Uuid::new_v4(),
+        payload: payload(""),
+    }))
+    .await;
+    match outcome(&a, rid).await {
+        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::Offline),
+        m => panic!("expected offline, got {m:?}"),
+    }
+
+    // Steady state: repeated connects to the same peer cost no Redis command (cached).
+    let before = metric(&n1, "sigrouter_redis_commands_total") + metric(&n2, "sigrouter_redis_commands_total");
+    let routed_before = metric(&n1, "sigrouter_routed_requests_total") + metric(&n2, "sigrouter_routed_requests_total");
+    for i in 0..20 {
+        let (rid, inc) = connect(&mut a, &b, &format!("again {i}")).await;
+        answer(&mut b, inc.connection, true, "").await;
+        assert!(matches!(outcome(&a, rid).await, Message::Connected(_)));
+    }
+    let cmds = metric(&n1, "sigrouter_redis_commands_total") + metric(&n2, "sigrouter_redis_commands_total") - before;
+    let routed = metric(&n1, "sigrouter_routed_requests_total") + metric(&n2, "sigrouter_routed_requests_total") - routed_before;
+    println!("redis commands {cmds} for {routed} routed requests (registry renewals included)");
+    // Only background renewals and table refreshes (about 2 per 300 ms per node in this test's
+    // fast settings) — none per request.
+    assert!(routed >= 40.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_internal_datagrams_are_dropped() {
+    let redis = Redis::start();
+    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    wait_for_nodes(&[&n1, &n2], 2).await;
+    let target = n2.cluster.unwrap();
+    let sock = Raw::socket().await;
+    let now_ms = sigrouter::cluster::now_ms();
+    let env = |from: &str, to: &str, ts: u64, seq: u64| Envelope {
+        from: from.into(),
+        to: to.into(),
+        ts,
+        seq,
+        body: Body::Moved { uuid: Uuid::new_v4() },
+    };
+    // Positive control: a well-formed datagram from "n1" is answered.
+    let good = wire::encode(&env("n1", "n2", now_ms, 1), CLUSTER_KEY).unwrap();
+    sock.send_to(&good, target).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf)).await.expect("reply").unwrap();
+    let reply = wire::decode(&buf[..n], CLUSTER_KEY).unwrap();
+    assert_eq!((reply.seq, reply.body), (1, Body::Reply { status: wire::Status::Ok }));
+
+    let before = metric(&n2, "sigrouter_dropped_total{reason=\"cluster_auth\"}");
+    let mut forged: Vec<Vec<u8>> = Vec::new();
+    // No MAC at all.
+    forged.push(good[..good.len() - proto::MAC_LEN].to_vec());
+    // A MAC under the wrong key.
+    forged.push(wire::encode(&env("n1", "n2", now_ms, 2), b"not-the-cluster-key-not-the-cluster-key").unwrap());
+    // A datagram n1 addressed to n3, replayed to n2.
+    forged.push(wire::encode(&env("n1", "n3", now_ms, 3), CLUSTER_KEY).unwrap());
+    // The good datagram re-labelled with another node id (the MAC no longer matches).
+    let mut relabelled = good.clone();
+    let i = relabelled.windows(2).position(|w| w == b"n1").unwrap();
+    relabelled[i + 1] = b'3';
+    forged.push(relabelled);
+    // Claims to come from n2 itself.
+    forged.push(wire::encode(&env("n2", "n2", now_ms, 4), CLUSTER_KEY).unwrap());
+    // A capture from long ago.
+    forged.push(wire::encode(&env("n1", "n2", now_ms - 600_000, 5), CLUSTER_KEY).unwrap());
+    for f in &forged {
+        sock.send_to(f, target).await.unwrap();
+    }
+    let all = eventually(T, || metric(&n2, "sigrouter_dropped_total{reason=\"cluster_auth\"}") - before >= forged.len() as f64).await;
+    assert!(all, "not every forged datagram was counted as a cluster_auth drop");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await.is_err(),
+        "a forged datagram was answered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_new_node_while_redis_is_slow() {
+    let redis = Redis::start();
+    // Tables refresh only when nudged (the period is far longer than the test).
+    let slow = |id: &str| {
+        let mut cfg = cluster_config(&redis.url(), id);
+        if let Some(cc) = cfg.cluster.as_mut() {
+            cc.table_period = Duration::from_secs(600);
+        }
+        cfg
+    };
+    let n1 = Node::start(slow("n1")).await;
+    let n2 = Node::start(slow("n2")).await;
+    // n1 and n2 read the registry once at start; make sure both saw both.
+    wait_for_nodes(&[&n1], 1).await;
+    let mut a = Raw::register(n1.addr).await;
+    let mut a2 = Raw::register(n1.addr).await;
+    // A node none of them has seen: the rolling upgrade's new pod.
+    let n3 = Node::start(slow("n3")).await;
+    let mut t = Raw::register(n3.addr).await;
+    wait_presence(&redis, &t.uuid, "n3").await;
+    assert!(n1.router.cluster().unwrap().node("n3").is_none(), "n1 should not know n3 yet");
+
+    // Redis stops answering for 3 s while a's connect needs n3.
+    redis.cmd_detached(&["DEBUG", "SLEEP", "3"]);
+    let blocked = eventually(Duration::from_secs(2), || redis.is_blocked()).await;
+    assert!(blocked, "DEBUG SLEEP did not take effect");
+    let slept_at = Instant::now();
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: t.uuid,
+        payload: payload("through the upgrade"),
+    }))
+    .await;
+    // Other requests on the same node are answered promptly meanwhile.
+    for _ in 0..5 {
+        let sent = Instant::now();
+        a2.heartbeat().await;
+        assert!(sent.elapsed() < Duration::from_millis(300), "a heartbeat waited on Redis");
+    }
+    let sent = Instant::now();
+    let (lrid, inc) = connect(&mut a2, &a, "local").await;
+    answer(&mut a, inc.connection, true, "").await;
+    assert!(matches!(outcome(&a2, lrid).await, Message::Connected(_)));
+    assert!(sent.elapsed() < Duration::from_millis(500), "a local connect waited on Redis");
+    // The cross-node connect fails fast (retry-later), it does not hang.
+    match outcome(&a, rid).await {
+        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::RetryLater),
+        Message::Connected(_) => panic!("connected while Redis slept"),
+        m => panic!("unexpected {m:?}"),
+    }
+    assert!(slept_at.elapsed() < Duration::from_millis(2500), "the failure was not fast");
+    // Once Redis answers again, the connect succeeds (the client's retries).
+    match connect_retrying(&mut a, &mut t, Duration::from_secs(15)).await {
+        Message::Connected(c) => assert_eq!(c.peer, t.uuid),
+        m => panic!("expected Connected after Redis woke up, got {m:?}"),
+    }
+    assert!(n1.router.cluster().unwrap().node("n3").is_some());
+    assert_eq!(metric(&n1, "sigrouter_waiting_requests"), 0.0, "a request is stuck waiting");
+    drop(n2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_misses_cause_one_refresh() {
+    let redis = Redis::start();
+    let mut cfg = cluster_config(&redis.url(), "n1");
+    if let Some(cc) = cfg.cluster.as_mut() {
+        cc.table_period = Duration::from_secs(600);
+    }
+    let n1 = Node::start(cfg).await;
+    wait_for_nodes(&[&n1], 1).await;
+    let cluster = n1.router.cluster().unwrap().clone();
+    let before = metric(&n1, "sigrouter_node_table_refreshes_total");
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let c = cluster.clone();
+        set.spawn(async move { c.wait_for_node("ghost", Duration::from_secs(1)).await.is_none() });
+    }
+    while let Some(r) = set.join_next().await {
+        assert!(r.unwrap(), "a ghost node was found");
+    }
+    let refreshes = metric(&n1, "sigrouter_node_table_refreshes_total") - before;
+    println!("1000 concurrent misses caused {refreshes} table refreshes");
+    assert!((1.0..=2.0).contains(&refreshes), "{refreshes} refreshes for 1000 misses");
+    assert_eq!(metric(&n1, "sigrouter_waiting_requests"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_local_routing_and_recovers_by_itself() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let mut c1 = cluster_config(&redis.url(), "n1");
+    c1.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let n1 = Node::start(c1).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    wait_for_nodes(&[&n1, &n2], 2).await;
+    let mut a = Raw::register(n1.addr).await;
+    let mut a2 = Raw::register(n1.addr).await;
+    let mut b = Raw::register(n2.addr).await;
+    wait_presence(&redis, &b.uuid, "n2").await;
+
+    redis.stop();
+    // Liveness never depends on Redis.
+    let health = reqwest_like_get(n1.metrics.unwrap(), "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    // Local connects keep working throughout.
+    for _ in 0..3 {
+        let (rid, inc) = connect(&mut a, &a2, "local during outage").await;
+        answer(&mut a2, inc.connection, true, "").await;
+        assert!(matches!(outcome(&a, rid).await, Message::Connected(_)));
+    }
+    // A cross-node connect that needs Redis fails fast with retry-later.
+    let sent = Instant::now();
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: b.uuid,
+        payload: payload(""),
+    }))
+    .await;
+    match outcome(&a, rid).await {
+        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::RetryLater),
+        m => panic!("expected retry-later during the outage, got {m:?}"),
+    }
+    assert!(sent.elapsed() < Duration::from_secs(2));
+    let ok = eventually(T, || metric(&n1, "sigrouter_redis_up") == 0.0).await;
+    assert!(ok, "redis_up did not drop to 0");
+
+    // Redis comes back empty (a restart without persistence): the nodes re-publish their
+    // registry records and every session's presence by themselves.
+    let redis = Redis::start_on(port);
+    let back = eventually(Duration::from_secs(10), || redis.presence_on(&a.uuid, "n1")).await;
+    println!(
+        "n1 redis_up={} errors={} cmds={}",
+        metric(&n1, "sigrouter_redis_up"),
+        metric(&n1, "sigrouter_redis_errors_total"),
+        metric(&n1, "sigrouter_redis_commands_total")
+    );
+    assert!(back, "n1 did not re-publish");
+    wait_presence(&redis, &b.uuid, "n2").await;
+    wait_presence(&redis, &a.uuid, "n1").await;
+    match connect_retrying(&mut a, &mut b, Duration::from_secs(15)).await {
+        Message::Connected(c) => assert_eq!(c.peer, b.uuid),
+        m => panic!("cross-node connect did not come back: {m:?}"),
+    }
+    assert_eq!(metric(&n1, "sigrouter_redis_up"), 1.0);
+}
+
+/// A tiny HTTP GET over a raw TCP stream (the endpoint speaks plain HTTP/1.1).
+async fn reqwest_like_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_on_another_node_keeps_the_uuid() {
+    let redis = Redis::start();
+    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    wait_for_nodes(&[&n1, &n2], 2).await;
+    let a = Raw::register(n1.addr).await;
+    wait_presence(&redis, &a.uuid, "n1").await;
+    let sock = Raw::socket().await;
+    // A wrong secret is refused by the other node too.
+    let mut bad = Message::Resume(proto::Resume {
+        rid: 50,
+        uuid: a.uuid,
+        secret: proto::Secret([9; 32]),
+        local: vec![],
+        pad: vec![],
+    });
+    sock.send_to(&proto::encode_hello(&mut bad).unwrap(), n2.addr).await.unwrap();
+    match recv_msg(&sock, T).await {
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        m => panic!("expected Unauthorized, got {m:?}"),
+    }
+    let mut m = Message::Resume(proto::Resume {
+        rid: 51,
+        uuid: a.uuid,
+        secret: a.secret,
+        local: vec![],
+        pad: vec![],
+    });
+    sock.send_to(&proto::encode_hello(&mut m).unwrap(), n2.addr).await.unwrap();
+    match recv_msg(&sock, T).await {
+        Some(Message::Registered(r)) => assert_eq!(r.uuid, a.uuid),
+        m => panic!("expected Registered, got {m:?}"),
+    }
+    wait_presence(&redis, &a.uuid, "n2").await;
+    // The old node let go of it (Moved).
+    let gone = eventually(T, || !n1.router.is_local(&a.uuid)).await;
+    assert!(gone, "n1 still holds the session after it moved");
+}
