@@ -137,6 +137,8 @@ struct Conn {
     state: ConnState,
     /// The node holding the other end, if not this one.
     remote: Option<Remote>,
+    /// This node holds the target and the initiator is on `remote`.
+    target_side: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -747,6 +749,7 @@ impl Router {
                         push,
                     },
                     remote: None,
+                    target_side: false,
                 },
             );
             self.sessions
@@ -783,6 +786,7 @@ impl Router {
                     push: 0,
                 },
                 remote: None,
+                target_side: false,
             },
         );
         self.sessions
@@ -1199,6 +1203,7 @@ impl Router {
                             node: from_node.into(),
                             addr: src,
                         }),
+                        target_side: true,
                     },
                 );
                 let msg = Message::Incoming(Incoming {
@@ -1266,6 +1271,14 @@ impl Router {
                 } else {
                     Status::NotHere
                 }
+            }
+            Body::Abort { conn } => {
+                // The target left its node before answering: the initiator tries again.
+                let ours = self.conns.get(&conn).is_some_and(|c| !c.target_side && matches!(c.state, ConnState::Pending { .. }));
+                if ours {
+                    self.fail_pending(now, conn, FailReason::RetryLater, out);
+                }
+                Status::Ok
             }
             Body::Moved { uuid } => {
                 // The presence now names the new node: do not delete it.
@@ -1408,16 +1421,34 @@ impl Router {
                 });
             }
         }
-        let timed_out: Vec<Uuid> = self
+        let pending: Vec<(Uuid, Conn, bool)> = self
             .conns
             .iter()
-            .filter(|e| matches!(e.state, ConnState::Pending { deadline, .. } if deadline <= now))
-            .map(|e| *e.key())
+            .filter_map(|e| match e.state {
+                ConnState::Pending { deadline, .. } => Some((*e.key(), e.value().clone(), deadline <= now)),
+                ConnState::Established { .. } => None,
+            })
             .collect();
-        for id in timed_out {
-            // Only the initiator's node answers the Connect; a target-side pending entry
-            // (initiator remote) just goes away.
-            self.fail_pending(now, id, FailReason::Timeout, out);
+        for (id, conn, expired) in pending {
+            if expired {
+                // Only the initiator's node answers the Connect; a target-side pending entry
+                // (initiator remote) just goes away.
+                self.fail_pending(now, id, FailReason::Timeout, out);
+                continue;
+            }
+            // The target left (moved to another node, said Bye, expired) before answering:
+            // tell the initiator at once rather than after the timeout.
+            let target_here = conn.remote.is_none() || conn.target_side;
+            if target_here && !self.sessions.contains(&conn.target) {
+                match (&conn.remote, &self.cluster) {
+                    (Some(remote), Some(cluster)) if conn.target_side => {
+                        self.conns.remove(&id);
+                        let body = Body::Abort { conn: id };
+                        self.forward(now, cluster, &remote.node, remote.addr, body, Then::Nothing, out);
+                    }
+                    _ => self.fail_pending(now, id, FailReason::RetryLater, out),
+                }
+            }
         }
     }
 

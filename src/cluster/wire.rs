@@ -76,6 +76,11 @@ pub enum Body {
         /// Signal payload.
         payload: Payload,
     },
+    /// The target of a pending connection left the sending node before answering.
+    Abort {
+        /// Connection id.
+        conn: Uuid,
+    },
     /// The client resumed on the sending node: forget its session.
     Moved {
         /// The client.

@@ -8,8 +8,13 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// The router's public address. Re-homing always comes back here.
+    /// The router's public address (a load balancer, or one node). Re-homing comes back here
+    /// first.
     pub server: SocketAddr,
+    /// More router addresses to try, in order, when re-homing or migrating fails at
+    /// [`server`](Self::server) (for example the other nodes of a cluster without a load
+    /// balancer in front). Empty by default.
+    pub fallback_servers: Vec<SocketAddr>,
     /// Local address to bind. `None` binds the wildcard address of the server's family on an
     /// ephemeral port. Rebinds (migrate, re-home, draining) keep the IP and take a new port.
     pub bind: Option<SocketAddr>,
@@ -44,6 +49,7 @@ impl ClientConfig {
     pub fn new(server: SocketAddr) -> Self {
         Self {
             server,
+            fallback_servers: Vec::new(),
             bind: None,
             local_addrs: Vec::new(),
             missed_acks_before_rehome: 3,
@@ -55,6 +61,13 @@ impl ClientConfig {
             drop_outbound: 0.0,
             loss_seed: 0x5167_5eed,
         }
+    }
+
+    /// Every router address, the configured one first.
+    pub(crate) fn servers(&self) -> Vec<SocketAddr> {
+        let mut v = vec![self.server];
+        v.extend(self.fallback_servers.iter().copied().filter(|a| *a != self.server));
+        v
     }
 
     /// The address the first socket binds.

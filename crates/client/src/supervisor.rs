@@ -73,10 +73,14 @@ impl Supervisor {
                 cmd = self.rx.recv() => match cmd {
                     None => return,
                     Some(SupCmd::Migrate { to }) => {
-                        let to = to.unwrap_or(cfg.server);
-                        if self.relocate(to).await.is_err() {
-                            return;
+                        let mut order = cfg.servers();
+                        if let Some(to) = to {
+                            order.retain(|a| *a != to);
+                            order.insert(0, to);
                         }
+                        let Ok(to) = self.relocate(&order).await else {
+                            return;
+                        };
                         self.emit(Event::Migrated { to });
                         missed = 0;
                     }
@@ -107,10 +111,18 @@ impl Supervisor {
                             missed += 1;
                             tracing::debug!(missed, "heartbeat unanswered");
                             if missed >= cfg.missed_acks_before_rehome.max(1) {
-                                if self.relocate(cfg.server).await.is_err() {
-                                    return;
+                                // The configured address first (a load balancer picks a live
+                                // node for the new port), then the others; the silent one last.
+                                let current = self.shared.session().server;
+                                let mut order = cfg.servers();
+                                if order.len() > 1 {
+                                    order.retain(|a| *a != current);
+                                    order.push(current);
                                 }
-                                self.emit(Event::Rehomed { server: cfg.server });
+                                let Ok(server) = self.relocate(&order).await else {
+                                    return;
+                                };
+                                self.emit(Event::Rehomed { server });
                                 missed = 0;
                             }
                         }
@@ -185,24 +197,30 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Move to a new local port and resume at `server`, retrying with backoff (each attempt
-    /// from a new port) until it works. Fails only when the client closes.
-    async fn relocate(&mut self, server: SocketAddr) -> Result<(), ClientError> {
+    /// Move to a new local port and resume at the first of `servers` that takes it, cycling
+    /// through them with backoff (each attempt from a new port) until one does. Returns the
+    /// server; fails only when the client closes.
+    async fn relocate(&mut self, servers: &[SocketAddr]) -> Result<SocketAddr, ClientError> {
         let mut pause = Backoff::reconnect();
-        loop {
+        for attempt in 0usize.. {
+            let server = servers[attempt % servers.len()];
             match self.shared.rebind().await {
                 Ok(local) => tracing::debug!(%local, %server, "relocating"),
                 Err(ClientError::Closed) => return Err(ClientError::Closed),
                 Err(e) => tracing::warn!(error = %e, "rebind failed"),
             }
             match self.resume_or_register(server).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(server),
                 Err(ClientError::Closed) => return Err(ClientError::Closed),
                 Err(e) => {
-                    tracing::debug!(error = %e, %server, "resume failed; retrying");
-                    sleep(pause.next_jittered()).await;
+                    tracing::debug!(error = %e, %server, "resume failed; trying the next");
+                    // A pause after each full round; the next address at once otherwise.
+                    if (attempt + 1) % servers.len() == 0 {
+                        sleep(pause.next_jittered()).await;
+                    }
                 }
             }
         }
+        Err(ClientError::Closed)
     }
 }

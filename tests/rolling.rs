@@ -1,0 +1,331 @@
+//! Whole-process cluster tests: real `sigrouter serve` processes (SIGTERM, SIGKILL), a real
+//! redis-server, and clients built on the client library.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{eventually, free_port, Redis, CLUSTER_KEY};
+use sigrouter_client::{Client, ClientConfig, ConnectOutcome, Event, FailReason};
+use uuid::Uuid;
+
+/// One `sigrouter serve` process; ports are fixed so a restart comes back at the same address.
+struct Proc {
+    id: String,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+fn udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Proc {
+    fn new(redis: &str, id: &str, key_file: &std::path::Path) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", udp_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let cluster = format!("127.0.0.1:{}", udp_port());
+        let args: Vec<String> = [
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--redis-url",
+            redis,
+            "--node-id",
+            id,
+            "--cluster-listen",
+            &cluster,
+            "--cluster-key-file",
+            key_file.to_str().unwrap(),
+            "--heartbeat-secs",
+            "0.5",
+            "--drain-secs",
+            "6",
+            "--registry-period-secs",
+            "0.3",
+            "--table-refresh-secs",
+            "0.5",
+            "--redis-timeout-ms",
+            "300",
+            "--register-rate",
+            "1000",
+            "--register-burst",
+            "1000",
+            "--workers",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Self {
+            id: id.to_string(),
+            addr,
+            metrics,
+            args,
+            child: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_sigrouter"))
+            .args(&self.args)
+            .env("SIGROUTER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sigrouter");
+        self.child = Some(child);
+    }
+
+    async fn ready(&self) -> bool {
+        http_status(self.metrics, "/readyz").await == Some(200)
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns how long the drain took.
+    fn terminate(&mut self) -> Duration {
+        let t = Instant::now();
+        self.signal("-TERM");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "{} exited with {status} after SIGTERM", self.id);
+                return t.elapsed();
+            }
+            assert!(Instant::now() < deadline, "{} did not exit after SIGTERM", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(1), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn wait_ready(p: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if p.ready().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never became ready", p.id);
+}
+
+struct Fleet {
+    _redis: Redis,
+    _dir: std::path::PathBuf,
+    nodes: Vec<Proc>,
+}
+
+async fn fleet(n: usize) -> Fleet {
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!("sigrouter-fleet-{}-{}", std::process::id(), redis.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, CLUSTER_KEY).unwrap();
+    let mut nodes: Vec<Proc> = (0..n).map(|i| Proc::new(&redis.url(), &format!("n{}", i + 1), &key)).collect();
+    for p in &mut nodes {
+        p.start();
+    }
+    for p in &nodes {
+        wait_ready(p).await;
+    }
+    // Every node must see every other before the test starts.
+    let all: Vec<String> = nodes.iter().map(|p| p.id.clone()).collect();
+    let ok = eventually(Duration::from_secs(10), || {
+        let v = redis.cmd(&["HKEYS", "sigrouter:{nodes}"]);
+        matches!(v, Ok(redis::Value::Array(ref a)) if a.len() == all.len())
+    })
+    .await;
+    assert!(ok, "registry never listed every node");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    Fleet {
+        _redis: redis,
+        _dir: dir,
+        nodes,
+    }
+}
+
+/// A client that accepts every incoming connection.
+async fn acceptor(server: SocketAddr, all: &[SocketAddr]) -> Client {
+    let mut cfg = ClientConfig::new(server);
+    cfg.fallback_servers = all.to_vec();
+    let (client, mut events) = Client::register(cfg).await.expect("register");
+    let c = client.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Event::Incoming { connection, .. } = ev {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let _ = c.accept(connection, b"ok").await;
+                });
+            }
+        }
+    });
+    client
+}
+
+/// Connects, retrying retry-later answers (a real client's retries) for up to `within`.
+/// Returns the final outcome name and the retry-later answers absorbed.
+async fn connect_with_retries(from: &Client, to: Uuid, within: Duration) -> (String, u32) {
+    let end = Instant::now() + within;
+    let mut absorbed = 0;
+    loop {
+        let r = from.connect(to, b"hello").await;
+        let name = match &r {
+            Ok(ConnectOutcome::Connected { .. }) => return ("connected".into(), absorbed),
+            Ok(ConnectOutcome::Failed { reason, .. }) => reason.name().to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        let retryable = matches!(r, Ok(ConnectOutcome::Failed { reason: FailReason::RetryLater, .. }));
+        if !retryable || Instant::now() >= end {
+            return (name, absorbed);
+        }
+        absorbed += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_keeps_connects_working() {
+    let mut f = fleet(3).await;
+    let addrs: Vec<SocketAddr> = f.nodes.iter().map(|p| p.addr).collect();
+    // Two clients per node, all accepting.
+    let mut clients = Vec::new();
+    for a in &addrs {
+        for _ in 0..2 {
+            clients.push(acceptor(*a, &addrs).await);
+        }
+    }
+    let clients = Arc::new(clients);
+    let outcomes: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
+    let absorbed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    // Load during the upgrade: pairs on different nodes connect, one after another.
+    let load = {
+        let (clients, outcomes, absorbed, done) = (clients.clone(), outcomes.clone(), absorbed.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !done.load(Ordering::Relaxed) {
+                let a = &clients[i % clients.len()];
+                let b = &clients[(i + 3) % clients.len()];
+                let (name, n) = connect_with_retries(a, b.uuid(), Duration::from_secs(20)).await;
+                absorbed.fetch_add(n, Ordering::Relaxed);
+                *outcomes.lock().unwrap().entry(name).or_default() += 1;
+                i += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..f.nodes.len() {
+        let took = f.nodes[i].terminate();
+        println!("{} drained and exited in {:.2}s", f.nodes[i].id, took.as_secs_f64());
+        f.nodes[i].start();
+        wait_ready(&f.nodes[i]).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let during = outcomes.lock().unwrap().clone();
+    println!(
+        "during the upgrade: {during:?}, retry-later answers absorbed by retries: {}",
+        absorbed.load(Ordering::Relaxed)
+    );
+    assert!(during.get("connected").copied().unwrap_or(0) >= 10, "too little load ran: {during:?}");
+    assert_eq!(during.len(), 1, "connects failed during the upgrade: {during:?}");
+
+    // After the upgrade every connect succeeds, every client kept its UUID.
+    let mut after = BTreeMap::<String, u32>::new();
+    for i in 0..clients.len() {
+        for j in 0..clients.len() {
+            if i != j {
+                let (name, _) = connect_with_retries(&clients[i], clients[j].uuid(), Duration::from_secs(10)).await;
+                *after.entry(name).or_default() += 1;
+            }
+        }
+    }
+    println!("after the upgrade: {after:?}");
+    assert_eq!(after.get("connected").copied(), Some((clients.len() * (clients.len() - 1)) as u32), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_clients_rehome_and_are_reachable_again() {
+    let mut f = fleet(3).await;
+    let addrs: Vec<SocketAddr> = f.nodes.iter().map(|p| p.addr).collect();
+    let victims = vec![acceptor(addrs[1], &addrs).await, acceptor(addrs[1], &addrs).await];
+    let caller = acceptor(addrs[0], &addrs).await;
+    for v in &victims {
+        let (name, _) = connect_with_retries(&caller, v.uuid(), Duration::from_secs(10)).await;
+        assert_eq!(name, "connected");
+    }
+    let killed_at = Instant::now();
+    f.nodes[1].kill9();
+    let mut rehome = Vec::new();
+    for v in &victims {
+        let uuid = v.uuid();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (name, _) = connect_with_retries(&caller, uuid, Duration::from_secs(2)).await;
+            if name == "connected" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{uuid} unreachable 30 s after its node died ({name})");
+        }
+        assert_eq!(v.uuid(), uuid, "the client lost its UUID");
+        assert_ne!(v.server(), addrs[1], "the client is still on the dead node");
+        rehome.push(killed_at.elapsed());
+    }
+    println!(
+        "after kill -9 (heartbeat 0.5 s, 3 missed acks): connects to re-homed clients succeed again after {:?}",
+        rehome
+    );
+}
