@@ -50,6 +50,10 @@ const FWD_RTO: Duration = Duration::from_millis(100);
 /// A node-to-node request unanswered for this long fails (retry-later for the client).
 const FWD_DEADLINE: Duration = Duration::from_secs(2);
 
+/// What the directory said about a resuming client: `Ok(Some((verifier, node)))`, `Ok(None)`
+/// when it knows nothing, `Err(())` when it could not be read.
+pub type ResumeLookup = Result<Option<([u8; 32], Arc<str>)>, ()>;
+
 /// One datagram to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -438,7 +442,7 @@ impl Router {
         src: SocketAddr,
         req_len: usize,
         m: proto::Resume,
-        found: Result<Option<([u8; 32], Arc<str>)>, ()>,
+        found: ResumeLookup,
         out: &mut Outbox,
     ) {
         let (verifier, old) = match found {
@@ -1141,12 +1145,9 @@ impl Router {
         let Some(cluster) = &self.cluster else {
             return;
         };
-        let env = match cluster.open(buf) {
-            Ok(e) => e,
-            Err(_) => {
-                self.metrics.drop(DropReason::ClusterAuth);
-                return;
-            }
+        let Ok(env) = cluster.open(buf) else {
+            self.metrics.drop(DropReason::ClusterAuth);
+            return;
         };
         self.metrics.forwarded_in.increment(1);
         if let Body::Reply { status } = env.body {
@@ -1274,7 +1275,9 @@ impl Router {
             }
             Body::Abort { conn } => {
                 // The target left its node before answering: the initiator tries again.
-                let ours = self.conns.get(&conn).is_some_and(|c| !c.target_side && matches!(c.state, ConnState::Pending { .. }));
+                let ours = self.conns.get(&conn).is_some_and(|c| {
+                    !c.target_side && matches!(c.state, ConnState::Pending { .. })
+                });
                 if ours {
                     self.fail_pending(now, conn, FailReason::RetryLater, out);
                 }
@@ -1425,7 +1428,9 @@ impl Router {
             .conns
             .iter()
             .filter_map(|e| match e.state {
-                ConnState::Pending { deadline, .. } => Some((*e.key(), e.value().clone(), deadline <= now)),
+                ConnState::Pending { deadline, .. } => {
+                    Some((*e.key(), e.value().clone(), deadline <= now))
+                }
                 ConnState::Established { .. } => None,
             })
             .collect();
@@ -1444,7 +1449,15 @@ impl Router {
                     (Some(remote), Some(cluster)) if conn.target_side => {
                         self.conns.remove(&id);
                         let body = Body::Abort { conn: id };
-                        self.forward(now, cluster, &remote.node, remote.addr, body, Then::Nothing, out);
+                        self.forward(
+                            now,
+                            cluster,
+                            &remote.node,
+                            remote.addr,
+                            body,
+                            Then::Nothing,
+                            out,
+                        );
                     }
                     _ => self.fail_pending(now, id, FailReason::RetryLater, out),
                 }

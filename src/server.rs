@@ -243,7 +243,10 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let started = Instant::now();
     let deadline = started + c.cfg.drain;
     c.set_draining();
-    if tasks::publish_self(c, router, c.cfg.registry_period).await.is_none() {
+    if tasks::publish_self(c, router, c.cfg.registry_period)
+        .await
+        .is_none()
+    {
         tracing::warn!("could not mark this node draining in Redis; continuing the drain");
     }
     let mut told_at = None;

@@ -45,10 +45,12 @@ pub enum StoreError {
 
 enum Backend {
     Single(ConnectionManager),
-    Cluster {
-        client: ClusterClient,
-        conn: OnceCell<ClusterConnection>,
-    },
+    Cluster(Box<ClusterBackend>),
+}
+
+struct ClusterBackend {
+    client: ClusterClient,
+    conn: OnceCell<ClusterConnection>,
 }
 
 /// A handle on Redis with deadlines and metrics. Cheap to share (`Arc<Store>`).
@@ -73,13 +75,13 @@ impl Store {
                 None
             };
         let backend = match cluster_urls {
-            Some(urls) => Backend::Cluster {
+            Some(urls) => Backend::Cluster(Box::new(ClusterBackend {
                 client: ClusterClient::builder(urls)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
                     .build()?,
                 conn: OnceCell::new(),
-            },
+            })),
             None => {
                 let client = redis::Client::open(url)?;
                 let cfg = ConnectionManagerConfig::new()
@@ -136,9 +138,10 @@ impl Store {
         let work = async {
             match &self.backend {
                 Backend::Single(m) => what.send(&mut m.clone()).await,
-                Backend::Cluster { client, conn } => {
-                    let c = conn
-                        .get_or_try_init(|| client.get_async_connection())
+                Backend::Cluster(b) => {
+                    let c = b
+                        .conn
+                        .get_or_try_init(|| b.client.get_async_connection())
                         .await?;
                     what.send(&mut c.clone()).await
                 }

@@ -6,7 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    answer, cluster_config, connect, eventually, outcome, payload, recv_msg, signal, wait_for_nodes, Node, Raw, Redis, CLUSTER_KEY, T,
+    answer, cluster_config, connect, eventually, outcome, payload, recv_msg, signal,
+    wait_for_nodes, Node, Raw, Redis, CLUSTER_KEY, T,
 };
 use sigrouter::cluster::wire::{self, Body, Envelope};
 use sigrouter::proto::{self, ErrorCode, FailReason, Message};
@@ -63,7 +64,9 @@ async fn connect_retrying(a: &mut Raw, b: &mut Raw, deadline: Duration) -> Messa
             }
         };
         match &m {
-            Message::ConnectFailed(f) if f.reason == FailReason::RetryLater && Instant::now() < end => {
+            Message::ConnectFailed(f)
+                if f.reason == FailReason::RetryLater && Instant::now() < end =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             _ => return m,
@@ -87,13 +90,19 @@ async fn three_nodes_connect_and_signal_across_nodes() {
 
     // a (n1) -> b (n2): accepted, addresses exchanged, signals both ways across the hop.
     let (rid, inc) = connect(&mut a, &b, "offer").await;
-    assert_eq!((inc.from, inc.observed.0), (a.uuid, a.sock.local_addr().unwrap()));
+    assert_eq!(
+        (inc.from, inc.observed.0),
+        (a.uuid, a.sock.local_addr().unwrap())
+    );
     assert_eq!(inc.payload, payload("offer"));
     answer(&mut b, inc.connection, true, "answer").await;
     let Message::Connected(conn) = outcome(&a, rid).await else {
         panic!("expected Connected across nodes")
     };
-    assert_eq!((conn.peer, conn.observed.0), (b.uuid, b.sock.local_addr().unwrap()));
+    assert_eq!(
+        (conn.peer, conn.observed.0),
+        (b.uuid, b.sock.local_addr().unwrap())
+    );
     assert_eq!(conn.payload, payload("answer"));
     signal(&mut a, &b, conn.connection, "a->b over the hop").await;
     signal(&mut b, &a, conn.connection, "b->a over the hop").await;
@@ -102,12 +111,18 @@ async fn three_nodes_connect_and_signal_across_nodes() {
     let (rid, inc) = connect(&mut c, &a, "hi").await;
     answer(&mut a, inc.connection, false, "no thanks").await;
     match outcome(&c, rid).await {
-        Message::ConnectFailed(f) => assert_eq!((f.reason, f.payload), (FailReason::Rejected, payload("no thanks"))),
+        Message::ConnectFailed(f) => assert_eq!(
+            (f.reason, f.payload),
+            (FailReason::Rejected, payload("no thanks"))
+        ),
         m => panic!("expected rejected, got {m:?}"),
     }
 
     // Online status across nodes.
-    assert_eq!(c.query(vec![a.uuid, b.uuid, Uuid::new_v4()]).await, vec![true, true, false]);
+    assert_eq!(
+        c.query(vec![a.uuid, b.uuid, Uuid::new_v4()]).await,
+        vec![true, true, false]
+    );
 
     // An offline target anywhere: offline.
     let rid = a.next_rid();
@@ -124,15 +139,21 @@ async fn three_nodes_connect_and_signal_across_nodes() {
     }
 
     // Steady state: repeated connects to the same peer cost no Redis command (cached).
-    let before = metric(&n1, "sigrouter_redis_commands_total") + metric(&n2, "sigrouter_redis_commands_total");
-    let routed_before = metric(&n1, "sigrouter_routed_requests_total") + metric(&n2, "sigrouter_routed_requests_total");
+    let before = metric(&n1, "sigrouter_redis_commands_total")
+        + metric(&n2, "sigrouter_redis_commands_total");
+    let routed_before = metric(&n1, "sigrouter_routed_requests_total")
+        + metric(&n2, "sigrouter_routed_requests_total");
     for i in 0..20 {
         let (rid, inc) = connect(&mut a, &b, &format!("again {i}")).await;
         answer(&mut b, inc.connection, true, "").await;
         assert!(matches!(outcome(&a, rid).await, Message::Connected(_)));
     }
-    let cmds = metric(&n1, "sigrouter_redis_commands_total") + metric(&n2, "sigrouter_redis_commands_total") - before;
-    let routed = metric(&n1, "sigrouter_routed_requests_total") + metric(&n2, "sigrouter_routed_requests_total") - routed_before;
+    let cmds = metric(&n1, "sigrouter_redis_commands_total")
+        + metric(&n2, "sigrouter_redis_commands_total")
+        - before;
+    let routed = metric(&n1, "sigrouter_routed_requests_total")
+        + metric(&n2, "sigrouter_routed_requests_total")
+        - routed_before;
     println!("redis commands {cmds} for {routed} routed requests (registry renewals included)");
     // Only background renewals and table refreshes (about 2 per 300 ms per node in this test's
     // fast settings) — none per request.
@@ -153,22 +174,41 @@ async fn forged_internal_datagrams_are_dropped() {
         to: to.into(),
         ts,
         seq,
-        body: Body::Moved { uuid: Uuid::new_v4() },
+        body: Body::Moved {
+            uuid: Uuid::new_v4(),
+        },
     };
     // Positive control: a well-formed datagram from "n1" is answered.
     let good = wire::encode(&env("n1", "n2", now_ms, 1), CLUSTER_KEY).unwrap();
     sock.send_to(&good, target).await.unwrap();
     let mut buf = [0u8; 2048];
-    let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf)).await.expect("reply").unwrap();
+    let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
+        .await
+        .expect("reply")
+        .unwrap();
     let reply = wire::decode(&buf[..n], CLUSTER_KEY).unwrap();
-    assert_eq!((reply.seq, reply.body), (1, Body::Reply { status: wire::Status::Ok }));
+    assert_eq!(
+        (reply.seq, reply.body),
+        (
+            1,
+            Body::Reply {
+                status: wire::Status::Ok
+            }
+        )
+    );
 
     let before = metric(&n2, "sigrouter_dropped_total{reason=\"cluster_auth\"}");
     let mut forged: Vec<Vec<u8>> = Vec::new();
     // No MAC at all.
     forged.push(good[..good.len() - proto::MAC_LEN].to_vec());
     // A MAC under the wrong key.
-    forged.push(wire::encode(&env("n1", "n2", now_ms, 2), b"not-the-cluster-key-not-the-cluster-key").unwrap());
+    forged.push(
+        wire::encode(
+            &env("n1", "n2", now_ms, 2),
+            b"not-the-cluster-key-not-the-cluster-key",
+        )
+        .unwrap(),
+    );
     // A datagram n1 addressed to n3, replayed to n2.
     forged.push(wire::encode(&env("n1", "n3", now_ms, 3), CLUSTER_KEY).unwrap());
     // The good datagram re-labelled with another node id (the MAC no longer matches).
@@ -183,10 +223,19 @@ async fn forged_internal_datagrams_are_dropped() {
     for f in &forged {
         sock.send_to(f, target).await.unwrap();
     }
-    let all = eventually(T, || metric(&n2, "sigrouter_dropped_total{reason=\"cluster_auth\"}") - before >= forged.len() as f64).await;
-    assert!(all, "not every forged datagram was counted as a cluster_auth drop");
+    let all = eventually(T, || {
+        metric(&n2, "sigrouter_dropped_total{reason=\"cluster_auth\"}") - before
+            >= forged.len() as f64
+    })
+    .await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await.is_err(),
+        all,
+        "not every forged datagram was counted as a cluster_auth drop"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf))
+            .await
+            .is_err(),
         "a forged datagram was answered"
     );
 }
@@ -212,7 +261,10 @@ async fn seed_scenario_new_node_while_redis_is_slow() {
     let n3 = Node::start(slow("n3")).await;
     let mut t = Raw::register(n3.addr).await;
     wait_presence(&redis, &t.uuid, "n3").await;
-    assert!(n1.router.cluster().unwrap().node("n3").is_none(), "n1 should not know n3 yet");
+    assert!(
+        n1.router.cluster().unwrap().node("n3").is_none(),
+        "n1 should not know n3 yet"
+    );
 
     // Redis stops answering for 3 s while a's connect needs n3.
     redis.cmd_detached(&["DEBUG", "SLEEP", "3"]);
@@ -231,27 +283,40 @@ async fn seed_scenario_new_node_while_redis_is_slow() {
     for _ in 0..5 {
         let sent = Instant::now();
         a2.heartbeat().await;
-        assert!(sent.elapsed() < Duration::from_millis(300), "a heartbeat waited on Redis");
+        assert!(
+            sent.elapsed() < Duration::from_millis(300),
+            "a heartbeat waited on Redis"
+        );
     }
     let sent = Instant::now();
     let (lrid, inc) = connect(&mut a2, &a, "local").await;
     answer(&mut a, inc.connection, true, "").await;
     assert!(matches!(outcome(&a2, lrid).await, Message::Connected(_)));
-    assert!(sent.elapsed() < Duration::from_millis(500), "a local connect waited on Redis");
+    assert!(
+        sent.elapsed() < Duration::from_millis(500),
+        "a local connect waited on Redis"
+    );
     // The cross-node connect fails fast (retry-later), it does not hang.
     match outcome(&a, rid).await {
         Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::RetryLater),
         Message::Connected(_) => panic!("connected while Redis slept"),
         m => panic!("unexpected {m:?}"),
     }
-    assert!(slept_at.elapsed() < Duration::from_millis(2500), "the failure was not fast");
+    assert!(
+        slept_at.elapsed() < Duration::from_millis(2500),
+        "the failure was not fast"
+    );
     // Once Redis answers again, the connect succeeds (the client's retries).
     match connect_retrying(&mut a, &mut t, Duration::from_secs(15)).await {
         Message::Connected(c) => assert_eq!(c.peer, t.uuid),
         m => panic!("expected Connected after Redis woke up, got {m:?}"),
     }
     assert!(n1.router.cluster().unwrap().node("n3").is_some());
-    assert_eq!(metric(&n1, "sigrouter_waiting_requests"), 0.0, "a request is stuck waiting");
+    assert_eq!(
+        metric(&n1, "sigrouter_waiting_requests"),
+        0.0,
+        "a request is stuck waiting"
+    );
     drop(n2);
 }
 
@@ -269,14 +334,21 @@ async fn a_thousand_misses_cause_one_refresh() {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..1000 {
         let c = cluster.clone();
-        set.spawn(async move { c.wait_for_node("ghost", Duration::from_secs(1)).await.is_none() });
+        set.spawn(async move {
+            c.wait_for_node("ghost", Duration::from_secs(1))
+                .await
+                .is_none()
+        });
     }
     while let Some(r) = set.join_next().await {
         assert!(r.unwrap(), "a ghost node was found");
     }
     let refreshes = metric(&n1, "sigrouter_node_table_refreshes_total") - before;
     println!("1000 concurrent misses caused {refreshes} table refreshes");
-    assert!((1.0..=2.0).contains(&refreshes), "{refreshes} refreshes for 1000 misses");
+    assert!(
+        (1.0..=2.0).contains(&refreshes),
+        "{refreshes} refreshes for 1000 misses"
+    );
     assert_eq!(metric(&n1, "sigrouter_waiting_requests"), 0.0);
 }
 
@@ -371,7 +443,9 @@ async fn resume_on_another_node_keeps_the_uuid() {
         local: vec![],
         pad: vec![],
     });
-    sock.send_to(&proto::encode_hello(&mut bad).unwrap(), n2.addr).await.unwrap();
+    sock.send_to(&proto::encode_hello(&mut bad).unwrap(), n2.addr)
+        .await
+        .unwrap();
     match recv_msg(&sock, T).await {
         Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
         m => panic!("expected Unauthorized, got {m:?}"),
@@ -383,7 +457,9 @@ async fn resume_on_another_node_keeps_the_uuid() {
         local: vec![],
         pad: vec![],
     });
-    sock.send_to(&proto::encode_hello(&mut m).unwrap(), n2.addr).await.unwrap();
+    sock.send_to(&proto::encode_hello(&mut m).unwrap(), n2.addr)
+        .await
+        .unwrap();
     match recv_msg(&sock, T).await {
         Some(Message::Registered(r)) => assert_eq!(r.uuid, a.uuid),
         m => panic!("expected Registered, got {m:?}"),

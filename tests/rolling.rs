@@ -96,7 +96,11 @@ impl Proc {
 
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
-        let ok = Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill {sig} {pid}");
     }
 
@@ -108,10 +112,18 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{} exited with {status} after SIGTERM", self.id);
+                assert!(
+                    status.success(),
+                    "{} exited with {status} after SIGTERM",
+                    self.id
+                );
                 return t.elapsed();
             }
-            assert!(Instant::now() < deadline, "{} did not exit after SIGTERM", self.id);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit after SIGTERM",
+                self.id
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -168,11 +180,17 @@ struct Fleet {
 
 async fn fleet(n: usize) -> Fleet {
     let redis = Redis::start();
-    let dir = std::env::temp_dir().join(format!("sigrouter-fleet-{}-{}", std::process::id(), redis.port));
+    let dir = std::env::temp_dir().join(format!(
+        "sigrouter-fleet-{}-{}",
+        std::process::id(),
+        redis.port
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let key = dir.join("cluster.key");
     std::fs::write(&key, CLUSTER_KEY).unwrap();
-    let mut nodes: Vec<Proc> = (0..n).map(|i| Proc::new(&redis.url(), &format!("n{}", i + 1), &key)).collect();
+    let mut nodes: Vec<Proc> = (0..n)
+        .map(|i| Proc::new(&redis.url(), &format!("n{}", i + 1), &key))
+        .collect();
     for p in &mut nodes {
         p.start();
     }
@@ -226,7 +244,13 @@ async fn connect_with_retries(from: &Client, to: Uuid, within: Duration) -> (Str
             Ok(ConnectOutcome::Failed { reason, .. }) => reason.name().to_string(),
             Err(e) => format!("error: {e}"),
         };
-        let retryable = matches!(r, Ok(ConnectOutcome::Failed { reason: FailReason::RetryLater, .. }));
+        let retryable = matches!(
+            r,
+            Ok(ConnectOutcome::Failed {
+                reason: FailReason::RetryLater,
+                ..
+            })
+        );
         if !retryable || Instant::now() >= end {
             return (name, absorbed);
         }
@@ -252,7 +276,12 @@ async fn rolling_upgrade_keeps_connects_working() {
     let done = Arc::new(AtomicBool::new(false));
     // Load during the upgrade: pairs on different nodes connect, one after another.
     let load = {
-        let (clients, outcomes, absorbed, done) = (clients.clone(), outcomes.clone(), absorbed.clone(), done.clone());
+        let (clients, outcomes, absorbed, done) = (
+            clients.clone(),
+            outcomes.clone(),
+            absorbed.clone(),
+            done.clone(),
+        );
         tokio::spawn(async move {
             let mut i = 0usize;
             while !done.load(Ordering::Relaxed) {
@@ -268,7 +297,11 @@ async fn rolling_upgrade_keeps_connects_working() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..f.nodes.len() {
         let took = f.nodes[i].terminate();
-        println!("{} drained and exited in {:.2}s", f.nodes[i].id, took.as_secs_f64());
+        println!(
+            "{} drained and exited in {:.2}s",
+            f.nodes[i].id,
+            took.as_secs_f64()
+        );
         f.nodes[i].start();
         wait_ready(&f.nodes[i]).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -280,28 +313,44 @@ async fn rolling_upgrade_keeps_connects_working() {
         "during the upgrade: {during:?}, retry-later answers absorbed by retries: {}",
         absorbed.load(Ordering::Relaxed)
     );
-    assert!(during.get("connected").copied().unwrap_or(0) >= 10, "too little load ran: {during:?}");
-    assert_eq!(during.len(), 1, "connects failed during the upgrade: {during:?}");
+    assert!(
+        during.get("connected").copied().unwrap_or(0) >= 10,
+        "too little load ran: {during:?}"
+    );
+    assert_eq!(
+        during.len(),
+        1,
+        "connects failed during the upgrade: {during:?}"
+    );
 
     // After the upgrade every connect succeeds, every client kept its UUID.
     let mut after = BTreeMap::<String, u32>::new();
     for i in 0..clients.len() {
         for j in 0..clients.len() {
             if i != j {
-                let (name, _) = connect_with_retries(&clients[i], clients[j].uuid(), Duration::from_secs(10)).await;
+                let (name, _) =
+                    connect_with_retries(&clients[i], clients[j].uuid(), Duration::from_secs(10))
+                        .await;
                 *after.entry(name).or_default() += 1;
             }
         }
     }
     println!("after the upgrade: {after:?}");
-    assert_eq!(after.get("connected").copied(), Some((clients.len() * (clients.len() - 1)) as u32), "{after:?}");
+    assert_eq!(
+        after.get("connected").copied(),
+        Some((clients.len() * (clients.len() - 1)) as u32),
+        "{after:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_clients_rehome_and_are_reachable_again() {
     let mut f = fleet(3).await;
     let addrs: Vec<SocketAddr> = f.nodes.iter().map(|p| p.addr).collect();
-    let victims = vec![acceptor(addrs[1], &addrs).await, acceptor(addrs[1], &addrs).await];
+    let victims = vec![
+        acceptor(addrs[1], &addrs).await,
+        acceptor(addrs[1], &addrs).await,
+    ];
     let caller = acceptor(addrs[0], &addrs).await;
     for v in &victims {
         let (name, _) = connect_with_retries(&caller, v.uuid(), Duration::from_secs(10)).await;
@@ -318,7 +367,10 @@ async fn kill_9_clients_rehome_and_are_reachable_again() {
             if name == "connected" {
                 break;
             }
-            assert!(Instant::now() < deadline, "{uuid} unreachable 30 s after its node died ({name})");
+            assert!(
+                Instant::now() < deadline,
+                "{uuid} unreachable 30 s after its node died ({name})"
+            );
         }
         assert_eq!(v.uuid(), uuid, "the client lost its UUID");
         assert_ne!(v.server(), addrs[1], "the client is still on the dead node");

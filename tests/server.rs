@@ -6,10 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{answer, connect, eventually, outcome, payload, recv_msg, signal, test_config, Node, Raw, T};
-use sigrouter::proto::{self, ErrorCode, FailReason, Message, Payload, Secret};
+use common::{
+    answer, connect, eventually, outcome, payload, recv_msg, signal, test_config, Node, Raw, T,
+};
+use sigrouter::proto::{self, ErrorCode, FailReason, Message, Secret};
 use uuid::Uuid;
-
 
 #[tokio::test]
 async fn register_heartbeat_and_query() {
@@ -498,7 +499,7 @@ async fn garbage_is_counted_and_dropped_while_real_clients_keep_working() {
     let mut a = Raw::register(node.addr).await;
     let mut b = Raw::register(node.addr).await;
     let junk = Raw::socket().await;
-    let mut rng = Rng(0x5EED_0F_5161_2026);
+    let mut rng = Rng(0x005E_ED0F_5161_2026);
     // Valid encodings of every request type to mutate, some with a valid MAC of a real session.
     let seeds: Vec<Vec<u8>> = vec![
         proto::encode(

@@ -94,14 +94,12 @@ impl Raw {
         });
         let b = proto::encode_hello(&mut m).unwrap();
         sock.send_to(&b, server).await.unwrap();
-        let reg = loop {
-            match recv_msg(&sock, Duration::from_secs(5))
-                .await
-                .expect("Registered")
-            {
-                Message::Registered(r) => break r,
-                other => panic!("expected Registered, got {other:?}"),
-            }
+        let reg = match recv_msg(&sock, Duration::from_secs(5))
+            .await
+            .expect("Registered")
+        {
+            Message::Registered(r) => r,
+            other => panic!("expected Registered, got {other:?}"),
         };
         Self {
             sock,
@@ -127,24 +125,20 @@ impl Raw {
 
     /// Next message that carries a valid MAC (or is unauthenticated), within `t`.
     pub async fn recv(&self, t: Duration) -> Option<Message> {
-        let deadline = Instant::now() + t;
         let mut buf = [0u8; 2048];
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let (n, _) = tokio::time::timeout(left, self.sock.recv_from(&mut buf))
-                .await
-                .ok()?
-                .ok()?;
-            let b = &buf[..n];
-            let m = proto::decode(b).expect("server sent a valid datagram");
-            if m.ty().is_authenticated() {
-                assert!(
-                    proto::verify_mac(b, &self.secret),
-                    "server datagram with a bad MAC"
-                );
-            }
-            return Some(m);
+        let (n, _) = tokio::time::timeout(t, self.sock.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        let b = &buf[..n];
+        let m = proto::decode(b).expect("server sent a valid datagram");
+        if m.ty().is_authenticated() {
+            assert!(
+                proto::verify_mac(b, &self.secret),
+                "server datagram with a bad MAC"
+            );
         }
+        Some(m)
     }
 
     /// Receives until `f` accepts a message (acknowledging pushes on the way) or `t` passes.
@@ -249,10 +243,22 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("sigrouter-redis-{port}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("sigrouter-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "local"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "local",
+            ])
             .arg("--dir")
             .arg(&dir)
             .stdout(std::process::Stdio::null())
@@ -320,7 +326,9 @@ impl Redis {
     pub fn presence_on(&self, uuid: &Uuid, node: &str) -> bool {
         let key = format!("sigrouter:presence:{{{}}}", uuid.simple());
         match self.cmd(&["GET", &key]) {
-            Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).starts_with(&format!("{node} ")),
+            Ok(redis::Value::BulkString(b)) => {
+                String::from_utf8_lossy(&b).starts_with(&format!("{node} "))
+            }
             _ => false,
         }
     }
@@ -345,7 +353,12 @@ pub const CLUSTER_KEY: &[u8] = b"test-cluster-key-0123456789abcdef0123456789";
 /// A cluster node config on free loopback ports.
 pub fn cluster_config(redis: &str, id: &str) -> Config {
     let mut cfg = test_config();
-    let mut cc = sigrouter::config::ClusterConfig::new(redis, id, "127.0.0.1:0".parse().unwrap(), CLUSTER_KEY.to_vec());
+    let mut cc = sigrouter::config::ClusterConfig::new(
+        redis,
+        id,
+        "127.0.0.1:0".parse().unwrap(),
+        CLUSTER_KEY.to_vec(),
+    );
     cc.registry_period = Duration::from_millis(300);
     cc.table_period = Duration::from_millis(300);
     cc.redis_timeout = Duration::from_millis(300);
@@ -450,4 +463,3 @@ pub async fn signal(from: &mut Raw, to: &Raw, connection: Uuid, text: &str) {
         (uuid, connection, payload(text))
     );
 }
-

@@ -66,7 +66,12 @@ impl ClientConfig {
     /// Every router address, the configured one first.
     pub(crate) fn servers(&self) -> Vec<SocketAddr> {
         let mut v = vec![self.server];
-        v.extend(self.fallback_servers.iter().copied().filter(|a| *a != self.server));
+        v.extend(
+            self.fallback_servers
+                .iter()
+                .copied()
+                .filter(|a| *a != self.server),
+        );
         v
     }
 
