@@ -255,11 +255,15 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         if told_at.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
             let table = c.table();
             let mut out = Outbox::default();
-            let n = router.migrate_all(
-                Instant::now(),
-                || table.pick_active(&c.id).map(|n| n.public),
-                &mut out,
-            );
+            // An unspecified public address (listening on 0.0.0.0 without --public-addr) is no
+            // use to a client: it then resumes at the address it was configured with.
+            let pick = || {
+                table
+                    .pick_active(&c.id)
+                    .map(|n| n.public)
+                    .filter(|a| !a.ip().is_unspecified())
+            };
+            let n = router.migrate_all(Instant::now(), pick, &mut out);
             d.route_all(&mut out);
             tracing::info!(sessions = n, "draining: told clients to move");
             told_at = Some(Instant::now());
