@@ -26,7 +26,7 @@ use arc_swap::{ArcSwap, Cache};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use sigrouter::metrics::Metrics;
 use sigrouter::proto::{self, Message, Payload, Secret};
-use sigrouter::router::{Router, Transmit};
+use sigrouter::router::{Outbox, Router};
 use sigrouter::Config;
 use uuid::Uuid;
 
@@ -52,7 +52,7 @@ fn router() -> Router {
         session_burst: 1_000_000_000,
         ..Config::default()
     };
-    Router::new(&cfg, Metrics::new())
+    Router::new(&cfg, Metrics::new(), None)
 }
 
 fn register(r: &Router, addr: SocketAddr) -> Sess {
@@ -62,9 +62,9 @@ fn register(r: &Router, addr: SocketAddr) -> Sess {
         pad: vec![],
     });
     let b = proto::encode_hello(&mut m).expect("encode Register");
-    let mut out = Vec::new();
+    let mut out = Outbox::default();
     r.handle(Instant::now(), addr, &b, &mut out);
-    match out.first().map(|t| proto::decode(&t.bytes)) {
+    match out.client.first().map(|t| proto::decode(&t.bytes)) {
         Some(Ok(Message::Registered(reg))) => Sess {
             uuid: reg.uuid,
             secret: reg.secret,
@@ -155,13 +155,13 @@ fn bench_handle(c: &mut Criterion) {
         let r = router();
         let sessions = register_many(&r, n);
         let mut hb = ring(&sessions, heartbeat);
-        let mut out: Vec<Transmit> = Vec::with_capacity(8);
+        let mut out = Outbox::default();
         g.bench_with_input(BenchmarkId::new("handle_heartbeat", n), &n, |bch, _| {
             bch.iter(|| {
-                out.clear();
+                out.client.clear();
                 let (from, bytes) = hb.next();
                 r.handle(Instant::now(), *from, bytes, &mut out);
-                debug_assert_eq!(out.len(), 1);
+                debug_assert_eq!(out.client.len(), 1);
             })
         });
     }
@@ -184,13 +184,13 @@ fn bench_handle(c: &mut Criterion) {
             s,
         )
     });
-    let mut out: Vec<Transmit> = Vec::with_capacity(8);
+    let mut out = Outbox::default();
     g.bench_function("handle_query_8", |bch| {
         bch.iter(|| {
-            out.clear();
+            out.client.clear();
             let (from, bytes) = q.next();
             r.handle(Instant::now(), *from, bytes, &mut out);
-            debug_assert_eq!(out.len(), 1);
+            debug_assert_eq!(out.client.len(), 1);
         })
     });
 
@@ -200,7 +200,7 @@ fn bench_handle(c: &mut Criterion) {
         bch.iter_custom(|iters| {
             let r = router();
             let (a, t) = (register(&r, src(1)), register(&r, src(2)));
-            let mut out = Vec::with_capacity(4);
+            let mut out = Outbox::default();
             let start = Instant::now();
             for i in 0..iters {
                 exchange(&r, &a, &t, i + 2, &mut out);
@@ -246,20 +246,20 @@ fn bench_handle(c: &mut Criterion) {
         })
     });
 
-    for n in [0u64, 10_000] {
+    for n in [0u64, 10_000, 100_000] {
         let r = router();
         let (a, t) = (register(&r, src(1)), register(&r, src(2)));
-        let mut out = Vec::new();
+        let mut out = Outbox::default();
         for i in 0..n {
             exchange(&r, &a, &t, i + 2, &mut out);
         }
-        let mut tick_out = Vec::new();
+        let mut tick_out = Outbox::default();
         g.bench_with_input(
             BenchmarkId::new("tick_idle_established_conns", n),
             &n,
             |bch, _| {
                 bch.iter(|| {
-                    tick_out.clear();
+                    tick_out.client.clear();
                     r.tick(Instant::now(), &mut tick_out);
                 })
             },
@@ -298,14 +298,14 @@ fn accept_msg(t: &Sess, connection: Uuid, rid: u64) -> Vec<u8> {
 
 /// One full connect exchange between `a` (initiator) and `t` (target), both with request id
 /// `rid` for their requests.
-fn exchange(r: &Router, a: &Sess, t: &Sess, rid: u64, out: &mut Vec<Transmit>) {
-    out.clear();
+fn exchange(r: &Router, a: &Sess, t: &Sess, rid: u64, out: &mut Outbox) {
+    out.client.clear();
     r.handle(Instant::now(), a.addr, &connect_msg(a, t, rid), out);
-    let inc = match out.first().map(|x| proto::decode(&x.bytes)) {
+    let inc = match out.client.first().map(|x| proto::decode(&x.bytes)) {
         Some(Ok(Message::Incoming(inc))) => inc,
         other => panic!("expected Incoming, got {other:?}"),
     };
-    out.clear();
+    out.client.clear();
     r.handle(Instant::now(), t.addr, &push_ack(t, inc.push), out);
     r.handle(
         Instant::now(),
@@ -314,7 +314,7 @@ fn exchange(r: &Router, a: &Sess, t: &Sess, rid: u64, out: &mut Vec<Transmit>) {
         out,
     );
     assert_eq!(
-        out.len(),
+        out.client.len(),
         2,
         "Ack to the target and Connected to the initiator"
     );
