@@ -86,7 +86,11 @@ pub struct ConnectArgs {
     #[arg(long, env = "SIGROUTER_SIGNAL_WAIT_SECS", default_value_t = 5.0)]
     pub signal_wait_secs: f64,
     /// Deadline of the Connect (the target's decision included), in seconds.
-    #[arg(long, env = "SIGROUTER_CLIENT_CONNECT_TIMEOUT_SECS", default_value_t = 12.0)]
+    #[arg(
+        long,
+        env = "SIGROUTER_CLIENT_CONNECT_TIMEOUT_SECS",
+        default_value_t = 12.0
+    )]
     pub connect_timeout_secs: f64,
 }
 

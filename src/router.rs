@@ -151,6 +151,8 @@ struct PendingPush {
     next_at: Instant,
     rto: Duration,
     deadline: Instant,
+    /// A Migrate: once acknowledged, the client is on its way elsewhere.
+    migrate: bool,
 }
 
 /// What to do when a node-to-node request is answered (or not).
@@ -258,6 +260,17 @@ impl Router {
     /// Every session held, with its Resume verifier (for presence re-publication).
     pub fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])> {
         self.sessions.verifiers()
+    }
+
+    /// Work that another node or client still waits on: pending connections and unanswered
+    /// node-to-node requests. A draining node stays up until this is zero (or its deadline).
+    pub fn in_flight(&self) -> usize {
+        let pending = self
+            .conns
+            .iter()
+            .filter(|c| matches!(c.state, ConnState::Pending { .. }))
+            .count();
+        pending + self.fwd.len()
     }
 
     /// Stops taking new sessions (Register answers `Draining`).
@@ -513,7 +526,14 @@ impl Router {
         }
         if let Message::PushAck(a) = msg {
             self.sessions.keepalive(&uuid, now);
-            self.pushes.remove(&(uuid, a.push));
+            let acked = self.pushes.remove(&(uuid, a.push));
+            if acked.is_some_and(|(_, p)| p.migrate) && self.draining.load(Ordering::Relaxed) {
+                // The client is moving: let go now, so connects waiting for it here are
+                // handed back at once (retry-later) instead of waiting on a client that will
+                // answer elsewhere. The new node re-publishes its presence.
+                self.sessions.remove(&uuid);
+                self.metrics.sessions.set(self.sessions.len() as f64);
+            }
             return;
         }
         if self.session_limiter.check_key(&uuid).is_err() {
@@ -891,6 +911,7 @@ impl Router {
         msg: Message,
         out: &mut Outbox,
     ) {
+        let migrate = matches!(msg, Message::Migrate(_));
         let bytes = match proto::encode(&msg, Some(key)) {
             Ok(b) => b,
             Err(e) => {
@@ -905,6 +926,7 @@ impl Router {
                 next_at: now + self.push_initial_rto,
                 rto: self.push_initial_rto,
                 deadline: now + self.push_deadline,
+                migrate,
             },
         );
         self.metrics.pushes_sent.increment(1);
@@ -1158,7 +1180,9 @@ impl Router {
         let status = match cluster.seen(&env.from, env.seq) {
             Some(s) => s,
             None => {
+                let kind = body_name(&env.body);
                 let s = self.apply_internal(now, &env.from, src, env.body, out);
+                tracing::debug!(from = %env.from, seq = env.seq, kind, status = ?s, "node request");
                 cluster.remember(&env.from, env.seq, s, now);
                 s
             }
@@ -1298,6 +1322,7 @@ impl Router {
         let Some((_, f)) = self.fwd.remove(&seq) else {
             return; // a repeat reply
         };
+        tracing::debug!(seq, ?status, then = ?f.then, "node request answered");
         match f.then {
             Then::Nothing => {}
             Then::AckClient { uuid, rid } => match status {
@@ -1436,6 +1461,16 @@ impl Router {
             .collect();
         for (id, conn, expired) in pending {
             if expired {
+                tracing::debug!(
+                    conn = %id,
+                    initiator = %conn.initiator,
+                    target = %conn.target,
+                    remote = ?conn.remote.as_ref().map(|r| r.node.clone()),
+                    target_side = conn.target_side,
+                    target_here = self.sessions.contains(&conn.target),
+                    initiator_here = self.sessions.contains(&conn.initiator),
+                    "connect timed out"
+                );
                 // Only the initiator's node answers the Connect; a target-side pending entry
                 // (initiator remote) just goes away.
                 self.fail_pending(now, id, FailReason::Timeout, out);
@@ -1539,5 +1574,16 @@ impl Router {
             }
             Job::Query { uuid, rid, .. } => self.complete_query(uuid, rid, None, out),
         }
+    }
+}
+
+fn body_name(b: &Body) -> &'static str {
+    match b {
+        Body::Incoming { .. } => "incoming",
+        Body::Answered { .. } => "answered",
+        Body::Signal { .. } => "signal",
+        Body::Abort { .. } => "abort",
+        Body::Moved { .. } => "moved",
+        Body::Reply { .. } => "reply",
     }
 }

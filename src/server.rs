@@ -250,7 +250,9 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         tracing::warn!("could not mark this node draining in Redis; continuing the drain");
     }
     let mut told_at = None;
-    while router.session_count() > 0 && Instant::now() < deadline {
+    // Stay until every client has moved and nothing another node waits on is left (a pending
+    // connect whose target just moved is aborted towards its initiator's node first).
+    while (router.session_count() > 0 || router.in_flight() > 0) && Instant::now() < deadline {
         // Tell clients (again, every few seconds, for any that missed it) where to go.
         if told_at.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
             let table = c.table();

@@ -82,7 +82,10 @@ impl Proc {
     fn start(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_sigrouter"))
             .args(&self.args)
-            .env("SIGROUTER_LOG", "warn")
+            .env(
+                "SIGROUTER_LOG",
+                std::env::var("TEST_SIGROUTER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -287,7 +290,20 @@ async fn rolling_upgrade_keeps_connects_working() {
             while !done.load(Ordering::Relaxed) {
                 let a = &clients[i % clients.len()];
                 let b = &clients[(i + 3) % clients.len()];
+                let t0 = Instant::now();
                 let (name, n) = connect_with_retries(a, b.uuid(), Duration::from_secs(20)).await;
+                if name != "connected" {
+                    eprintln!(
+                        "connect {} -> {} ({} on {} -> {} on {}): {name} after {:?}",
+                        i % clients.len(),
+                        (i + 3) % clients.len(),
+                        a.uuid(),
+                        a.server(),
+                        b.uuid(),
+                        b.server(),
+                        t0.elapsed()
+                    );
+                }
                 absorbed.fetch_add(n, Ordering::Relaxed);
                 *outcomes.lock().unwrap().entry(name).or_default() += 1;
                 i += 1;

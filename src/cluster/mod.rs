@@ -188,7 +188,9 @@ impl Cluster {
             presence: DashMap::new(),
             presence_tx,
             republish: AtomicBool::new(false),
-            seq: AtomicU64::new(1),
+            // Random start: a restarted node must not reuse sequence numbers that the others
+            // still remember from its previous life (they would answer from memory).
+            seq: AtomicU64::new(rand::random::<u64>() >> 1),
             seen: DashMap::new(),
             draining: AtomicBool::new(false),
             started_ms: now_ms(),
