@@ -160,11 +160,12 @@ struct PendingPush {
 enum Then {
     /// Answer the client's request `rid` with Ack (or an error).
     AckClient { uuid: Uuid, rid: u64 },
-    /// A forwarded Incoming: on NotHere look the target up afresh.
+    /// A forwarded Incoming: on NotHere look the target up afresh (once: `retried`).
     Incoming {
         conn: Uuid,
         target: Uuid,
         body: Body,
+        retried: bool,
     },
     /// Nothing.
     Nothing,
@@ -826,7 +827,7 @@ impl Router {
         // A fresh cache entry and a known node: forward now, no Redis, no waiting.
         if let Some(Some(node_id)) = cached {
             if let Some(node) = cluster.node(&node_id) {
-                self.forward_incoming(now, connection, c.to, &node, body, out);
+                self.forward_incoming(now, connection, c.to, &node, body, false, out);
                 return;
             }
         }
@@ -839,21 +840,76 @@ impl Router {
     }
 
     /// Completes a Connect job: forward to `node`, or fail the pending connection.
+    #[allow(clippy::too_many_arguments)]
     pub fn complete_connect(
         &self,
         now: Instant,
         conn: Uuid,
         target: Uuid,
         body: Body,
+        fresh: bool,
         found: Result<Arc<NodeInfo>, FailReason>,
         out: &mut Outbox,
     ) {
+        // It may have arrived here meanwhile (moving between nodes): deliver locally.
+        if self.deliver_pending_locally(now, conn, target, &body, out) {
+            return;
+        }
         match found {
-            Ok(node) => self.forward_incoming(now, conn, target, &node, body, out),
+            Ok(node) => self.forward_incoming(now, conn, target, &node, body, fresh, out),
             Err(reason) => self.fail_pending(now, conn, reason, out),
         }
     }
 
+    /// Turns a pending connection whose target turned out to be local into a local one.
+    /// Returns false if the target is not here.
+    fn deliver_pending_locally(
+        &self,
+        now: Instant,
+        conn: Uuid,
+        target: Uuid,
+        body: &Body,
+        out: &mut Outbox,
+    ) -> bool {
+        let Body::Incoming {
+            from,
+            observed,
+            local,
+            payload,
+            ..
+        } = body
+        else {
+            return false;
+        };
+        let Some((push, t)) = self.sessions.next_push(&target) else {
+            return false;
+        };
+        let pending = match self.conns.get_mut(&conn) {
+            Some(mut c) => match c.state {
+                ConnState::Pending { deadline, .. } => {
+                    c.state = ConnState::Pending { deadline, push };
+                    c.remote = None;
+                    true
+                }
+                ConnState::Established { .. } => false,
+            },
+            None => false,
+        };
+        if pending {
+            let msg = Message::Incoming(Incoming {
+                push,
+                connection: conn,
+                from: *from,
+                observed: *observed,
+                local: local.clone(),
+                payload: payload.clone(),
+            });
+            self.push(now, target, push, &t.secret, t.addr, msg, out);
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn forward_incoming(
         &self,
         now: Instant,
@@ -861,6 +917,7 @@ impl Router {
         target: Uuid,
         node: &NodeInfo,
         body: Body,
+        retried: bool,
         out: &mut Outbox,
     ) {
         let Some(cluster) = &self.cluster else { return };
@@ -879,6 +936,7 @@ impl Router {
                 conn,
                 target,
                 body: body.clone(),
+                retried,
             };
             self.forward(now, cluster, &node.id, node.internal, body, then, out);
         }
@@ -1332,9 +1390,14 @@ impl Router {
                 Some(_) => self.answer_error(now, uuid, rid, ErrorCode::UnknownConnection, out),
                 None => self.answer_error(now, uuid, rid, ErrorCode::RetryLater, out),
             },
-            Then::Incoming { conn, target, body } => match status {
+            Then::Incoming {
+                conn,
+                target,
+                body,
+                retried,
+            } => match status {
                 Some(Status::Ok) => {}
-                Some(_) => {
+                Some(_) if !retried => {
                     // The client moved or left since the lookup: look again, once, afresh.
                     if let Some(c) = &self.cluster {
                         c.invalidate(&target);
@@ -1345,6 +1408,13 @@ impl Router {
                         fresh: true,
                         body,
                     });
+                }
+                Some(_) => {
+                    // Still not where the directory says: it is moving; the client retries.
+                    if let Some(c) = &self.cluster {
+                        c.invalidate(&target);
+                    }
+                    self.fail_pending(now, conn, FailReason::RetryLater, out);
                 }
                 None => {
                     if let Some(c) = &self.cluster {

@@ -26,7 +26,7 @@ pub async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox {
             body,
         } => {
             let found = resolve(cluster, &target, fresh).await;
-            router.complete_connect(Instant::now(), conn, target, body, found, &mut out);
+            router.complete_connect(Instant::now(), conn, target, body, fresh, found, &mut out);
         }
         Job::Resume { src, req_len, msg } => {
             let found = lookup(cluster, &msg.uuid)
@@ -126,8 +126,9 @@ async fn resolve(
     };
     let node = node.ok_or(FailReason::Offline)?;
     if *node == *cluster.id {
-        // The directory says here, but the session is not: it left or expired.
-        return Err(FailReason::Offline);
+        // The directory says here, but the session is not (the caller checked): it is moving
+        // away or was just dropped; a retry will know.
+        return Err(FailReason::RetryLater);
     }
     cluster
         .wait_for_node(&node, TABLE_WAIT)
