@@ -28,8 +28,8 @@ async fn wait_presence(redis: &Redis, uuid: &Uuid, node: &str) {
     assert!(ok, "presence of {uuid} never named {node}");
 }
 
-/// Connects `a` to `b` until it is not retry-later (a real client's retries), returning the
-/// final outcome.
+/// Connects `a` to `b` until it is not retry-later (a real client's retries), `b` accepting
+/// every Incoming it sees meanwhile; returns the final outcome.
 async fn connect_retrying(a: &mut Raw, b: &mut Raw, deadline: Duration) -> Message {
     let end = Instant::now() + deadline;
     loop {
@@ -41,32 +41,34 @@ async fn connect_retrying(a: &mut Raw, b: &mut Raw, deadline: Duration) -> Messa
             payload: payload("retrying"),
         }))
         .await;
-        // The target may get an Incoming: accept it.
-        let got = tokio::time::timeout(Duration::from_secs(3), async {
+        let m = loop {
+            assert!(Instant::now() < end + Duration::from_secs(12), "no outcome in time");
             tokio::select! {
-                m = outcome(a, rid) => Err(m),
-                inc = b.recv_until(Duration::from_secs(3), |m| match m {
-                    Message::Incoming(i) => Some(i.clone()),
-                    _ => None,
-                }) => Ok(inc),
-            }
-        })
-        .await;
-        let m = match got {
-            Ok(Err(m)) => m,
-            Ok(Ok(Some(inc))) => {
-                answer(b, inc.connection, true, "").await;
-                outcome(a, rid).await
-            }
-            _ => {
-                assert!(Instant::now() < end, "no outcome in time");
-                continue;
+                m = a.recv(Duration::from_millis(200)) => match m {
+                    Some(Message::Connected(c)) if c.rid == rid => break Message::Connected(c),
+                    Some(Message::ConnectFailed(f)) if f.rid == rid => break Message::ConnectFailed(f),
+                    Some(m) => if let Some(p) = m.push_id() { a.ack(p).await },
+                    None => {}
+                },
+                m = b.recv(Duration::from_millis(200)) => if let Some(m) = m {
+                    if let Some(p) = m.push_id() {
+                        b.ack(p).await;
+                    }
+                    if let Message::Incoming(i) = m {
+                        let r = b.next_rid();
+                        b.send(&Message::Accept(proto::Answer {
+                            rid: r,
+                            uuid: b.uuid,
+                            connection: i.connection,
+                            payload: payload(""),
+                        }))
+                        .await;
+                    }
+                },
             }
         };
         match &m {
-            Message::ConnectFailed(f)
-                if f.reason == FailReason::RetryLater && Instant::now() < end =>
-            {
+            Message::ConnectFailed(f) if f.reason == FailReason::RetryLater && Instant::now() < end => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             _ => return m,

@@ -361,7 +361,8 @@ pub fn cluster_config(redis: &str, id: &str) -> Config {
     );
     cc.registry_period = Duration::from_millis(300);
     cc.table_period = Duration::from_millis(300);
-    cc.redis_timeout = Duration::from_millis(300);
+    // Generous for a loaded 2-core CI machine; outages still fail fast (connection refused).
+    cc.redis_timeout = Duration::from_millis(1000);
     cc.drain = Duration::from_secs(5);
     cfg.cluster = Some(cc);
     cfg
