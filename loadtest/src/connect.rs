@@ -52,6 +52,10 @@ pub(crate) struct Args {
     /// Allow server addresses that are not loopback.
     #[arg(long)]
     allow_remote: bool,
+    /// Add outcomes per second (by the second the connect started) to the summary: shows
+    /// when failures happened during a rolling upgrade.
+    #[arg(long)]
+    timeline: bool,
 }
 
 /// Per-kind counts and the latency of successful connects.
@@ -61,6 +65,8 @@ struct Tally {
     connected: Histogram<u64>,
     /// Latency of every outcome, µs.
     all: Histogram<u64>,
+    /// Outcomes by the second (since the start) the connect started, and the slowest one.
+    timeline: Vec<(BTreeMap<String, u64>, u64)>,
 }
 
 /// What the event loops of the clients saw.
@@ -235,6 +241,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         outcomes: BTreeMap::new(),
         connected: stats::histogram(),
         all: stats::histogram(),
+        timeline: Vec::new(),
     }));
     let mut conns = JoinSet::new();
     let started = Instant::now();
@@ -262,6 +269,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             let (c, inflight, tally) = (p.initiator.clone(), p.inflight.clone(), tally.clone());
             conns.spawn(async move {
                 let t0 = Instant::now();
+                let second = t0.saturating_duration_since(started).as_secs() as usize;
                 let r = c.connect(to, b"offer").await;
                 let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
                 inflight.fetch_sub(1, Ordering::Relaxed);
@@ -271,6 +279,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
                     stats::record(&mut t.connected, us);
                 }
                 stats::record(&mut t.all, us);
+                if t.timeline.len() <= second {
+                    t.timeline.resize_with(second + 1, Default::default);
+                }
+                let slot = &mut t.timeline[second];
+                *slot.0.entry(k.clone()).or_default() += 1;
+                slot.1 = slot.1.max(us);
                 *t.outcomes.entry(k).or_default() += 1;
             });
         }
@@ -307,7 +321,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
     let completed: u64 = t.outcomes.values().sum();
     let connected = t.outcomes.get("connected").copied().unwrap_or(0);
     let l = |x: &AtomicU64| x.load(Ordering::Relaxed);
-    Ok(Some(json!({
+    let timeline: Vec<Value> = t
+        .timeline
+        .iter()
+        .enumerate()
+        .map(|(i, (o, max_us))| json!({ "t": i, "outcomes": o, "max_ms": *max_us as f64 / 1000.0 }))
+        .collect();
+    let mut summary = json!({
         "mode": "connect",
         "servers": a.server.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "pairs": pairs.len(),
@@ -333,5 +353,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             "rehomed": l(&ev.rehomed),
             "reregistered": l(&ev.reregistered),
         },
-    })))
+    });
+    if a.timeline {
+        summary["timeline"] = Value::Array(timeline);
+    }
+    Ok(Some(summary))
 }
