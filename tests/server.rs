@@ -47,14 +47,7 @@ async fn resume_keeps_uuid_from_a_new_address() {
     };
     assert_eq!(r.uuid, a.uuid);
     assert_eq!(r.observed.0, sock.local_addr().unwrap());
-    let mut moved = Raw {
-        sock,
-        server: node.addr,
-        uuid: a.uuid,
-        secret: a.secret,
-        observed: r.observed.0,
-        rid: 100,
-    };
+    let mut moved = Raw::with(sock, node.addr, a.uuid, a.secret, r.observed.0, 100);
     assert_eq!(
         moved.heartbeat().await.observed.0,
         moved.sock.local_addr().unwrap()

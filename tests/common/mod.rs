@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sigrouter::proto::{self, Message, Payload, Secret};
+use sigrouter::proto::{self, FailReason, Message, Payload, Secret};
 use sigrouter::server::Server;
 use sigrouter::Config;
 use tokio::net::UdpSocket;
@@ -30,8 +30,19 @@ pub fn test_config() -> Config {
     }
 }
 
+/// Logs to stderr when TEST_LOG is set (e.g. `TEST_LOG=sigrouter=debug`).
+pub fn init_log() {
+    if let Ok(f) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 impl Node {
     pub async fn start(cfg: Config) -> Self {
+        init_log();
         let server = Server::bind(cfg).await.expect("bind");
         let addr = server.local_addr();
         let metrics = server.metrics_addr();
@@ -77,9 +88,24 @@ pub struct Raw {
     pub secret: Secret,
     pub observed: SocketAddr,
     pub rid: u64,
+    /// Messages read while waiting for something else, handed out first by later reads.
+    pub backlog: std::sync::Mutex<std::collections::VecDeque<Message>>,
 }
 
 impl Raw {
+    /// A Raw client for an existing session on a given socket.
+    pub fn with(sock: UdpSocket, server: SocketAddr, uuid: Uuid, secret: Secret, observed: SocketAddr, rid: u64) -> Self {
+        Self {
+            sock,
+            server,
+            uuid,
+            secret,
+            observed,
+            rid,
+            backlog: Default::default(),
+        }
+    }
+
     pub async fn socket() -> UdpSocket {
         UdpSocket::bind("127.0.0.1:0").await.unwrap()
     }
@@ -101,14 +127,7 @@ impl Raw {
             Message::Registered(r) => r,
             other => panic!("expected Registered, got {other:?}"),
         };
-        Self {
-            sock,
-            server,
-            uuid: reg.uuid,
-            secret: reg.secret,
-            observed: reg.observed.0,
-            rid: 1,
-        }
+        Self::with(sock, server, reg.uuid, reg.secret, reg.observed.0, 1)
     }
 
     pub fn next_rid(&mut self) -> u64 {
@@ -123,8 +142,16 @@ impl Raw {
         b
     }
 
-    /// Next message that carries a valid MAC (or is unauthenticated), within `t`.
+    /// Next message (the backlog first) that carries a valid MAC (or is unauthenticated),
+    /// within `t`.
     pub async fn recv(&self, t: Duration) -> Option<Message> {
+        if let Some(m) = self.backlog.lock().unwrap().pop_front() {
+            return Some(m);
+        }
+        self.recv_socket(t).await
+    }
+
+    async fn recv_socket(&self, t: Duration) -> Option<Message> {
         let mut buf = [0u8; 2048];
         let (n, _) = tokio::time::timeout(t, self.sock.recv_from(&mut buf))
             .await
@@ -142,22 +169,34 @@ impl Raw {
     }
 
     /// Receives until `f` accepts a message (acknowledging pushes on the way) or `t` passes.
-    pub async fn recv_until<T>(
-        &self,
-        t: Duration,
-        mut f: impl FnMut(&Message) -> Option<T>,
-    ) -> Option<T> {
+    /// Messages `f` does not want stay in the backlog for later reads (cancel-safe: nothing
+    /// is held outside the backlog across an await).
+    pub async fn recv_until<T>(&self, t: Duration, mut f: impl FnMut(&Message) -> Option<T>) -> Option<T> {
+        {
+            let mut b = self.backlog.lock().unwrap();
+            for i in 0..b.len() {
+                if let Some(v) = f(&b[i]) {
+                    b.remove(i);
+                    return Some(v);
+                }
+            }
+        }
         let deadline = Instant::now() + t;
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let m = self.recv(left).await?;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let m = self.recv_socket(left).await?;
             if let Some(p) = m.push_id() {
                 self.ack(p).await;
             }
             if let Some(v) = f(&m) {
                 return Some(v);
             }
+            let mut b = self.backlog.lock().unwrap();
+            // Retransmitted pushes are kept once.
+            if !b.contains(&m) {
+                b.push_back(m);
+            }
         }
+        None
     }
 
     pub async fn ack(&self, push: u64) {
@@ -388,22 +427,31 @@ pub fn payload(s: &str) -> Payload {
 
 /// Sends Connect from `a` to `b`; returns the Incoming `b` sees (already acked).
 pub async fn connect(a: &mut Raw, b: &Raw, text: &str) -> (u64, proto::Incoming) {
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: b.uuid,
-        payload: payload(text),
-    }))
-    .await;
-    let inc = b
-        .recv_until(T, |m| match m {
-            Message::Incoming(i) => Some(i.clone()),
-            _ => None,
-        })
-        .await
-        .expect("Incoming");
-    (rid, inc)
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let rid = a.next_rid();
+        a.send(&Message::Connect(proto::Connect {
+            rid,
+            uuid: a.uuid,
+            to: b.uuid,
+            payload: payload(text),
+        }))
+        .await;
+        let from = a.uuid;
+        // A retry-later (cluster state not at hand yet) is retried, as a real client does.
+        let got = tokio::select! {
+            inc = b.recv_until(T, |m| match m {
+                Message::Incoming(i) if i.from == from && i.payload == payload(text) => Some(i.clone()),
+                _ => None,
+            }) => inc.map(|i| (rid, i)),
+            _ = a.recv_until(T, |m| matches!(m, Message::ConnectFailed(f) if f.rid == rid && f.reason == FailReason::RetryLater).then_some(())) => None,
+        };
+        if let Some(r) = got {
+            return r;
+        }
+        assert!(Instant::now() < end, "no Incoming for the Connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 pub async fn answer(b: &mut Raw, conn: Uuid, accept: bool, text: &str) {
