@@ -193,7 +193,7 @@ impl Default for Config {
             session_rate: 50,
             session_burst: 200,
             shutdown_grace: Duration::from_secs(5),
-            sweep_interval: Duration::from_millis(200),
+            sweep_interval: Duration::from_secs(1),
             workers: 0,
             cluster: None,
         }

@@ -117,6 +117,8 @@ pub struct Metrics {
     pub stun_answered: Counter,
     /// Sessions held now.
     pub sessions: Gauge,
+    /// The session cap.
+    pub max_sessions: Gauge,
     /// Sessions created by Register.
     pub registered: Counter,
     /// Sessions taken back by Resume.
@@ -171,8 +173,15 @@ fn name(s: &'static str) -> KeyName {
 }
 
 impl Metrics {
-    /// Builds a recorder of our own and registers every handle on it.
+    /// Builds a recorder of our own and registers every handle on it (cluster metrics too).
     pub fn new() -> Self {
+        Self::with_cluster(true)
+    }
+
+    /// Like [`Metrics::new`]; with `cluster` false the cluster-only metrics (Redis, node
+    /// table, forwarding) are not exported at all, so a single node shows no misleading
+    /// `sigrouter_redis_up 0`.
+    pub fn with_cluster(cluster: bool) -> Self {
         let recorder: PrometheusRecorder = PrometheusBuilder::new()
             .set_buckets(&[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -222,6 +231,15 @@ impl Metrics {
             )
         });
         let c = |n, d| counter(n, Some(Unit::Count), d, vec![]);
+        let cc = |n, d| if cluster { c(n, d) } else { Counter::noop() };
+        let cgauge = |n, d| if cluster { gauge(n, d) } else { Gauge::noop() };
+        let chist = |n, d| {
+            if cluster {
+                hist(n, d)
+            } else {
+                Histogram::noop()
+            }
+        };
         Self {
             requests,
             dropped,
@@ -239,6 +257,10 @@ impl Metrics {
                 "STUN Binding requests answered.",
             ),
             sessions: gauge("sigrouter_sessions", "Sessions held by this node."),
+            max_sessions: gauge(
+                "sigrouter_max_sessions",
+                "Session cap of this node (--max-sessions).",
+            ),
             registered: c(
                 "sigrouter_sessions_registered_total",
                 "Sessions created by Register.",
@@ -284,37 +306,37 @@ impl Metrics {
                 "sigrouter_signals_relayed_total",
                 "Signals relayed between peers.",
             ),
-            table_wait_seconds: hist(
+            table_wait_seconds: chist(
                 "sigrouter_table_wait_seconds",
                 "Time a request waited for a newer node table after a miss.",
             ),
-            waiting_requests: gauge(
+            waiting_requests: cgauge(
                 "sigrouter_waiting_requests",
                 "Requests waiting on cluster state now (stuck requests show here).",
             ),
-            redis_commands: c("sigrouter_redis_commands_total", "Redis commands sent."),
-            redis_errors: c("sigrouter_redis_errors_total", "Redis errors and timeouts."),
-            redis_up: gauge(
+            redis_commands: cc("sigrouter_redis_commands_total", "Redis commands sent."),
+            redis_errors: cc("sigrouter_redis_errors_total", "Redis errors and timeouts."),
+            redis_up: cgauge(
                 "sigrouter_redis_up",
                 "1 if Redis answered the last probe, else 0.",
             ),
-            table_refreshes: c(
+            table_refreshes: cc(
                 "sigrouter_node_table_refreshes_total",
                 "Node-table snapshots built.",
             ),
-            cluster_nodes: gauge(
+            cluster_nodes: cgauge(
                 "sigrouter_cluster_nodes",
                 "Nodes in the current node table.",
             ),
-            forwarded: c(
+            forwarded: cc(
                 "sigrouter_forwarded_total",
                 "Datagrams forwarded to other nodes.",
             ),
-            forwarded_in: c(
+            forwarded_in: cc(
                 "sigrouter_forwarded_in_total",
                 "Datagrams received from other nodes.",
             ),
-            migrates: c(
+            migrates: cc(
                 "sigrouter_migrates_total",
                 "Migrate pushes sent while draining.",
             ),

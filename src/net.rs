@@ -22,6 +22,8 @@ use crate::router::{Job, Outbox, Router, Transmit};
 const RECV_BUF: usize = 2048;
 /// Datagrams handled per readiness event before yielding (a work limiter, as in quinn).
 const BATCH: usize = 64;
+/// How often idle and orphaned connections are forgotten.
+const CONN_SWEEP: Duration = Duration::from_secs(10);
 /// Kernel socket buffer size asked for (the kernel may cap it).
 const SOCKET_BUF: usize = 4 << 20;
 
@@ -100,6 +102,7 @@ impl Dispatch {
         };
         let Ok(permit) = self.jobs.clone().try_acquire_owned() else {
             // Too much waiting already: fail fast rather than queue behind it.
+            tracing::warn!("too many deferred jobs; answering retry-later");
             let mut out = Outbox::default();
             self.router.reject_job(Instant::now(), job, &mut out);
             self.route(&mut out, false, false);
@@ -209,6 +212,7 @@ pub(crate) async fn run_timers(
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep = Instant::now();
+    let mut last_conn_sweep = Instant::now();
     let mut out = Outbox::default();
     loop {
         tokio::select! {
@@ -220,6 +224,10 @@ pub(crate) async fn run_timers(
         d.route(&mut out, false, false);
         if now.saturating_duration_since(last_sweep) >= sweep {
             last_sweep = now;
+            if now.saturating_duration_since(last_conn_sweep) >= CONN_SWEEP {
+                last_conn_sweep = now;
+                d.router.sweep_conns(now);
+            }
             let gone = d.router.sweep(now);
             if !gone.is_empty() {
                 tracing::debug!(count = gone.len(), "sessions expired");

@@ -36,7 +36,7 @@ use sigrouter_proto::{
 use uuid::Uuid;
 
 use crate::cluster::wire::{Body, Status};
-use crate::cluster::{Cluster, NodeInfo, PresenceOp};
+use crate::cluster::{Cluster, NodeInfo, NodeState, PresenceOp};
 use crate::config::Config;
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{Remembered, SenderView, Sessions};
@@ -44,7 +44,7 @@ use crate::session::{Remembered, SenderView, Sessions};
 /// Requests whose id is this far below the newest one seen are stale replays: dropped.
 const REPLAY_WINDOW: u64 = 1024;
 /// An established connection with no Signal for this long is forgotten.
-const CONN_IDLE: Duration = Duration::from_secs(3600);
+const CONN_IDLE: Duration = Duration::from_secs(600);
 /// First retransmission of a node-to-node request.
 const FWD_RTO: Duration = Duration::from_millis(100);
 /// A node-to-node request unanswered for this long fails (retry-later for the client).
@@ -192,6 +192,9 @@ pub struct Router {
     max_sessions: usize,
     sessions: Sessions,
     conns: DashMap<Uuid, Conn>,
+    /// Ids of connections that were pending when inserted (cleaned lazily by `tick`), so the
+    /// 25 ms tick does not walk every established connection.
+    pending: DashMap<Uuid, ()>,
     pushes: DashMap<(Uuid, u64), PendingPush>,
     fwd: DashMap<u64, PendingFwd>,
     hellos: DashMap<(SocketAddr, u64), (Uuid, Instant)>,
@@ -213,6 +216,7 @@ fn millis(d: Duration) -> u32 {
 impl Router {
     /// Builds an empty router. `cluster` is `None` in the embedded single-node mode.
     pub fn new(cfg: &Config, metrics: Metrics, cluster: Option<Arc<Cluster>>) -> Self {
+        metrics.max_sessions.set(cfg.max_sessions as f64);
         Self {
             heartbeat: cfg.heartbeat,
             session_ttl: cfg.session_ttl,
@@ -223,6 +227,7 @@ impl Router {
             max_sessions: cfg.max_sessions,
             sessions: Sessions::default(),
             conns: DashMap::new(),
+            pending: DashMap::new(),
             pushes: DashMap::new(),
             fwd: DashMap::new(),
             hellos: DashMap::new(),
@@ -266,10 +271,14 @@ impl Router {
     /// Work that another node or client still waits on: pending connections and unanswered
     /// node-to-node requests. A draining node stays up until this is zero (or its deadline).
     pub fn in_flight(&self) -> usize {
-        let pending = self
-            .conns
+        let pending: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
+        let pending = pending
             .iter()
-            .filter(|c| matches!(c.state, ConnState::Pending { .. }))
+            .filter(|id| {
+                self.conns
+                    .get(*id)
+                    .is_some_and(|c| matches!(c.state, ConnState::Pending { .. }))
+            })
             .count();
         pending + self.fwd.len()
     }
@@ -777,6 +786,7 @@ impl Router {
                     target_side: false,
                 },
             );
+            self.pending.insert(connection, ());
             self.sessions
                 .remember(&uuid, c.rid, Remembered::Pending, now);
             let incoming = Message::Incoming(Incoming {
@@ -814,6 +824,7 @@ impl Router {
                 target_side: false,
             },
         );
+        self.pending.insert(connection, ());
         self.sessions
             .remember(&uuid, c.rid, Remembered::Pending, now);
         let body = Body::Incoming {
@@ -824,9 +835,13 @@ impl Router {
             local: view.local.to_vec(),
             payload: c.payload,
         };
-        // A fresh cache entry and a known node: forward now, no Redis, no waiting.
+        // A fresh cache entry naming a known, active node: forward now, no Redis, no waiting.
+        // (A draining node is moving its clients away: the directory knows better.)
         if let Some(Some(node_id)) = cached {
-            if let Some(node) = cluster.node(&node_id) {
+            let node = cluster
+                .node(&node_id)
+                .filter(|n| n.state == NodeState::Active);
+            if let Some(node) = node {
                 self.forward_incoming(now, connection, c.to, &node, body, false, out);
                 return;
             }
@@ -1289,6 +1304,7 @@ impl Router {
                         target_side: true,
                     },
                 );
+                self.pending.insert(conn, ());
                 let msg = Message::Incoming(Incoming {
                     push,
                     connection: conn,
@@ -1519,16 +1535,22 @@ impl Router {
                 });
             }
         }
-        let pending: Vec<(Uuid, Conn, bool)> = self
-            .conns
-            .iter()
-            .filter_map(|e| match e.state {
-                ConnState::Pending { deadline, .. } => {
-                    Some((*e.key(), e.value().clone(), deadline <= now))
+        let ids: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
+        let mut pending: Vec<(Uuid, Conn, bool)> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let conn = self.conns.get(&id).map(|c| c.value().clone());
+            match conn {
+                Some(c) => match c.state {
+                    ConnState::Pending { deadline, .. } => pending.push((id, c, deadline <= now)),
+                    ConnState::Established { .. } => {
+                        self.pending.remove(&id);
+                    }
+                },
+                None => {
+                    self.pending.remove(&id);
                 }
-                ConnState::Established { .. } => None,
-            })
-            .collect();
+            }
+        }
         for (id, conn, expired) in pending {
             if expired {
                 tracing::debug!(
@@ -1584,6 +1606,17 @@ impl Router {
         let dedup = self.dedup_window;
         self.hellos
             .retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
+        if let Some(c) = &self.cluster {
+            c.sweep(now);
+        }
+        self.register_limiter.retain_recent();
+        self.session_limiter.retain_recent();
+        gone
+    }
+
+    /// Forgets established connections that went idle or lost their local end. Walks every
+    /// connection: call it every few seconds, not every tick.
+    pub fn sweep_conns(&self, now: Instant) {
         let established: Vec<(Uuid, Uuid, Uuid, bool, Instant)> = self
             .conns
             .iter()
@@ -1606,12 +1639,6 @@ impl Router {
                 self.conns.remove(&id);
             }
         }
-        if let Some(c) = &self.cluster {
-            c.sweep(now);
-        }
-        self.register_limiter.retain_recent();
-        self.session_limiter.retain_recent();
-        gone
     }
 }
 

@@ -28,6 +28,8 @@ use crate::store::Store;
 
 /// How often the timer task runs retransmissions and timeouts.
 const TICK: Duration = Duration::from_millis(25);
+/// How long a drained node keeps answering other nodes after its last client left.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
 /// Most deferred jobs in flight at once.
 const MAX_JOBS: usize = 4096;
 
@@ -70,7 +72,7 @@ impl Server {
             ),
             None => None,
         };
-        let metrics = Metrics::new();
+        let metrics = Metrics::with_cluster(cfg.cluster.is_some());
         let cluster = match &cfg.cluster {
             None => None,
             Some(cc) => {
@@ -272,6 +274,11 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Linger briefly: peers still holding this node in their caches get a quick "not here"
+    // (and look again) instead of waiting out an unanswered forward.
+    let linger = (started + c.cfg.drain).min(Instant::now() + DRAIN_LINGER);
+    tasks::publish_self(c, router, c.cfg.registry_period).await;
+    tokio::time::sleep_until(linger.into()).await;
     tracing::info!(
         left = router.session_count(),
         secs = started.elapsed().as_secs_f64(),

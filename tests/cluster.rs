@@ -42,7 +42,10 @@ async fn connect_retrying(a: &mut Raw, b: &mut Raw, deadline: Duration) -> Messa
         }))
         .await;
         let m = loop {
-            assert!(Instant::now() < end + Duration::from_secs(12), "no outcome in time");
+            assert!(
+                Instant::now() < end + Duration::from_secs(12),
+                "no outcome in time"
+            );
             tokio::select! {
                 m = a.recv(Duration::from_millis(200)) => match m {
                     Some(Message::Connected(c)) if c.rid == rid => break Message::Connected(c),
@@ -68,7 +71,9 @@ async fn connect_retrying(a: &mut Raw, b: &mut Raw, deadline: Duration) -> Messa
             }
         };
         match &m {
-            Message::ConnectFailed(f) if f.reason == FailReason::RetryLater && Instant::now() < end => {
+            Message::ConnectFailed(f)
+                if f.reason == FailReason::RetryLater && Instant::now() < end =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             _ => return m,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sigrouter_proto::FailReason;
 use uuid::Uuid;
 
-use super::{Cluster, NodeInfo};
+use super::{Cluster, NodeInfo, NodeState};
 use crate::router::{Job, Outbox, Router};
 use crate::store::presence_key;
 
@@ -25,7 +25,9 @@ pub async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox {
             fresh,
             body,
         } => {
+            let started = Instant::now();
             let found = resolve(cluster, &target, fresh).await;
+            tracing::debug!(%conn, %target, fresh, found = ?found.as_ref().map(|n| n.id.clone()), took = ?started.elapsed(), "connect lookup");
             router.complete_connect(Instant::now(), conn, target, body, fresh, found, &mut out);
         }
         Job::Resume { src, req_len, msg } => {
@@ -108,10 +110,17 @@ async fn resolve(
     fresh: bool,
 ) -> Result<Arc<NodeInfo>, FailReason> {
     let now = Instant::now();
+    // The cache is trusted only while it names an active node we know; a draining or
+    // vanished node means the client is moving: ask the directory.
     let cached = if fresh {
         None
     } else {
-        cluster.cached_presence(target, now)
+        cluster.cached_presence(target, now).filter(|n| match n {
+            Some(id) => cluster
+                .node(id)
+                .is_some_and(|n| n.state == NodeState::Active),
+            None => true,
+        })
     };
     let node = match cached {
         Some(n) => n,

@@ -94,7 +94,14 @@ pub struct Raw {
 
 impl Raw {
     /// A Raw client for an existing session on a given socket.
-    pub fn with(sock: UdpSocket, server: SocketAddr, uuid: Uuid, secret: Secret, observed: SocketAddr, rid: u64) -> Self {
+    pub fn with(
+        sock: UdpSocket,
+        server: SocketAddr,
+        uuid: Uuid,
+        secret: Secret,
+        observed: SocketAddr,
+        rid: u64,
+    ) -> Self {
         Self {
             sock,
             server,
@@ -171,7 +178,11 @@ impl Raw {
     /// Receives until `f` accepts a message (acknowledging pushes on the way) or `t` passes.
     /// Messages `f` does not want stay in the backlog for later reads (cancel-safe: nothing
     /// is held outside the backlog across an await).
-    pub async fn recv_until<T>(&self, t: Duration, mut f: impl FnMut(&Message) -> Option<T>) -> Option<T> {
+    pub async fn recv_until<T>(
+        &self,
+        t: Duration,
+        mut f: impl FnMut(&Message) -> Option<T>,
+    ) -> Option<T> {
         {
             let mut b = self.backlog.lock().unwrap();
             for i in 0..b.len() {
