@@ -806,6 +806,7 @@ impl Router {
         };
         let cached = cluster.cached_presence(&c.to, now);
         if matches!(cached, Some(None)) {
+            tracing::debug!(target = %c.to, "offline (cached: nowhere)");
             self.connect_failed(now, uuid, c.rid, FailReason::Offline, out);
             return;
         }

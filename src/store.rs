@@ -59,6 +59,9 @@ pub struct Store {
     timeout: Duration,
     up: AtomicBool,
     recoveries: AtomicU64,
+    /// When Redis last came back, ms since `opened` (0: never).
+    recovered_at: AtomicU64,
+    opened: std::time::Instant,
     metrics: Metrics,
 }
 
@@ -98,6 +101,8 @@ impl Store {
             timeout,
             up: AtomicBool::new(true),
             recoveries: AtomicU64::new(0),
+            recovered_at: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
             metrics,
         })
     }
@@ -112,6 +117,18 @@ impl Store {
         self.recoveries.load(Ordering::Relaxed)
     }
 
+    /// Whether Redis came back from a failure less than `window` ago: it may have restarted
+    /// empty, and nodes may not have re-published their presence yet.
+    pub fn recovered_within(&self, window: Duration) -> bool {
+        let at = self.recovered_at.load(Ordering::Relaxed);
+        at != 0
+            && self
+                .opened
+                .elapsed()
+                .saturating_sub(Duration::from_millis(at))
+                < window
+    }
+
     /// Whether the last call succeeded.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -122,6 +139,8 @@ impl Store {
         if was != ok {
             if ok {
                 self.recoveries.fetch_add(1, Ordering::Relaxed);
+                let at = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.recovered_at.store(at.max(1), Ordering::Relaxed);
                 tracing::info!("redis reachable again");
             } else {
                 tracing::warn!("redis unreachable; local routing continues, cross-node requests get retry-later");

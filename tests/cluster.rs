@@ -260,8 +260,9 @@ async fn seed_scenario_new_node_while_redis_is_slow() {
     };
     let n1 = Node::start(slow("n1")).await;
     let n2 = Node::start(slow("n2")).await;
-    // n1 and n2 read the registry once at start; make sure both saw both.
-    wait_for_nodes(&[&n1], 1).await;
+    // n1 and n2 read the registry once at start (after publishing themselves); from then on
+    // they read it again only when nudged.
+    wait_for_nodes(&[&n1, &n2], 1).await;
     let mut a = Raw::register(n1.addr).await;
     let mut a2 = Raw::register(n1.addr).await;
     // A node none of them has seen: the rolling upgrade's new pod.
@@ -372,6 +373,7 @@ async fn redis_outage_keeps_local_routing_and_recovers_by_itself() {
     let mut a2 = Raw::register(n1.addr).await;
     let mut b = Raw::register(n2.addr).await;
     wait_presence(&redis, &b.uuid, "n2").await;
+    println!("outage test: a={} b={}", a.uuid, b.uuid);
 
     redis.stop();
     // Liveness never depends on Redis.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, Redis, CLUSTER_KEY};
+use common::{eventually, stable_port, Redis, CLUSTER_KEY};
 use sigrouter_client::{Client, ClientConfig, ConnectOutcome, Event, FailReason};
 use uuid::Uuid;
 
@@ -24,17 +24,13 @@ struct Proc {
 }
 
 fn udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    stable_port()
 }
 
 impl Proc {
     fn new(redis: &str, id: &str, key_file: &std::path::Path) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", udp_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", stable_port()).parse().unwrap();
         let cluster = format!("127.0.0.1:{}", udp_port());
         let args: Vec<String> = [
             "serve",

@@ -129,6 +129,11 @@ async fn resolve(
                 .await
                 .map_err(|()| FailReason::RetryLater)?
                 .map(|(n, _)| n);
+            if n.is_none() && cluster.store.recovered_within(cluster.recovery_grace()) {
+                // Redis just came back (perhaps empty) and nodes are still re-publishing:
+                // "nowhere" is not to be trusted yet.
+                return Err(FailReason::RetryLater);
+            }
             cluster.cache_presence(*target, n.clone(), now);
             n
         }

@@ -155,6 +155,7 @@ pub struct Cluster {
     generation: watch::Sender<u64>,
     nudge: Notify,
     nudged: AtomicBool,
+    published: Notify,
     presence: DashMap<Uuid, Cached>,
     presence_tx: mpsc::Sender<PresenceOp>,
     /// Set when Redis may have lost our writes: the writer re-publishes every session.
@@ -185,6 +186,7 @@ impl Cluster {
             generation,
             nudge: Notify::new(),
             nudged: AtomicBool::new(false),
+            published: Notify::new(),
             presence: DashMap::new(),
             presence_tx,
             republish: AtomicBool::new(false),
@@ -231,6 +233,16 @@ impl Cluster {
     /// Waits for a nudge (refresher only).
     pub(crate) async fn nudged(&self) {
         self.nudge.notified().await;
+    }
+
+    /// Signals that this node's first registry publication was attempted.
+    pub(crate) fn mark_first_published(&self) {
+        self.published.notify_one();
+    }
+
+    /// Waits for [`Cluster::mark_first_published`].
+    pub(crate) async fn first_published(&self) {
+        self.published.notified().await;
     }
 
     /// Takes the pending nudge, if any (refresher only, just before it reads Redis).
@@ -297,6 +309,12 @@ impl Cluster {
         if self.presence_tx.try_send(op).is_err() {
             self.republish.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// How long after a Redis recovery an absent presence record means "retry later" rather
+    /// than "offline": long enough for every node to notice and re-publish.
+    pub fn recovery_grace(&self) -> Duration {
+        (self.cfg.registry_period * 3).max(Duration::from_secs(3))
     }
 
     /// Whether this node is draining.

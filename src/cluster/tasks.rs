@@ -46,6 +46,12 @@ return 0";
 /// Rebuilds the node table every `period` and whenever nudged; the only writer of it. On a
 /// Redis failure the last snapshot stays in use.
 pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: CancellationToken) {
+    // The first table should include this node: wait (briefly) for its first publication.
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = cluster.first_published() => {}
+        _ = tokio::time::sleep(period) => {}
+    }
     let mut last = tokio::time::Instant::now();
     loop {
         cluster.take_nudge();
@@ -150,10 +156,10 @@ pub async fn run_registry(
     let mut recoveries = cluster.store.recoveries();
     loop {
         let r = publish_self(&cluster, &router, period).await;
-        if r.is_some() && first {
-            // Our own record is in: make the table include us without waiting a period.
+        if first {
+            // The refresher waits for this before its first read (success or not).
             first = false;
-            cluster.nudge();
+            cluster.mark_first_published();
         } else if r == Some(true) || cluster.store.recoveries() != recoveries {
             // Redis was unreachable, or lost our record: it may have lost presence too.
             tracing::info!("redis back: re-publishing registry record and all presence");

@@ -287,9 +287,25 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A port outside the kernel's ephemeral range (32768+), free for TCP and UDP, so nothing
+/// else takes it while a test has a server stopped and is about to start it again there.
+pub fn stable_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 25;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        {
+            return p;
+        }
+    }
+}
+
 impl Redis {
     pub fn start() -> Self {
-        Self::start_on(free_port())
+        Self::start_on(stable_port())
     }
 
     pub fn start_on(port: u16) -> Self {
