@@ -771,24 +771,7 @@ impl Router {
         let connection = Uuid::new_v4();
         // Local first: a target on this node never touches Redis or the network.
         if let Some((push, target)) = self.sessions.next_push(&c.to) {
-            self.conns.insert(
-                connection,
-                Conn {
-                    initiator: uuid,
-                    target: c.to,
-                    initiator_rid: c.rid,
-                    started: now,
-                    state: ConnState::Pending {
-                        deadline: now + self.connect_timeout,
-                        push,
-                    },
-                    remote: None,
-                    target_side: false,
-                },
-            );
-            self.pending.insert(connection, ());
-            self.sessions
-                .remember(&uuid, c.rid, Remembered::Pending, now);
+            self.start_pending(now, connection, uuid, c.to, c.rid, push);
             let incoming = Message::Incoming(Incoming {
                 push,
                 connection,
@@ -810,24 +793,7 @@ impl Router {
             self.connect_failed(now, uuid, c.rid, FailReason::Offline, out);
             return;
         }
-        self.conns.insert(
-            connection,
-            Conn {
-                initiator: uuid,
-                target: c.to,
-                initiator_rid: c.rid,
-                started: now,
-                state: ConnState::Pending {
-                    deadline: now + self.connect_timeout,
-                    push: 0,
-                },
-                remote: None,
-                target_side: false,
-            },
-        );
-        self.pending.insert(connection, ());
-        self.sessions
-            .remember(&uuid, c.rid, Remembered::Pending, now);
+        self.start_pending(now, connection, uuid, c.to, c.rid, 0);
         let body = Body::Incoming {
             conn: connection,
             from: uuid,
@@ -853,6 +819,37 @@ impl Router {
             fresh: false,
             body,
         });
+    }
+
+    /// Records a pending connection on the initiator's node (`push`: the local Incoming push,
+    /// 0 while the target is elsewhere) and marks the Connect's request id as pending.
+    fn start_pending(
+        &self,
+        now: Instant,
+        id: Uuid,
+        initiator: Uuid,
+        target: Uuid,
+        rid: u64,
+        push: u64,
+    ) {
+        self.conns.insert(
+            id,
+            Conn {
+                initiator,
+                target,
+                initiator_rid: rid,
+                started: now,
+                state: ConnState::Pending {
+                    deadline: now + self.connect_timeout,
+                    push,
+                },
+                remote: None,
+                target_side: false,
+            },
+        );
+        self.pending.insert(id, ());
+        self.sessions
+            .remember(&initiator, rid, Remembered::Pending, now);
     }
 
     /// Completes a Connect job: forward to `node`, or fail the pending connection.

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    answer, cluster_config, connect, eventually, outcome, payload, recv_msg, signal,
-    wait_for_nodes, Node, Raw, Redis, CLUSTER_KEY, T,
+    answer, assert_offline, cluster_config, connect, eventually, outcome, payload, recv_msg,
+    signal, wait_for_nodes, Node, Raw, Redis, CLUSTER_KEY, T,
 };
 use sigrouter::cluster::wire::{self, Body, Envelope};
 use sigrouter::proto::{self, ErrorCode, FailReason, Message};
@@ -132,18 +132,7 @@ async fn three_nodes_connect_and_signal_across_nodes() {
     );
 
     // An offline target anywhere: offline.
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: Uuid::new_v4(),
-        payload: payload(""),
-    }))
-    .await;
-    match outcome(&a, rid).await {
-        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::Offline),
-        m => panic!("expected offline, got {m:?}"),
-    }
+    assert_offline(&mut a, Uuid::new_v4()).await;
 
     // Steady state: repeated connects to the same peer cost no Redis command (cached).
     let before = metric(&n1, "sigrouter_redis_commands_total")

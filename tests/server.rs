@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    answer, connect, eventually, outcome, payload, recv_msg, signal, test_config, Node, Raw, T,
+    answer, assert_offline, connect, eventually, outcome, payload, recv_msg, signal, test_config,
+    Node, Raw, T,
 };
 use sigrouter::proto::{self, ErrorCode, FailReason, Message, Secret};
 use uuid::Uuid;
@@ -129,18 +130,7 @@ async fn connect_rejected_offline_and_timeout() {
         m => panic!("expected rejected, got {m:?}"),
     }
 
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: Uuid::new_v4(),
-        payload: payload(""),
-    }))
-    .await;
-    match outcome(&a, rid).await {
-        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::Offline),
-        m => panic!("expected offline, got {m:?}"),
-    }
+    assert_offline(&mut a, Uuid::new_v4()).await;
 
     // The target acknowledges the Incoming but never answers.
     let (rid, _inc) = connect(&mut a, &b, "anyone?").await;

@@ -539,3 +539,19 @@ pub async fn signal(from: &mut Raw, to: &Raw, connection: Uuid, text: &str) {
         (uuid, connection, payload(text))
     );
 }
+
+/// A Connect to `to` (nobody online) fails with `offline`.
+pub async fn assert_offline(a: &mut Raw, to: Uuid) {
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to,
+        payload: payload(""),
+    }))
+    .await;
+    match outcome(a, rid).await {
+        Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::Offline),
+        m => panic!("expected offline, got {m:?}"),
+    }
+}
