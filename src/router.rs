@@ -1044,18 +1044,7 @@ impl Router {
         accept: bool,
         out: &mut Outbox,
     ) {
-        // Read and change the connection in one statement; act on the copy afterwards.
-        let found = match self.conns.get_mut(&a.connection) {
-            Some(mut c) if c.target == uuid => {
-                let before = c.clone();
-                if accept {
-                    c.state = ConnState::Established { last: now };
-                }
-                Some(before)
-            }
-            _ => None,
-        };
-        let Some(conn) = found else {
+        let Some(conn) = self.record_answer(now, a.connection, uuid, accept, false) else {
             self.error_to(view, a.rid, ErrorCode::UnknownConnection, out);
             return;
         };
@@ -1111,6 +1100,32 @@ impl Router {
             a.payload,
             out,
         );
+    }
+
+    /// Records `target`'s answer to connection `id` (established on accept) and returns the
+    /// connection as it was before; `None` if it is unknown, not `target`'s, or (with
+    /// `pending_only`) already answered. One statement: read, change, copy out.
+    fn record_answer(
+        &self,
+        now: Instant,
+        id: Uuid,
+        target: Uuid,
+        accept: bool,
+        pending_only: bool,
+    ) -> Option<Conn> {
+        match self.conns.get_mut(&id) {
+            Some(mut c)
+                if c.target == target
+                    && (!pending_only || matches!(c.state, ConnState::Pending { .. })) =>
+            {
+                let before = c.clone();
+                if accept {
+                    c.state = ConnState::Established { last: now };
+                }
+                Some(before)
+            }
+            _ => None,
+        }
     }
 
     /// Tells the (local) initiator of `conn` how its Connect ended.
@@ -1322,19 +1337,7 @@ impl Router {
                 local,
                 payload,
             } => {
-                let found = match self.conns.get_mut(&conn) {
-                    Some(mut c)
-                        if c.target == peer && matches!(c.state, ConnState::Pending { .. }) =>
-                    {
-                        let before = c.clone();
-                        if accept {
-                            c.state = ConnState::Established { last: now };
-                        }
-                        Some(before)
-                    }
-                    _ => None,
-                };
-                let Some(c) = found else {
+                let Some(c) = self.record_answer(now, conn, peer, accept, true) else {
                     return Status::UnknownConnection;
                 };
                 if !accept {
