@@ -367,7 +367,9 @@ impl Metrics {
             Some(FailReason::Offline) => 1,
             Some(FailReason::Rejected) => 2,
             Some(FailReason::Timeout) => 3,
-            Some(FailReason::RetryLater) => 4,
+            // The router never produces `Other` (it exists for older clients of newer
+            // routers); counted with the transient failures if it ever did.
+            Some(FailReason::RetryLater | FailReason::Other) => 4,
         };
         self.outcomes[i].increment(1);
     }

@@ -30,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_repr::{Deserialize_repr, Serialize_repr};
+use serde_repr::Serialize_repr;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
@@ -342,7 +342,10 @@ impl<'de> Deserialize<'de> for Secret {
 pub type Payload = serde_bytes::ByteBuf;
 
 /// Why a connection attempt failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr)]
+///
+/// A value this version does not know decodes as [`FailReason::Other`] (a newer server may add
+/// reasons): treat it as a generic failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize_repr)]
 #[repr(u8)]
 pub enum FailReason {
     /// The target is not online.
@@ -353,6 +356,20 @@ pub enum FailReason {
     Timeout = 3,
     /// The router could not decide now (cluster state missing); try again shortly.
     RetryLater = 4,
+    /// A reason this version does not know. Never sent by this version.
+    Other = 255,
+}
+
+impl<'de> Deserialize<'de> for FailReason {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match u64::deserialize(d)? {
+            1 => Self::Offline,
+            2 => Self::Rejected,
+            3 => Self::Timeout,
+            4 => Self::RetryLater,
+            _ => Self::Other,
+        })
+    }
 }
 
 impl FailReason {
@@ -363,12 +380,16 @@ impl FailReason {
             Self::Rejected => "rejected",
             Self::Timeout => "timeout",
             Self::RetryLater => "retry-later",
+            Self::Other => "other",
         }
     }
 }
 
 /// Stable error codes carried by `Error`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr)]
+///
+/// A code this version does not know decodes as [`ErrorCode::Other`] (a newer server may add
+/// codes): treat it as a generic failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize_repr)]
 #[repr(u16)]
 pub enum ErrorCode {
     /// The request broke a protocol rule (for example a Connect to oneself).
@@ -387,6 +408,24 @@ pub enum ErrorCode {
     Draining = 7,
     /// Transient failure; retry shortly.
     RetryLater = 8,
+    /// A code this version does not know. Never sent by this version.
+    Other = 65535,
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match u64::deserialize(d)? {
+            1 => Self::BadRequest,
+            2 => Self::Unauthorized,
+            3 => Self::UnknownSession,
+            4 => Self::RateLimited,
+            5 => Self::Capacity,
+            6 => Self::UnknownConnection,
+            7 => Self::Draining,
+            8 => Self::RetryLater,
+            _ => Self::Other,
+        })
+    }
 }
 
 impl ErrorCode {
@@ -401,6 +440,7 @@ impl ErrorCode {
             Self::UnknownConnection => "unknown_connection",
             Self::Draining => "draining",
             Self::RetryLater => "retry_later",
+            Self::Other => "other",
         }
     }
 }
@@ -1005,6 +1045,22 @@ mod tests {
         });
         let b = encode(&m, Some(&key())).unwrap();
         assert_eq!(decode(&b), Err(DecodeError::OutOfRange));
+    }
+
+    #[test]
+    fn unknown_codes_decode_as_other() {
+        // Error{rid: 7, code: 999}: a code from a newer server.
+        let mut b = vec![0x53, 0x52, 0x01, 0x87, 0x82];
+        b.extend_from_slice(&[
+            0xA3, b'r', b'i', b'd', 0x07, 0xA4, b'c', b'o', b'd', b'e', 0xCD, 0x03, 0xE7,
+        ]);
+        assert_eq!(
+            decode(&b).unwrap(),
+            Message::Error(ErrorMsg {
+                rid: 7,
+                code: ErrorCode::Other
+            })
+        );
     }
 
     #[test]
