@@ -956,10 +956,19 @@ impl Router {
     }
 
     /// Fails a pending connection (if still pending) with `reason`.
+    #[track_caller]
     fn fail_pending(&self, now: Instant, conn: Uuid, reason: FailReason, out: &mut Outbox) {
         let Some((_, c)) = self.conns.remove(&conn) else {
             return;
         };
+        tracing::debug!(
+            target: "sigrouter::connect_failed",
+            %conn,
+            reason = reason.name(),
+            at = %std::panic::Location::caller(),
+            remote = ?c.remote.as_ref().map(|r| r.node.clone()),
+            "connect failed"
+        );
         if let ConnState::Pending { push, .. } = c.state {
             if push != 0 {
                 self.pushes.remove(&(c.target, push));
@@ -1571,7 +1580,10 @@ impl Router {
             }
             // The target left (moved to another node, said Bye, expired) before answering:
             // tell the initiator at once rather than after the timeout.
-            let target_here = conn.remote.is_none() || conn.target_side;
+            // (An initiator-side entry whose target is elsewhere has no local push: push 0,
+            // remote unset while its lookup runs. Its target was never here.)
+            let local_push = matches!(conn.state, ConnState::Pending { push, .. } if push != 0);
+            let target_here = conn.target_side || (conn.remote.is_none() && local_push);
             if target_here && !self.sessions.contains(&conn.target) {
                 match (&conn.remote, &self.cluster) {
                     (Some(remote), Some(cluster)) if conn.target_side => {

@@ -467,3 +467,39 @@ async fn resume_on_another_node_keeps_the_uuid() {
     let gone = eventually(T, || !n1.router.is_local(&a.uuid)).await;
     assert!(gone, "n1 still holds the session after it moved");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lookup_still_connects() {
+    // Redis answers, but slowly (shorter than the node's Redis deadline): the connect waits for
+    // the lookup instead of being failed while its target's node is still unknown.
+    let redis = Redis::start();
+    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    wait_for_nodes(&[&n1, &n2], 2).await;
+    let mut a = Raw::register(n1.addr).await;
+    let mut b = Raw::register(n2.addr).await;
+    wait_presence(&redis, &b.uuid, "n2").await;
+    redis.cmd_detached(&["DEBUG", "SLEEP", "0.4"]);
+    let blocked = eventually(Duration::from_secs(2), || redis.is_blocked()).await;
+    assert!(blocked, "DEBUG SLEEP did not take effect");
+    let rid = a.next_rid();
+    a.send(&Message::Connect(proto::Connect {
+        rid,
+        uuid: a.uuid,
+        to: b.uuid,
+        payload: payload("patience"),
+    }))
+    .await;
+    let inc = b
+        .recv_until(T, |m| match m {
+            Message::Incoming(i) => Some(i.clone()),
+            _ => None,
+        })
+        .await
+        .expect("the Incoming arrives once Redis answers");
+    answer(&mut b, inc.connection, true, "").await;
+    match outcome(&a, rid).await {
+        Message::Connected(c) => assert_eq!(c.peer, b.uuid),
+        m => panic!("expected Connected after a slow lookup, got {m:?}"),
+    }
+}
