@@ -263,8 +263,9 @@ async fn seed_scenario_new_node_while_redis_is_slow() {
         "n1 should not know n3 yet"
     );
 
-    // Redis stops answering for 3 s while a's connect needs n3.
-    redis.cmd_detached(&["DEBUG", "SLEEP", "3"]);
+    // Redis stops answering for 5 s (far longer than the nodes' 1 s Redis deadline) while a's
+    // connect needs n3.
+    redis.cmd_detached(&["DEBUG", "SLEEP", "5"]);
     let blocked = eventually(Duration::from_secs(2), || redis.is_blocked()).await;
     assert!(blocked, "DEBUG SLEEP did not take effect");
     let slept_at = Instant::now();
@@ -470,18 +471,22 @@ async fn resume_on_another_node_keeps_the_uuid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_lookup_still_connects() {
-    // Redis answers, but slowly (shorter than the node's Redis deadline): the connect waits for
-    // the lookup instead of being failed while its target's node is still unknown.
+    // The connect needs a Redis lookup and a node-table refresh (n2 is new to n1), both slowed
+    // by DEBUG SLEEP but within the node's Redis deadline: the pending connect waits for them,
+    // it is not failed on a timer tick while its target's node is still being looked up.
     let redis = Redis::start();
-    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let mut c1 = cluster_config(&redis.url(), "n1");
+    if let Some(cc) = c1.cluster.as_mut() {
+        cc.table_period = Duration::from_secs(600);
+    }
+    let n1 = Node::start(c1).await;
+    wait_for_nodes(&[&n1], 1).await;
     let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
-    wait_for_nodes(&[&n1, &n2], 2).await;
     let mut a = Raw::register(n1.addr).await;
     let mut b = Raw::register(n2.addr).await;
     wait_presence(&redis, &b.uuid, "n2").await;
-    redis.cmd_detached(&["DEBUG", "SLEEP", "0.4"]);
-    let blocked = eventually(Duration::from_secs(2), || redis.is_blocked()).await;
-    assert!(blocked, "DEBUG SLEEP did not take effect");
+    assert!(n1.router.cluster().unwrap().node("n2").is_none());
+    redis.cmd_detached(&["DEBUG", "SLEEP", "0.3"]);
     let rid = a.next_rid();
     a.send(&Message::Connect(proto::Connect {
         rid,
