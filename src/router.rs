@@ -620,24 +620,23 @@ impl Router {
     }
 
     /// Encodes an answer for the sender, MAC'd with its secret, and sends it to its address.
-    fn send(&self, view: &SenderView, msg: Message, out: &mut Outbox) -> Option<Arc<[u8]>> {
-        match proto::encode(&msg, Some(&view.secret)) {
-            Ok(bytes) => {
-                let shared: Arc<[u8]> = bytes.as_slice().into();
-                out.client.push(Transmit {
-                    to: view.addr,
-                    bytes,
-                });
-                Some(shared)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed");
-                None
-            }
+    fn send(&self, view: &SenderView, msg: Message, out: &mut Outbox) {
+        if let Some(bytes) = self.encode_for(view, &msg) {
+            out.client.push(Transmit {
+                to: view.addr,
+                bytes,
+            });
         }
     }
 
-    /// Sends an answer and remembers it for retransmissions of the same request id.
+    fn encode_for(&self, view: &SenderView, msg: &Message) -> Option<Vec<u8>> {
+        proto::encode(msg, Some(&view.secret))
+            .map_err(|e| tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"))
+            .ok()
+    }
+
+    /// Sends an answer and remembers it for retransmissions of the same request id. (Only
+    /// answers that are remembered pay for the shared copy; heartbeat acks do not.)
     fn answer(
         &self,
         now: Instant,
@@ -647,10 +646,20 @@ impl Router {
         msg: Message,
         out: &mut Outbox,
     ) {
-        if let Some(bytes) = self.send(view, msg, out) {
+        if let Some(bytes) = self.encode_for(view, &msg) {
+            let shared: Arc<[u8]> = bytes.as_slice().into();
             self.sessions
-                .remember(&uuid, rid, Remembered::Answer(bytes), now);
+                .remember(&uuid, rid, Remembered::Answer(shared), now);
+            out.client.push(Transmit {
+                to: view.addr,
+                bytes,
+            });
         }
+    }
+
+    /// Acknowledges request `rid` (remembered, like every answer with an effect).
+    fn ack(&self, now: Instant, uuid: Uuid, view: &SenderView, rid: u64, out: &mut Outbox) {
+        self.answer(now, uuid, view, rid, Message::Ack(Ack { rid }), out);
     }
 
     /// Answers session `uuid`'s request `rid` (looked up afresh: the answer may come long after
@@ -708,7 +717,7 @@ impl Router {
             return;
         }
         self.send(
-            &view.clone(),
+            view,
             Message::QueryResult(QueryResult { rid: q.rid, online }),
             out,
         );
@@ -1059,14 +1068,7 @@ impl Router {
         };
         let ConnState::Pending { push, .. } = conn.state else {
             // Already answered under another request id: nothing more to do.
-            self.answer(
-                now,
-                uuid,
-                view,
-                a.rid,
-                Message::Ack(Ack { rid: a.rid }),
-                out,
-            );
+            self.ack(now, uuid, view, a.rid, out);
             return;
         };
         // The answer proves the Incoming arrived.
@@ -1090,14 +1092,7 @@ impl Router {
             self.forward(now, cluster, &remote.node, remote.addr, body, then, out);
             return;
         }
-        self.answer(
-            now,
-            uuid,
-            view,
-            a.rid,
-            Message::Ack(Ack { rid: a.rid }),
-            out,
-        );
+        self.ack(now, uuid, view, a.rid, out);
         self.deliver_outcome(
             now,
             &conn,
@@ -1224,14 +1219,7 @@ impl Router {
             self.error_to(view, s.rid, ErrorCode::UnknownConnection, out);
             return;
         }
-        self.answer(
-            now,
-            uuid,
-            view,
-            s.rid,
-            Message::Ack(Ack { rid: s.rid }),
-            out,
-        );
+        self.ack(now, uuid, view, s.rid, out);
     }
 
     fn push_signal(

@@ -1,13 +1,13 @@
 //! `sigrouter client listen|connect|query` against a real node over UDP, run in-process
 //! through [`sigrouter::cli::run_with`] with flags parsed by clap exactly as the binary does.
 
-mod client_support;
+mod common;
 
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
-use client_support::{test_config, Node};
+use common::{test_config, Node};
 use serde_json::Value;
 use sigrouter::cli::{run_with, ClientCommand};
 use tokio::sync::{mpsc, oneshot};

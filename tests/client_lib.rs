@@ -3,11 +3,11 @@
 //! retries through (rate limit, draining), recovery (UnknownSession, re-home) and simulated
 //! packet loss.
 
-mod client_support;
+mod common;
 
 use std::time::Duration;
 
-use client_support::{test_config, Node};
+use common::{test_config, Node};
 use sigrouter::Config;
 use sigrouter_client::{
     Client, ClientConfig, ClientError, ConnectOutcome, ErrorCode, Event, Events, FailReason,
@@ -27,6 +27,19 @@ async fn register(node: &Node) -> (Client, Events) {
 }
 
 /// The next event `pick` accepts (others are skipped), within `within`.
+/// The next Signal event: (connection, from, payload).
+async fn next_signal(rx: &mut mpsc::UnboundedReceiver<Event>) -> (Uuid, Uuid, Vec<u8>) {
+    next_event(rx, WAIT, |e| match e {
+        Event::Signal {
+            connection,
+            from,
+            payload,
+        } => Some((*connection, *from, payload.clone())),
+        _ => None,
+    })
+    .await
+}
+
 async fn next_event<T>(
     rx: &mut mpsc::UnboundedReceiver<Event>,
     within: Duration,
@@ -205,27 +218,11 @@ async fn connect_accepted_then_signals_both_ways() {
     assert_eq!(local, vec![i.local_addr()], "announced local address");
 
     i.signal(conn, b"ping").await.unwrap();
-    let got = next_event(&mut t_events, WAIT, |e| match e {
-        Event::Signal {
-            connection,
-            from,
-            payload,
-        } => Some((*connection, *from, payload.clone())),
-        _ => None,
-    })
-    .await;
+    let got = next_signal(&mut t_events).await;
     assert_eq!(got, (conn, i.uuid(), b"ping".to_vec()));
 
     t.signal(conn, b"pong").await.unwrap();
-    let got = next_event(&mut i_events, WAIT, |e| match e {
-        Event::Signal {
-            connection,
-            from,
-            payload,
-        } => Some((*connection, *from, payload.clone())),
-        _ => None,
-    })
-    .await;
+    let got = next_signal(&mut i_events).await;
     assert_eq!(got, (conn, t.uuid(), b"pong".to_vec()));
 }
 

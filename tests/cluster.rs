@@ -33,14 +33,7 @@ async fn wait_presence(redis: &Redis, uuid: &Uuid, node: &str) {
 async fn connect_retrying(a: &mut Raw, b: &mut Raw, deadline: Duration) -> Message {
     let end = Instant::now() + deadline;
     loop {
-        let rid = a.next_rid();
-        a.send(&Message::Connect(proto::Connect {
-            rid,
-            uuid: a.uuid,
-            to: b.uuid,
-            payload: payload("retrying"),
-        }))
-        .await;
+        let rid = a.send_connect(b.uuid, "retrying").await;
         let m = loop {
             assert!(
                 Instant::now() < end + Duration::from_secs(12),
@@ -269,14 +262,7 @@ async fn seed_scenario_new_node_while_redis_is_slow() {
     let blocked = eventually(Duration::from_secs(2), || redis.is_blocked()).await;
     assert!(blocked, "DEBUG SLEEP did not take effect");
     let slept_at = Instant::now();
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: t.uuid,
-        payload: payload("through the upgrade"),
-    }))
-    .await;
+    let rid = a.send_connect(t.uuid, "through the upgrade").await;
     // Other requests on the same node are answered promptly meanwhile.
     for _ in 0..5 {
         let sent = Instant::now();
@@ -377,14 +363,7 @@ async fn redis_outage_keeps_local_routing_and_recovers_by_itself() {
     }
     // A cross-node connect that needs Redis fails fast with retry-later.
     let sent = Instant::now();
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: b.uuid,
-        payload: payload(""),
-    }))
-    .await;
+    let rid = a.send_connect(b.uuid, "").await;
     match outcome(&a, rid).await {
         Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::RetryLater),
         m => panic!("expected retry-later during the outage, got {m:?}"),
@@ -487,14 +466,8 @@ async fn a_slow_lookup_still_connects() {
     wait_presence(&redis, &b.uuid, "n2").await;
     assert!(n1.router.cluster().unwrap().node("n2").is_none());
     redis.cmd_detached(&["DEBUG", "SLEEP", "0.3"]);
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: b.uuid,
-        payload: payload("patience"),
-    }))
-    .await;
+    // Sent by hand, not with the retrying `connect` helper: a retry would hide the bug.
+    let rid = a.send_connect(b.uuid, "patience").await;
     let inc = b
         .recv_until(T, |m| match m {
             Message::Incoming(i) => Some(i.clone()),

@@ -147,14 +147,7 @@ async fn pushes_are_retransmitted_until_acked() {
     let node = Node::start(cfg).await;
     let mut a = Raw::register(node.addr).await;
     let b = Raw::register(node.addr).await;
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to: b.uuid,
-        payload: payload("x"),
-    }))
-    .await;
+    a.send_connect(b.uuid, "x").await;
     // B "loses" the first two copies (reads without acking); the server sends it again.
     let mut seen = Vec::new();
     for _ in 0..3 {

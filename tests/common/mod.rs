@@ -218,6 +218,19 @@ impl Raw {
         .await;
     }
 
+    /// Sends a Connect to `to` with a text payload; returns its request id.
+    pub async fn send_connect(&mut self, to: Uuid, text: &str) -> u64 {
+        let rid = self.next_rid();
+        self.send(&Message::Connect(proto::Connect {
+            rid,
+            uuid: self.uuid,
+            to,
+            payload: payload(text),
+        }))
+        .await;
+        rid
+    }
+
     pub async fn heartbeat(&mut self) -> proto::HeartbeatAck {
         let rid = self.next_rid();
         self.send(&Message::Heartbeat(proto::Heartbeat {
@@ -456,14 +469,7 @@ pub fn payload(s: &str) -> Payload {
 pub async fn connect(a: &mut Raw, b: &Raw, text: &str) -> (u64, proto::Incoming) {
     let end = Instant::now() + Duration::from_secs(15);
     loop {
-        let rid = a.next_rid();
-        a.send(&Message::Connect(proto::Connect {
-            rid,
-            uuid: a.uuid,
-            to: b.uuid,
-            payload: payload(text),
-        }))
-        .await;
+        let rid = a.send_connect(b.uuid, text).await;
         let from = a.uuid;
         // A retry-later (cluster state not at hand yet) is retried, as a real client does.
         let got = tokio::select! {
@@ -542,14 +548,7 @@ pub async fn signal(from: &mut Raw, to: &Raw, connection: Uuid, text: &str) {
 
 /// A Connect to `to` (nobody online) fails with `offline`.
 pub async fn assert_offline(a: &mut Raw, to: Uuid) {
-    let rid = a.next_rid();
-    a.send(&Message::Connect(proto::Connect {
-        rid,
-        uuid: a.uuid,
-        to,
-        payload: payload(""),
-    }))
-    .await;
+    let rid = a.send_connect(to, "").await;
     match outcome(a, rid).await {
         Message::ConnectFailed(f) => assert_eq!(f.reason, FailReason::Offline),
         m => panic!("expected offline, got {m:?}"),
