@@ -30,6 +30,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
+mod jobs;
 pub mod metrics;
 mod net;
 pub mod router;

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{jobs, Cluster};
+use crate::cluster::Cluster;
+use crate::jobs;
 use crate::router::{Job, Outbox, Router, Transmit};
 
 /// Largest receive: bigger than any valid datagram, so oversized ones are seen and counted.

@@ -245,7 +245,7 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let started = Instant::now();
     let deadline = started + c.cfg.drain;
     c.set_draining();
-    if tasks::publish_self(c, router, c.cfg.registry_period)
+    if tasks::publish_self(c, &**router, c.cfg.registry_period)
         .await
         .is_none()
     {
@@ -277,7 +277,7 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     // Linger briefly: peers still holding this node in their caches get a quick "not here"
     // (and look again) instead of waiting out an unanswered forward.
     let linger = (started + c.cfg.drain).min(Instant::now() + DRAIN_LINGER);
-    tasks::publish_self(c, router, c.cfg.registry_period).await;
+    tasks::publish_self(c, &**router, c.cfg.registry_period).await;
     tokio::time::sleep_until(linger.into()).await;
     tracing::info!(
         left = router.session_count(),

@@ -11,7 +11,7 @@
 //!   from a socket loop).
 //! - [`wire`]: the authenticated node-to-node datagram format.
 
-pub mod jobs;
+pub mod lookup;
 pub mod tasks;
 pub mod wire;
 
@@ -119,6 +119,15 @@ impl NodeTable {
             .min_by_key(|n| n.sessions)
             .map(|n| Arc::clone(n))
     }
+}
+
+/// What the cluster's background tasks need to know of the sessions this node holds. The
+/// router implements it, so cluster code never depends on the router.
+pub trait LocalSessions: Send + Sync {
+    /// Number of sessions held.
+    fn session_count(&self) -> usize;
+    /// Every session held, with its Resume verifier (for presence re-publication).
+    fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])>;
 }
 
 /// A presence write for the batching writer.

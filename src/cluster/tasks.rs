@@ -10,9 +10,8 @@ use redis::Pipeline;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::jobs::format_presence;
-use super::{now_ms, Cluster, NodeInfo, NodeState, PresenceOp};
-use crate::router::Router;
+use super::lookup::format_presence;
+use super::{now_ms, Cluster, LocalSessions, NodeInfo, NodeState, PresenceOp};
 use crate::store::{presence_key, NODES_KEY};
 
 /// Registry records live this many renewal periods without a renewal.
@@ -107,7 +106,7 @@ async fn read_nodes(cluster: &Cluster) -> Result<(Vec<NodeInfo>, Vec<String>), (
 }
 
 /// This node's registry record now.
-pub fn own_record(cluster: &Cluster, router: &Router, period: Duration) -> NodeInfo {
+pub fn own_record(cluster: &Cluster, router: &dyn LocalSessions, period: Duration) -> NodeInfo {
     NodeInfo {
         id: cluster.id.to_string(),
         public: cluster.cfg.public_addr,
@@ -127,7 +126,11 @@ pub fn own_record(cluster: &Cluster, router: &Router, period: Duration) -> NodeI
 
 /// Writes this node's record once. `Some(true)` when the record was missing before (first
 /// publication, or Redis lost its data), `None` when Redis did not take it.
-pub async fn publish_self(cluster: &Cluster, router: &Router, period: Duration) -> Option<bool> {
+pub async fn publish_self(
+    cluster: &Cluster,
+    router: &dyn LocalSessions,
+    period: Duration,
+) -> Option<bool> {
     let rec = own_record(cluster, router, period);
     let json = serde_json::to_string(&rec).ok()?;
     let mut p = redis::pipe();
@@ -148,14 +151,14 @@ pub async fn unpublish_self(cluster: &Cluster) {
 /// writer to re-publish every session (Redis may have lost them).
 pub async fn run_registry(
     cluster: Arc<Cluster>,
-    router: Arc<Router>,
+    router: Arc<dyn LocalSessions>,
     period: Duration,
     stop: CancellationToken,
 ) {
     let mut first = true;
     let mut recoveries = cluster.store.recoveries();
     loop {
-        let r = publish_self(&cluster, &router, period).await;
+        let r = publish_self(&cluster, &*router, period).await;
         if first {
             // The refresher waits for this before its first read (success or not).
             first = false;
@@ -179,7 +182,7 @@ pub async fn run_registry(
 /// only enqueue.
 pub async fn run_presence_writer(
     cluster: Arc<Cluster>,
-    router: Arc<Router>,
+    router: Arc<dyn LocalSessions>,
     mut rx: mpsc::Receiver<PresenceOp>,
     ttl: Duration,
     refresh: Duration,

@@ -1,6 +1,6 @@
-//! Deferred jobs: the only request-driven code that awaits Redis or a newer node table. They
-//! run in their own tasks (bounded in number by the caller), each step under a deadline, and
-//! hand their result back to the [`Router`], which decides what to send.
+//! Presence lookups: where a client is, from the local cache or Redis, and the node that
+//! holds it from the node table (waiting briefly for a newer snapshot when the node is new).
+//! Awaited only by deferred jobs, never by a socket loop; every Redis call has a deadline.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,63 +9,10 @@ use sigrouter_proto::FailReason;
 use uuid::Uuid;
 
 use super::{Cluster, NodeInfo, NodeState};
-use crate::router::{Job, Outbox, Router};
 use crate::store::presence_key;
 
 /// How long a request may wait for a node table that knows a node it has not seen yet.
 pub const TABLE_WAIT: Duration = Duration::from_secs(1);
-
-/// Runs one job to completion and returns what the router decided.
-pub async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox {
-    let mut out = Outbox::default();
-    match job {
-        Job::Connect {
-            conn,
-            target,
-            fresh,
-            body,
-        } => {
-            let started = Instant::now();
-            let found = resolve(cluster, &target, fresh).await;
-            tracing::debug!(%conn, %target, fresh, found = ?found.as_ref().map(|n| n.id.clone()), took = ?started.elapsed(), "connect lookup");
-            router.complete_connect(Instant::now(), conn, target, body, fresh, found, &mut out);
-        }
-        Job::Resume { src, req_len, msg } => {
-            let found = lookup(cluster, &msg.uuid)
-                .await
-                .map(|p| p.map(|(node, verifier)| (verifier, node)));
-            router.complete_resume(Instant::now(), src, req_len, msg, found, &mut out);
-        }
-        Job::Query { uuid, rid, uuids } => {
-            let mut online = Vec::with_capacity(uuids.len());
-            let mut failed = false;
-            for u in &uuids {
-                if router.is_local(u) {
-                    online.push(true);
-                    continue;
-                }
-                let now = Instant::now();
-                let node = match cluster.cached_presence(u, now) {
-                    Some(n) => n,
-                    None => match lookup(cluster, u).await {
-                        Ok(p) => {
-                            let n = p.map(|(n, _)| n);
-                            cluster.cache_presence(*u, n.clone(), now);
-                            n
-                        }
-                        Err(()) => {
-                            failed = true;
-                            break;
-                        }
-                    },
-                };
-                online.push(node.is_some_and(|n| *n != *cluster.id && cluster.node(&n).is_some()));
-            }
-            router.complete_query(uuid, rid, (!failed).then_some(online), &mut out);
-        }
-    }
-    out
-}
 
 /// Reads a client's presence: `(node, verifier)`, `None` if it is nowhere, `Err` if Redis
 /// failed or timed out.
@@ -104,7 +51,7 @@ pub fn format_presence(node: &str, verifier: &[u8; 32]) -> String {
 
 /// Finds the node holding `target`: cache, then Redis, then the node table (waiting briefly
 /// for a newer one when the node is new to us).
-async fn resolve(
+pub async fn resolve(
     cluster: &Cluster,
     target: &Uuid,
     fresh: bool,

@@ -1,0 +1,262 @@
+//! Connections between two clients: pending until the target answers, then established while
+//! Signals flow. Either end may be on another node, never both.
+//!
+//! Like the session map, every method takes a shard guard for one statement and returns
+//! copies; no guard leaves this module.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use uuid::Uuid;
+
+/// The node holding the far end of a connection that spans two nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Remote {
+    /// Its node id.
+    pub(crate) node: Arc<str>,
+    /// Its cluster-port address.
+    pub(crate) addr: SocketAddr,
+}
+
+/// Where the two ends of a connection are, seen from this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Both ends are on this node.
+    Local,
+    /// This node holds the initiator; the target is on another node (`None` while the target
+    /// is being looked up).
+    Initiator(Option<Remote>),
+    /// This node holds the target; the initiator is on `remote`, whose node answers the
+    /// Connect.
+    Target(Remote),
+}
+
+impl Role {
+    /// The other node, if the connection spans two.
+    pub(crate) fn remote(&self) -> Option<&Remote> {
+        match self {
+            Self::Local | Self::Initiator(None) => None,
+            Self::Initiator(Some(r)) | Self::Target(r) => Some(r),
+        }
+    }
+}
+
+/// A connection's progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnState {
+    /// Waiting for Accept/Reject until `deadline`; `push` is the Incoming pushed to the target
+    /// from this node (`None` when the target is on another node).
+    Pending {
+        /// When the Connect times out.
+        deadline: Instant,
+        /// The local Incoming push id.
+        push: Option<u64>,
+    },
+    /// Accepted; Signals flow until either side goes away or it idles out.
+    Established {
+        /// Last Signal (or the Accept).
+        last: Instant,
+    },
+}
+
+/// One connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Conn {
+    /// Who asked.
+    pub(crate) initiator: Uuid,
+    /// Who was asked.
+    pub(crate) target: Uuid,
+    /// Request id of the initiator's Connect (meaningful on the initiator's node).
+    pub(crate) initiator_rid: u64,
+    /// When the Connect arrived.
+    pub(crate) started: Instant,
+    /// Pending or established.
+    pub(crate) state: ConnState,
+    /// Where the ends are.
+    pub(crate) role: Role,
+}
+
+impl Conn {
+    /// Whether the connection still waits for the target's answer.
+    pub(crate) fn is_pending(&self) -> bool {
+        matches!(self.state, ConnState::Pending { .. })
+    }
+
+    /// Whether `a` and `b` are its two ends, in either order.
+    fn joins(&self, a: Uuid, b: Uuid) -> bool {
+        (self.initiator == a && self.target == b) || (self.initiator == b && self.target == a)
+    }
+}
+
+/// An established connection as the idle sweep sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Established {
+    pub(crate) id: Uuid,
+    pub(crate) initiator: Uuid,
+    pub(crate) target: Uuid,
+    pub(crate) spans_nodes: bool,
+    pub(crate) last: Instant,
+}
+
+/// The connection map, with an index of the pending ones so the timer does not walk every
+/// established connection.
+#[derive(Debug, Default)]
+pub(crate) struct Conns {
+    map: DashMap<Uuid, Conn>,
+    /// Ids of connections that were pending when inserted (cleaned lazily by [`Conns::pending`]).
+    pending: DashMap<Uuid, ()>,
+}
+
+impl Conns {
+    /// Records a new pending connection.
+    pub(crate) fn start(&self, id: Uuid, conn: Conn) {
+        self.map.insert(id, conn);
+        self.pending.insert(id, ());
+    }
+
+    /// A copy of connection `id`.
+    pub(crate) fn get(&self, id: &Uuid) -> Option<Conn> {
+        self.map.get(id).map(|c| c.clone())
+    }
+
+    /// Forgets connection `id`; returns it.
+    pub(crate) fn remove(&self, id: &Uuid) -> Option<Conn> {
+        self.map.remove(id).map(|(_, c)| c)
+    }
+
+    /// A pending connection whose target turned out to be on this node: records the local
+    /// Incoming `push` and makes it local. Returns false if it is not pending (any more).
+    pub(crate) fn make_local(&self, id: &Uuid, push: u64) -> bool {
+        match self.map.get_mut(id) {
+            Some(mut c) => match c.state {
+                ConnState::Pending { deadline, .. } => {
+                    c.state = ConnState::Pending {
+                        deadline,
+                        push: Some(push),
+                    };
+                    c.role = Role::Local;
+                    true
+                }
+                ConnState::Established { .. } => false,
+            },
+            None => false,
+        }
+    }
+
+    /// Records the node a pending connection's Incoming is forwarded to. Returns false if it is
+    /// not pending (any more).
+    pub(crate) fn forwarded_to(&self, id: &Uuid, remote: Remote) -> bool {
+        match self.map.get_mut(id) {
+            Some(mut c) if c.is_pending() => {
+                c.role = Role::Initiator(Some(remote));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records `target`'s answer to connection `id` (established on accept) and returns the
+    /// connection as it was before; `None` if it is unknown, not `target`'s, or (with
+    /// `pending_only`) already answered. One statement: read, change, copy out.
+    pub(crate) fn answer(
+        &self,
+        now: Instant,
+        id: &Uuid,
+        target: Uuid,
+        accept: bool,
+        pending_only: bool,
+    ) -> Option<Conn> {
+        match self.map.get_mut(id) {
+            Some(mut c) if c.target == target && (!pending_only || c.is_pending()) => {
+                let before = c.clone();
+                if accept {
+                    c.state = ConnState::Established { last: now };
+                }
+                Some(before)
+            }
+            _ => None,
+        }
+    }
+
+    /// A Signal from `from` on established connection `id`: refreshes it and returns the other
+    /// end and where the ends are. `None` if `from` is not an end of an established `id`.
+    pub(crate) fn signal_from(&self, now: Instant, id: &Uuid, from: Uuid) -> Option<(Uuid, Role)> {
+        match self.map.get_mut(id) {
+            Some(mut c)
+                if matches!(c.state, ConnState::Established { .. })
+                    && (c.initiator == from || c.target == from) =>
+            {
+                c.state = ConnState::Established { last: now };
+                let other = if c.initiator == from {
+                    c.target
+                } else {
+                    c.initiator
+                };
+                Some((other, c.role.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// A Signal forwarded by another node between `from` and `to` on established connection
+    /// `id`: refreshes it. False if no such connection joins them.
+    pub(crate) fn forwarded_signal(&self, now: Instant, id: &Uuid, from: Uuid, to: Uuid) -> bool {
+        match self.map.get_mut(id) {
+            Some(mut c)
+                if matches!(c.state, ConnState::Established { .. }) && c.joins(from, to) =>
+            {
+                c.state = ConnState::Established { last: now };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every connection still pending, with a copy of it. Forgets index entries of connections
+    /// that were answered or removed meanwhile.
+    pub(crate) fn pending(&self) -> Vec<(Uuid, Conn)> {
+        let ids: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.get(&id) {
+                Some(c) if c.is_pending() => out.push((id, c)),
+                _ => {
+                    self.pending.remove(&id);
+                }
+            }
+        }
+        out
+    }
+
+    /// How many connections are pending right now.
+    pub(crate) fn pending_count(&self) -> usize {
+        let ids: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
+        ids.iter()
+            .filter(|id| self.map.get(*id).is_some_and(|c| c.is_pending()))
+            .count()
+    }
+
+    /// Every established connection (walks them all: for the slow idle sweep only).
+    pub(crate) fn established(&self) -> Vec<Established> {
+        self.map
+            .iter()
+            .filter_map(|e| match e.state {
+                ConnState::Established { last } => Some(Established {
+                    id: *e.key(),
+                    initiator: e.initiator,
+                    target: e.target,
+                    spans_nodes: e.role.remote().is_some(),
+                    last,
+                }),
+                ConnState::Pending { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Whether an established connection went idle at `now`.
+    pub(crate) fn idle(e: &Established, now: Instant, idle_after: Duration) -> bool {
+        now.saturating_duration_since(e.last) > idle_after
+    }
+}

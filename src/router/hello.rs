@@ -1,0 +1,181 @@
+//! Register and Resume: the unauthenticated requests that create or take back a session.
+//! Their answers are never larger than the request (the client pads it), so a spoofed source
+//! gains nothing by sending them.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand::RngCore;
+use sigrouter_proto::{self as proto, ErrorCode, Secret, MIN_HELLO_LEN};
+use uuid::Uuid;
+
+use super::conns::Remote;
+use super::outbox::{Job, Outbox, ResumeLookup};
+use super::state::{ErrorTo, OnReply, State};
+use crate::cluster::wire::Body;
+use crate::cluster::PresenceOp;
+use crate::metrics::DropReason;
+
+/// A Register or Resume as it arrived.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hello {
+    /// Its source.
+    pub(crate) src: SocketAddr,
+    /// Its size (bounds every answer).
+    pub(crate) len: usize,
+    /// Its request id.
+    pub(crate) rid: u64,
+}
+
+impl Hello {
+    fn error_to(&self) -> ErrorTo<'static> {
+        ErrorTo::Source {
+            src: self.src,
+            req_len: self.len,
+        }
+    }
+}
+
+/// Per-IP limit for Register/Resume. Over the limit: a small Error (never larger than the
+/// request), so honest clients back off and floods gain nothing.
+fn allowed(st: &State, now: Instant, h: Hello, out: &mut Outbox) -> bool {
+    if h.len < MIN_HELLO_LEN {
+        st.metrics.drop(DropReason::Unpadded);
+        return false;
+    }
+    if st.register_limiter.check_key(&h.src.ip()).is_err() {
+        st.metrics.rate_limited.increment(1);
+        st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
+        return false;
+    }
+    true
+}
+
+/// Register: a new session with a fresh UUID and secret.
+pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, out: &mut Outbox) {
+    if h.len < MIN_HELLO_LEN {
+        st.metrics.drop(DropReason::Unpadded);
+        return;
+    }
+    // A retransmitted Register gets the session it already created.
+    let known = st.register_replies.get(&(h.src, h.rid)).map(|e| e.0);
+    if let Some(uuid) = known {
+        if let Some(secret) = st.sessions.secret(&uuid) {
+            st.metrics.duplicates.increment(1);
+            let msg = st.registered(h.rid, uuid, secret, h.src);
+            st.reply_bounded(h.src, h.len, &msg, out);
+            return;
+        }
+    }
+    if !allowed(st, now, h, out) {
+        return;
+    }
+    if st.is_draining() {
+        st.error(now, h.error_to(), h.rid, ErrorCode::Draining, out);
+        return;
+    }
+    if st.sessions.len() >= st.settings.max_sessions {
+        st.metrics.capacity_refused.increment(1);
+        st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
+        return;
+    }
+    let uuid = Uuid::new_v4();
+    let mut secret = [0u8; proto::SECRET_LEN];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let secret = Secret(secret);
+    st.sessions.insert(uuid, secret, h.src, m.local, h.rid, now);
+    st.register_replies.insert((h.src, h.rid), (uuid, now));
+    st.publish(PresenceOp::Put(uuid, secret.verifier()));
+    st.metrics.registered.increment(1);
+    st.count_sessions();
+    let msg = st.registered(h.rid, uuid, secret, h.src);
+    st.reply_bounded(h.src, h.len, &msg, out);
+}
+
+/// Resume: takes back a session held here, or (cluster mode) asks the directory about one
+/// held elsewhere.
+pub(crate) fn resume(st: &State, now: Instant, h: Hello, m: proto::Resume, out: &mut Outbox) {
+    if !allowed(st, now, h, out) {
+        return;
+    }
+    match st.sessions.secret(&m.uuid) {
+        Some(s) if s.ct_eq(&m.secret) => {
+            if st.is_draining() {
+                // Still here while draining: the client was told to move; keep it moving.
+                st.error(now, h.error_to(), h.rid, ErrorCode::Draining, out);
+                return;
+            }
+            if !st.sessions.resume(&m.uuid, h.src, m.local, h.rid, now) {
+                st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out);
+                return;
+            }
+            st.metrics.resumed.increment(1);
+            let msg = st.registered(h.rid, m.uuid, m.secret, h.src);
+            st.reply_bounded(h.src, h.len, &msg, out);
+        }
+        Some(_) => st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out),
+        None if st.is_draining() => st.error(now, h.error_to(), h.rid, ErrorCode::Draining, out),
+        None if st.cluster.is_some() => {
+            // Held elsewhere (or was): the presence directory can vouch for the secret.
+            out.jobs.push(Job::Resume {
+                src: h.src,
+                req_len: h.len,
+                msg: m,
+            });
+        }
+        // Single-node mode cannot check the secret of a session it never held (the node
+        // restarted, or the session expired): the client registers anew.
+        None => st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out),
+    }
+}
+
+/// Completes a Resume job with what the directory said.
+pub(crate) fn complete_resume(
+    st: &State,
+    now: Instant,
+    h: Hello,
+    m: proto::Resume,
+    found: ResumeLookup,
+    out: &mut Outbox,
+) {
+    let (verifier, old) = match found {
+        Ok(Some(v)) => v,
+        Ok(None) => return st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out),
+        Err(()) => return st.error(now, h.error_to(), h.rid, ErrorCode::RetryLater, out),
+    };
+    let ok: bool = subtle::ConstantTimeEq::ct_eq(&m.secret.verifier()[..], &verifier[..]).into();
+    if !ok {
+        return st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out);
+    }
+    if st.sessions.len() >= st.settings.max_sessions {
+        st.metrics.capacity_refused.increment(1);
+        return st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
+    }
+    st.sessions
+        .insert(m.uuid, m.secret, h.src, m.local.clone(), h.rid, now);
+    st.publish(PresenceOp::Put(m.uuid, verifier));
+    st.metrics.resumed.increment(1);
+    st.count_sessions();
+    if let Some(c) = &st.cluster {
+        c.cache_presence(m.uuid, Some(c.id.clone()), now);
+        // Tell the old node to let go, so its drain finishes early and it stops answering
+        // for this client.
+        if *old != *c.id {
+            if let Some(node) = c.node(&old) {
+                let to = Remote {
+                    node: node.id.as_str().into(),
+                    addr: node.internal,
+                };
+                st.node_request(
+                    now,
+                    &to,
+                    Body::Moved { uuid: m.uuid },
+                    OnReply::Nothing,
+                    out,
+                );
+            }
+        }
+    }
+    let msg = st.registered(h.rid, m.uuid, m.secret, h.src);
+    st.reply_bounded(h.src, h.len, &msg, out);
+}

@@ -1,0 +1,356 @@
+//! Routing decisions, apart from socket I/O.
+//!
+//! [`Router::handle`] takes one datagram, its source and the time, updates the node's state and
+//! appends what must happen to an [`Outbox`]: datagrams for clients, datagrams for other nodes,
+//! and [`Job`]s that need cluster state this node does not have at hand (a Redis lookup, a
+//! newer node table). It never awaits, never blocks on I/O and never holds a map guard past the
+//! statement that took it, so the socket loops call it inline for every packet. Jobs run
+//! elsewhere and come back through the `complete_*` methods. Time-driven work (retransmissions,
+//! timeouts, expiry) lives in [`Router::tick`] and [`Router::sweep`], called by one timer task.
+//!
+//! # Layout
+//! - `outbox`: [`Transmit`], [`Outbox`], [`Job`]: what a call decided.
+//! - `state`: the state every handler shares and the primitives they send with (answers, the
+//!   one way to send an error, pushes and node-to-node requests kept for retransmission).
+//! - `conns`: connections, with an explicit [role](conns::Role) for where their ends are.
+//! - `retransmit`: one retransmission queue, used by client pushes and node requests alike.
+//! - `hello`: Register and Resume. `connect`: Connect to the target's answer. `relay`:
+//!   Signal and PushAck. `query`: Query. `peer`: requests from other nodes and replies to
+//!   ours. `timers`: tick and sweeps. `drain`: Migrate.
+//!
+//! Handler modules depend on `state` and the data modules, never the other way round; this
+//! file only dispatches.
+
+mod connect;
+mod conns;
+mod drain;
+mod hello;
+mod outbox;
+mod peer;
+mod query;
+mod relay;
+mod retransmit;
+mod state;
+mod timers;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sigrouter_proto::{self as proto, Addr, ErrorCode, FailReason, HeartbeatAck, Message};
+use uuid::Uuid;
+
+pub use outbox::{ConnectLookup, Job, Outbox, ResumeLookup, Transmit};
+
+use crate::cluster::{Cluster, LocalSessions, NodeInfo, PresenceOp};
+use crate::config::Config;
+use crate::metrics::{DropReason, Metrics};
+use crate::session::Remembered;
+use hello::Hello;
+use state::{ErrorTo, State};
+
+/// Requests whose id is this far below the newest one seen are stale replays: dropped.
+const REPLAY_WINDOW: u64 = 1024;
+
+/// The node's routing state and decisions. Shared by every socket loop (`Arc<Router>`).
+pub struct Router {
+    st: State,
+}
+
+impl Router {
+    /// Builds an empty router. `cluster` is `None` in the embedded single-node mode.
+    pub fn new(cfg: &Config, metrics: Metrics, cluster: Option<Arc<Cluster>>) -> Self {
+        Self {
+            st: State::new(cfg, metrics, cluster),
+        }
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.st.metrics
+    }
+
+    /// The cluster state, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.st.cluster.as_ref()
+    }
+
+    /// Number of sessions held.
+    pub fn session_count(&self) -> usize {
+        self.st.sessions.len()
+    }
+
+    /// Whether `uuid` is online on this node.
+    pub fn is_local(&self, uuid: &Uuid) -> bool {
+        self.st.sessions.contains(uuid)
+    }
+
+    /// Every session held, with its Resume verifier (for presence re-publication).
+    pub fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])> {
+        self.st.sessions.verifiers()
+    }
+
+    /// Work that another node or client still waits on: pending connections and unanswered
+    /// node-to-node requests. A draining node stays up until this is zero (or its deadline).
+    pub fn in_flight(&self) -> usize {
+        self.st.conns.pending_count() + self.st.node_requests.len()
+    }
+
+    /// Stops taking new sessions (Register answers `Draining`).
+    pub fn set_draining(&self, v: bool) {
+        self.st.draining.store(v, Ordering::Relaxed);
+    }
+
+    /// Handles one client datagram from `src` received at `now`.
+    pub fn handle(&self, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
+        let st = &self.st;
+        st.metrics.rx_datagrams.increment(1);
+        if proto::is_stun(buf) {
+            match crate::stun::answer(buf, src) {
+                Ok(bytes) => {
+                    st.metrics.stun_answered.increment(1);
+                    out.send_client(src, bytes);
+                }
+                Err(_) => st.metrics.drop(DropReason::Stun),
+            }
+            return;
+        }
+        let msg = match proto::decode(buf) {
+            Ok(m) => m,
+            Err(e) => {
+                st.metrics.drop(DropReason::Decode(e));
+                return;
+            }
+        };
+        let ty = msg.ty();
+        if (ty as u8) >= 0x80 {
+            st.metrics.drop(DropReason::WrongDirection);
+            return;
+        }
+        st.metrics.request(ty);
+        match msg {
+            Message::Register(m) => {
+                let h = Hello {
+                    src,
+                    len: buf.len(),
+                    rid: m.rid,
+                };
+                hello::register(st, now, h, m, out);
+            }
+            Message::Resume(m) => {
+                let h = Hello {
+                    src,
+                    len: buf.len(),
+                    rid: m.rid,
+                };
+                hello::resume(st, now, h, m, out);
+            }
+            other => self.authenticated(now, src, buf, other, out),
+        }
+    }
+
+    /// The gate every authenticated request passes: session known, MAC valid, rate limit,
+    /// retransmission or replay; then the handler of its type.
+    fn authenticated(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        buf: &[u8],
+        msg: Message,
+        out: &mut Outbox,
+    ) {
+        let st = &self.st;
+        let Some(uuid) = msg.sender() else {
+            st.metrics.drop(DropReason::WrongDirection);
+            return;
+        };
+        let rid = msg.rid().unwrap_or(0);
+        let from_source = ErrorTo::Source {
+            src,
+            req_len: buf.len(),
+        };
+        let Some(secret) = st.sessions.secret(&uuid) else {
+            // Not held here: tell the client to Resume. The Error is smaller than any
+            // authenticated request (those carry a 16-byte MAC), so this cannot amplify.
+            if !matches!(msg, Message::PushAck(_)) {
+                st.error(now, from_source, rid, ErrorCode::UnknownSession, out);
+            }
+            return;
+        };
+        if !proto::verify_mac(buf, &secret) {
+            st.metrics.drop(DropReason::BadMac);
+            return;
+        }
+        if let Message::PushAck(a) = msg {
+            relay::push_ack(st, now, uuid, a);
+            return;
+        }
+        if st.session_limiter.check_key(&uuid).is_err() {
+            st.metrics.rate_limited.increment(1);
+            st.error(now, from_source, rid, ErrorCode::RateLimited, out);
+            return;
+        }
+        let Some(view) = st.sessions.touch(&uuid, src, rid, now) else {
+            return;
+        };
+        if view.rebound {
+            st.metrics.rebinds.increment(1);
+        }
+        if let Some(rem) = view.remembered.clone() {
+            st.metrics.duplicates.increment(1);
+            if let Remembered::Answer(bytes) = rem {
+                // Answer a retransmission where the session lives; to a new source only when
+                // that cannot amplify (a replay from a spoofed address gains nothing).
+                let to = if src == view.addr || bytes.len() <= buf.len() {
+                    src
+                } else {
+                    view.addr
+                };
+                out.send_client(to, bytes.to_vec());
+            }
+            // Pending: the answer comes when the outcome is known (a retransmission of a
+            // forwarded request is covered by the node-to-node retransmission).
+            return;
+        }
+        if view.stale(rid, REPLAY_WINDOW) {
+            st.metrics.drop(DropReason::BadMac);
+            return;
+        }
+        match msg {
+            Message::Heartbeat(_) => {
+                let ack = Message::HeartbeatAck(HeartbeatAck {
+                    rid,
+                    observed: Addr(view.addr),
+                });
+                st.send(&view, ack, out);
+            }
+            Message::Query(q) => {
+                st.metrics.routed.increment(1);
+                query::query(st, now, uuid, &view, q, out);
+            }
+            Message::Connect(c) => {
+                st.metrics.routed.increment(1);
+                connect::connect(st, now, uuid, &view, c, out);
+            }
+            Message::Accept(a) => {
+                st.metrics.routed.increment(1);
+                connect::answer_incoming(st, now, uuid, &view, a, true, out);
+            }
+            Message::Reject(a) => {
+                st.metrics.routed.increment(1);
+                connect::answer_incoming(st, now, uuid, &view, a, false, out);
+            }
+            Message::Signal(s) => {
+                st.metrics.routed.increment(1);
+                relay::signal(st, now, uuid, &view, s, out);
+            }
+            Message::Bye(_) => {
+                st.ack(now, uuid, &view, rid, out);
+                if st.sessions.remove(&uuid) {
+                    st.publish(PresenceOp::Del(uuid));
+                }
+                st.count_sessions();
+            }
+            _ => st.metrics.drop(DropReason::WrongDirection),
+        }
+    }
+
+    /// Handles one datagram from another node, received on the cluster port.
+    pub fn handle_internal(&self, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
+        peer::handle(&self.st, now, src, buf, out);
+    }
+
+    /// Completes a Resume job: `found` is what the directory holds for the UUID.
+    pub fn complete_resume(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        req_len: usize,
+        m: proto::Resume,
+        found: ResumeLookup,
+        out: &mut Outbox,
+    ) {
+        let h = Hello {
+            src,
+            len: req_len,
+            rid: m.rid,
+        };
+        hello::complete_resume(&self.st, now, h, m, found, out);
+    }
+
+    /// Completes a Query job: `online` per asked UUID, or `None` if the directory failed.
+    pub fn complete_query(
+        &self,
+        uuid: Uuid,
+        rid: u64,
+        online: Option<Vec<bool>>,
+        out: &mut Outbox,
+    ) {
+        query::complete_query(&self.st, Instant::now(), uuid, rid, online, out);
+    }
+
+    /// Completes a Connect job: forward to the node found, or fail the pending connection.
+    pub fn complete_connect(
+        &self,
+        now: Instant,
+        lookup: ConnectLookup,
+        found: Result<Arc<NodeInfo>, FailReason>,
+        out: &mut Outbox,
+    ) {
+        connect::complete_connect(&self.st, now, lookup, found, out);
+    }
+
+    /// Fails a job that could not be run (too many in flight): retry-later for its client.
+    pub fn reject_job(&self, now: Instant, job: Job, out: &mut Outbox) {
+        match job {
+            Job::Connect(l) => {
+                connect::fail_pending(&self.st, now, l.conn, FailReason::RetryLater, out)
+            }
+            Job::Resume { src, req_len, msg } => {
+                let to = ErrorTo::Source { src, req_len };
+                self.st.error(now, to, msg.rid, ErrorCode::RetryLater, out);
+            }
+            Job::Query { uuid, rid, .. } => self.complete_query(uuid, rid, None, out),
+        }
+    }
+
+    /// Pushes Migrate to every session: resume at `to()` (None: the same public address,
+    /// from a new local port). Returns how many were told.
+    pub fn migrate_all(
+        &self,
+        now: Instant,
+        to: impl FnMut() -> Option<SocketAddr>,
+        out: &mut Outbox,
+    ) -> usize {
+        drain::migrate_all(&self.st, now, to, out)
+    }
+
+    /// Time-driven work that must be prompt: retransmissions and timeouts. Call every few tens
+    /// of milliseconds.
+    pub fn tick(&self, now: Instant, out: &mut Outbox) {
+        timers::tick(&self.st, now, out);
+    }
+
+    /// Slow housekeeping: expires sessions, forgets old answers, prunes rate-limiter state.
+    /// Call about once a second. Returns the expired sessions.
+    pub fn sweep(&self, now: Instant) -> Vec<Uuid> {
+        timers::sweep(&self.st, now)
+    }
+
+    /// Forgets established connections that went idle or lost their local end. Walks every
+    /// connection: call it every few seconds, not every tick.
+    pub fn sweep_conns(&self, now: Instant) {
+        timers::sweep_conns(&self.st, now);
+    }
+}
+
+impl LocalSessions for Router {
+    fn session_count(&self) -> usize {
+        Router::session_count(self)
+    }
+
+    fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])> {
+        Router::presence_snapshot(self)
+    }
+}

@@ -1,0 +1,226 @@
+//! Requests from other nodes, received on the cluster port, and the replies to this node's own
+//! requests. A node only forwards what its own clients asked; the receiving node only delivers
+//! locally (one hop, never re-forwarded).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use sigrouter_proto::{Ack, ErrorCode, FailReason, Incoming, Message};
+
+use super::connect::{self, Outcome};
+use super::conns::{Conn, ConnState, Remote, Role};
+use super::outbox::{ConnectLookup, Job, Outbox};
+use super::relay;
+use super::state::{ErrorTo, OnReply, State};
+use crate::cluster::wire::{Body, Status};
+use crate::metrics::DropReason;
+
+/// Handles one datagram from another node.
+pub(crate) fn handle(st: &State, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
+    let Some(cluster) = &st.cluster else {
+        return;
+    };
+    let Ok(env) = cluster.open(buf) else {
+        st.metrics.drop(DropReason::ClusterAuth);
+        return;
+    };
+    st.metrics.forwarded_in.increment(1);
+    if let Body::Reply { status } = env.body {
+        on_reply(st, now, env.seq, Some(status), out);
+        return;
+    }
+    // A repeat (our reply was lost): answer the same, do nothing twice.
+    let status = match cluster.seen(&env.from, env.seq) {
+        Some(s) => s,
+        None => {
+            let kind = body_name(&env.body);
+            let from = Remote {
+                node: env.from.as_str().into(),
+                addr: src,
+            };
+            let s = apply(st, now, from, env.body, out);
+            tracing::debug!(from = %env.from, seq = env.seq, kind, status = ?s, "node request");
+            cluster.remember(&env.from, env.seq, s, now);
+            s
+        }
+    };
+    if let Some((_, bytes)) = cluster.envelope(&env.from, Some(env.seq), Body::Reply { status }) {
+        out.send_node(src, bytes);
+    }
+}
+
+/// Applies a request from node `from`; returns the status to reply with.
+fn apply(st: &State, now: Instant, from_node: Remote, body: Body, out: &mut Outbox) -> Status {
+    match body {
+        Body::Incoming {
+            conn,
+            from,
+            to,
+            observed,
+            local,
+            payload,
+        } => {
+            let Some(target) = st.next_push(&to) else {
+                return Status::NotHere;
+            };
+            st.conns.start(
+                conn,
+                Conn {
+                    initiator: from,
+                    target: to,
+                    initiator_rid: 0,
+                    started: now,
+                    state: ConnState::Pending {
+                        deadline: now + st.settings.connect_timeout,
+                        push: Some(target.push),
+                    },
+                    role: Role::Target(from_node),
+                },
+            );
+            let msg = Message::Incoming(Incoming {
+                push: target.push,
+                connection: conn,
+                from,
+                observed,
+                local,
+                payload,
+            });
+            st.push(now, target, msg, out);
+            Status::Ok
+        }
+        Body::Answered {
+            conn,
+            accept,
+            peer,
+            observed,
+            local,
+            payload,
+        } => {
+            let Some(c) = st.conns.answer(now, &conn, peer, accept, true) else {
+                return Status::UnknownConnection;
+            };
+            if !accept {
+                st.conns.remove(&conn);
+            }
+            let outcome = Outcome {
+                accept,
+                peer,
+                observed,
+                local,
+                payload,
+            };
+            connect::deliver_outcome(st, now, &c, conn, outcome, out);
+            Status::Ok
+        }
+        Body::Signal {
+            conn,
+            from,
+            to,
+            payload,
+        } => {
+            if !st.conns.forwarded_signal(now, &conn, from, to) {
+                return Status::UnknownConnection;
+            }
+            if relay::push_signal(st, now, conn, from, to, payload, out) {
+                Status::Ok
+            } else {
+                Status::NotHere
+            }
+        }
+        Body::Abort { conn } => {
+            // The target left its node before answering: the initiator tries again.
+            let ours = st
+                .conns
+                .get(&conn)
+                .is_some_and(|c| !matches!(c.role, Role::Target(_)) && c.is_pending());
+            if ours {
+                connect::fail_pending(st, now, conn, FailReason::RetryLater, out);
+            }
+            Status::Ok
+        }
+        Body::Moved { uuid } => {
+            // The presence now names the new node: do not delete it.
+            st.sessions.remove(&uuid);
+            st.count_sessions();
+            Status::Ok
+        }
+        Body::Reply { .. } => Status::Ok,
+    }
+}
+
+/// Node-to-node request `seq` was answered with `status` (`None`: it never was, by its
+/// deadline): does what was planned for it.
+pub(crate) fn on_reply(
+    st: &State,
+    now: Instant,
+    seq: u64,
+    status: Option<Status>,
+    out: &mut Outbox,
+) {
+    let Some(then) = st.node_requests.remove(&seq) else {
+        return; // a repeat reply
+    };
+    complete(st, now, then, status, out);
+}
+
+/// Runs what was planned for a node-to-node request once its outcome is known.
+pub(crate) fn complete(
+    st: &State,
+    now: Instant,
+    then: OnReply,
+    status: Option<Status>,
+    out: &mut Outbox,
+) {
+    tracing::debug!(?status, ?then, "node request answered");
+    match then {
+        OnReply::Nothing => {}
+        OnReply::AckClient { uuid, rid } => match status {
+            Some(Status::Ok) => st.answer_later(now, uuid, rid, Message::Ack(Ack { rid }), out),
+            Some(_) => st.error(
+                now,
+                ErrorTo::Session(uuid),
+                rid,
+                ErrorCode::UnknownConnection,
+                out,
+            ),
+            None => st.error(now, ErrorTo::Session(uuid), rid, ErrorCode::RetryLater, out),
+        },
+        OnReply::Incoming {
+            conn,
+            target,
+            body,
+            retried,
+        } => {
+            if status == Some(Status::Ok) {
+                return;
+            }
+            if let Some(c) = &st.cluster {
+                c.invalidate(&target);
+            }
+            if status.is_some() && !retried {
+                // The client moved or left since the lookup: look again, once, afresh.
+                out.jobs.push(Job::Connect(ConnectLookup {
+                    conn,
+                    target,
+                    fresh: true,
+                    body,
+                }));
+            } else {
+                // Still not where the directory says (it is moving), or the node did not
+                // answer: the client retries.
+                connect::fail_pending(st, now, conn, FailReason::RetryLater, out);
+            }
+        }
+    }
+}
+
+fn body_name(b: &Body) -> &'static str {
+    match b {
+        Body::Incoming { .. } => "incoming",
+        Body::Answered { .. } => "answered",
+        Body::Signal { .. } => "signal",
+        Body::Abort { .. } => "abort",
+        Body::Moved { .. } => "moved",
+        Body::Reply { .. } => "reply",
+    }
+}

@@ -1,0 +1,384 @@
+//! The node's routing state and the primitives every handler sends with: answers (remembered
+//! or not), the one way to send an error, server pushes and node-to-node requests, both kept
+//! for retransmission until answered.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sigrouter_proto::{self as proto, Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secret};
+use uuid::Uuid;
+
+use super::conns::{Conns, Remote};
+use super::outbox::Outbox;
+use super::retransmit::{Retransmit, Schedule};
+use crate::cluster::wire::Body;
+use crate::cluster::{Cluster, PresenceOp};
+use crate::config::Config;
+use crate::metrics::{DropReason, Metrics};
+use crate::session::{Remembered, SenderView, Sessions};
+
+/// First retransmission of a node-to-node request.
+const NODE_REQUEST_RTO: Duration = Duration::from_millis(100);
+/// A node-to-node request unanswered for this long fails (retry-later for the client).
+const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Timings and bounds from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    /// Heartbeat interval told to clients.
+    pub(crate) heartbeat: Duration,
+    /// A session silent this long expires.
+    pub(crate) session_ttl: Duration,
+    /// How long a Connect's target has to answer.
+    pub(crate) connect_timeout: Duration,
+    /// How long answers are remembered for retransmitted requests.
+    pub(crate) dedup_window: Duration,
+    /// Most sessions held.
+    pub(crate) max_sessions: usize,
+}
+
+/// What a server push is: a Migrate, once acknowledged, lets the session go from a draining
+/// node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PushKind {
+    /// Incoming, SignalPush.
+    Plain,
+    /// Migrate.
+    Migrate,
+}
+
+/// What to do when a node-to-node request is answered (or not, by its deadline).
+#[derive(Clone, Debug)]
+pub(crate) enum OnReply {
+    /// Answer the client's request `rid` with Ack (an error if the other node refused it,
+    /// retry-later if it never answered).
+    AckClient {
+        /// The session that asked.
+        uuid: Uuid,
+        /// Its request id.
+        rid: u64,
+    },
+    /// A forwarded Incoming: on "not here" look the target up afresh, once (`retried`).
+    Incoming {
+        /// The connection.
+        conn: Uuid,
+        /// Its target.
+        target: Uuid,
+        /// The Incoming, to forward again after a fresh lookup.
+        body: Body,
+        /// Whether this was already the fresh lookup's forward.
+        retried: bool,
+    },
+    /// Nothing.
+    Nothing,
+}
+
+/// Where an error goes.
+pub(crate) enum ErrorTo<'a> {
+    /// The source of an unauthenticated request (Register, Resume) of `req_len` bytes: never
+    /// answered with more bytes than it sent.
+    Source {
+        /// Source address.
+        src: SocketAddr,
+        /// Request size.
+        req_len: usize,
+    },
+    /// The sender of the authenticated request being handled. Not remembered: the client
+    /// may retry the same request id.
+    Sender(&'a SenderView),
+    /// A session answered after the fact (a job or another node finished); remembered as the
+    /// answer to the request id.
+    Session(Uuid),
+}
+
+/// A session about to get a server push: its next push id and where to send it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PushTarget {
+    pub(crate) uuid: Uuid,
+    pub(crate) push: u64,
+    pub(crate) secret: Secret,
+    pub(crate) addr: SocketAddr,
+}
+
+fn nz(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v.max(1)).unwrap_or(NonZeroU32::MIN)
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Everything the router knows. Shared by every socket loop through the `Router`.
+pub(crate) struct State {
+    pub(crate) settings: Settings,
+    /// Who is online here.
+    pub(crate) sessions: Sessions,
+    /// Connections, pending and established.
+    pub(crate) conns: Conns,
+    /// Server pushes waiting for their PushAck, by (session, push id).
+    pub(crate) pushes: Retransmit<(Uuid, u64), PushKind>,
+    /// Node-to-node requests waiting for the other node's reply, by sequence number.
+    pub(crate) node_requests: Retransmit<u64, OnReply>,
+    /// Recent Register answers by (source, request id): a retransmitted Register gets the
+    /// session it already created.
+    pub(crate) register_replies: DashMap<(SocketAddr, u64), (Uuid, Instant)>,
+    /// Register/Resume per source IP.
+    pub(crate) register_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Authenticated requests per session.
+    pub(crate) session_limiter: DefaultKeyedRateLimiter<Uuid>,
+    /// Set while the node drains: no new sessions.
+    pub(crate) draining: AtomicBool,
+    /// Cluster state (None: the embedded single-node mode).
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    pub(crate) metrics: Metrics,
+}
+
+impl State {
+    pub(crate) fn new(cfg: &Config, metrics: Metrics, cluster: Option<Arc<Cluster>>) -> Self {
+        metrics.max_sessions.set(cfg.max_sessions as f64);
+        Self {
+            settings: Settings {
+                heartbeat: cfg.heartbeat,
+                session_ttl: cfg.session_ttl,
+                connect_timeout: cfg.connect_timeout,
+                dedup_window: cfg.dedup_window,
+                max_sessions: cfg.max_sessions,
+            },
+            sessions: Sessions::default(),
+            conns: Conns::default(),
+            pushes: Retransmit::new(Schedule {
+                initial_rto: cfg.push_initial_rto,
+                deadline: cfg.push_deadline,
+            }),
+            node_requests: Retransmit::new(Schedule {
+                initial_rto: NODE_REQUEST_RTO,
+                deadline: NODE_REQUEST_DEADLINE,
+            }),
+            register_replies: DashMap::new(),
+            register_limiter: RateLimiter::dashmap(
+                Quota::per_second(nz(cfg.register_rate)).allow_burst(nz(cfg.register_burst)),
+            ),
+            session_limiter: RateLimiter::dashmap(
+                Quota::per_second(nz(cfg.session_rate)).allow_burst(nz(cfg.session_burst)),
+            ),
+            draining: AtomicBool::new(false),
+            cluster,
+            metrics,
+        }
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Queues a presence write (cluster mode).
+    pub(crate) fn publish(&self, op: PresenceOp) {
+        if let Some(c) = &self.cluster {
+            c.publish(op);
+        }
+    }
+
+    /// Updates the sessions gauge.
+    pub(crate) fn count_sessions(&self) {
+        self.metrics.sessions.set(self.sessions.len() as f64);
+    }
+
+    /// The answer to a Register or Resume.
+    pub(crate) fn registered(
+        &self,
+        rid: u64,
+        uuid: Uuid,
+        secret: Secret,
+        src: SocketAddr,
+    ) -> Message {
+        Message::Registered(Registered {
+            rid,
+            uuid,
+            secret,
+            observed: Addr(src),
+            heartbeat_ms: millis(self.settings.heartbeat),
+            ttl_ms: millis(self.settings.session_ttl),
+        })
+    }
+
+    /// Sends an unauthenticated answer, but only if it is no larger than the request.
+    pub(crate) fn reply_bounded(
+        &self,
+        to: SocketAddr,
+        req_len: usize,
+        msg: &Message,
+        out: &mut Outbox,
+    ) {
+        match proto::encode(msg, None) {
+            Ok(bytes) if bytes.len() <= req_len => out.send_client(to, bytes),
+            Ok(_) => self.metrics.drop(DropReason::Amplification),
+            Err(e) => tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"),
+        }
+    }
+
+    /// Sends an Error: the one way every handler answers with one.
+    pub(crate) fn error(
+        &self,
+        now: Instant,
+        to: ErrorTo<'_>,
+        rid: u64,
+        code: ErrorCode,
+        out: &mut Outbox,
+    ) {
+        let msg = Message::Error(ErrorMsg { rid, code });
+        match to {
+            ErrorTo::Source { src, req_len } => self.reply_bounded(src, req_len, &msg, out),
+            ErrorTo::Sender(view) => self.reply_bounded(view.addr, usize::MAX, &msg, out),
+            ErrorTo::Session(uuid) => {
+                let Some(p) = self.sessions.peer(&uuid) else {
+                    return;
+                };
+                if let Ok(bytes) = proto::encode(&msg, None) {
+                    self.sessions.remember(
+                        &uuid,
+                        rid,
+                        Remembered::Answer(bytes.as_slice().into()),
+                        now,
+                    );
+                    out.send_client(p.addr, bytes);
+                }
+            }
+        }
+    }
+
+    fn encode_for(&self, view: &SenderView, msg: &Message) -> Option<Vec<u8>> {
+        proto::encode(msg, Some(&view.secret))
+            .map_err(|e| tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"))
+            .ok()
+    }
+
+    /// Sends an answer for the sender, MAC'd with its secret, to its address (not remembered:
+    /// heartbeat acks and query results are cheap to compute again).
+    pub(crate) fn send(&self, view: &SenderView, msg: Message, out: &mut Outbox) {
+        if let Some(bytes) = self.encode_for(view, &msg) {
+            out.send_client(view.addr, bytes);
+        }
+    }
+
+    /// Sends an answer and remembers it for retransmissions of the same request id. (Only
+    /// answers that are remembered pay for the shared copy.)
+    pub(crate) fn answer(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        rid: u64,
+        msg: Message,
+        out: &mut Outbox,
+    ) {
+        if let Some(bytes) = self.encode_for(view, &msg) {
+            self.sessions
+                .remember(&uuid, rid, Remembered::Answer(bytes.as_slice().into()), now);
+            out.send_client(view.addr, bytes);
+        }
+    }
+
+    /// Acknowledges request `rid` (remembered, like every answer with an effect).
+    pub(crate) fn ack(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        view: &SenderView,
+        rid: u64,
+        out: &mut Outbox,
+    ) {
+        self.answer(now, uuid, view, rid, Message::Ack(Ack { rid }), out);
+    }
+
+    /// Answers session `uuid`'s request `rid` (looked up afresh: the answer may come long after
+    /// the request, from a job or another node).
+    pub(crate) fn answer_later(
+        &self,
+        now: Instant,
+        uuid: Uuid,
+        rid: u64,
+        msg: Message,
+        out: &mut Outbox,
+    ) {
+        if let Some(p) = self.sessions.peer(&uuid) {
+            let view = SenderView::to_peer(p.secret, p.addr);
+            self.answer(now, uuid, &view, rid, msg, out);
+        }
+    }
+
+    /// Takes the next push id of session `uuid`, with what is needed to send it.
+    pub(crate) fn next_push(&self, uuid: &Uuid) -> Option<PushTarget> {
+        self.sessions.next_push(uuid).map(|(push, p)| PushTarget {
+            uuid: *uuid,
+            push,
+            secret: p.secret,
+            addr: p.addr,
+        })
+    }
+
+    /// Sends a push and keeps it for retransmission until acknowledged.
+    pub(crate) fn push(&self, now: Instant, to: PushTarget, msg: Message, out: &mut Outbox) {
+        let kind = if matches!(msg, Message::Migrate(_)) {
+            PushKind::Migrate
+        } else {
+            PushKind::Plain
+        };
+        let bytes = match proto::encode(&msg, Some(&to.secret)) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, ty = ?msg.ty(), "encoding a push failed");
+                return;
+            }
+        };
+        self.pushes
+            .insert((to.uuid, to.push), to.addr, &bytes, now, kind);
+        self.metrics.pushes_sent.increment(1);
+        out.send_client(to.addr, bytes);
+    }
+
+    /// Sends a node-to-node request and keeps it for retransmission until answered.
+    pub(crate) fn node_request(
+        &self,
+        now: Instant,
+        to: &Remote,
+        body: Body,
+        on_reply: OnReply,
+        out: &mut Outbox,
+    ) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let Some((seq, bytes)) = cluster.envelope(&to.node, None, body) else {
+            tracing::error!("encoding a node-to-node datagram failed");
+            return;
+        };
+        self.node_requests
+            .insert(seq, to.addr, &bytes, now, on_reply);
+        self.metrics.forwarded.increment(1);
+        out.send_node(to.addr, bytes);
+    }
+}
+
+impl SenderView {
+    /// A view for sending to a session that is not the sender of the current request.
+    pub(crate) fn to_peer(secret: Secret, addr: SocketAddr) -> Self {
+        Self {
+            secret,
+            addr,
+            local: Arc::from(Vec::new()),
+            rebound: false,
+            remembered: None,
+            max_rid: 0,
+        }
+    }
+
+    /// Whether `rid` is too far below the newest request id to be anything but a replay.
+    pub(crate) fn stale(&self, rid: u64, window: u64) -> bool {
+        rid.saturating_add(window) < self.max_rid
+    }
+}

@@ -1,0 +1,112 @@
+//! Time-driven work: retransmissions and timeouts (the tick, every few tens of milliseconds)
+//! and slow housekeeping (the sweeps: expiry, forgotten answers, idle connections).
+
+use std::time::{Duration, Instant};
+
+use sigrouter_proto::FailReason;
+use uuid::Uuid;
+
+use super::connect;
+use super::conns::{ConnState, Conns, Role};
+use super::outbox::Outbox;
+use super::peer;
+use super::retransmit::Due;
+use super::state::{OnReply, State};
+use crate::cluster::wire::Body;
+use crate::cluster::PresenceOp;
+
+/// An established connection with no Signal for this long is forgotten.
+const CONN_IDLE: Duration = Duration::from_secs(600);
+
+/// Retransmissions and timeouts due at `now`.
+pub(crate) fn tick(st: &State, now: Instant, out: &mut Outbox) {
+    for (key, due) in st.pushes.due(now) {
+        match due {
+            Due::Expired(_) => st.metrics.pushes_expired.increment(1),
+            Due::Resend { bytes, .. } => {
+                // Pushes follow the session's address (it may have rebound since).
+                let Some(addr) = st.sessions.addr(&key.0) else {
+                    st.pushes.remove(&key);
+                    continue;
+                };
+                st.metrics.push_retransmits.increment(1);
+                out.send_client(addr, bytes.to_vec());
+            }
+        }
+    }
+    for (_, due) in st.node_requests.due(now) {
+        match due {
+            Due::Expired(then) => peer::complete(st, now, then, None, out),
+            Due::Resend { to, bytes } => out.send_node(to, bytes.to_vec()),
+        }
+    }
+    for (id, conn) in st.conns.pending() {
+        let expired = matches!(conn.state, ConnState::Pending { deadline, .. } if deadline <= now);
+        if expired {
+            tracing::debug!(
+                conn = %id,
+                initiator = %conn.initiator,
+                target = %conn.target,
+                role = ?conn.role,
+                target_here = st.sessions.contains(&conn.target),
+                initiator_here = st.sessions.contains(&conn.initiator),
+                "connect timed out"
+            );
+            // Only the initiator's node answers the Connect; a target-side pending entry
+            // (initiator remote) just goes away.
+            connect::fail_pending(st, now, id, FailReason::Timeout, out);
+            continue;
+        }
+        // The target left (moved to another node, said Bye, expired) before answering:
+        // tell the initiator at once rather than after the timeout.
+        let target_here = matches!(conn.role, Role::Local | Role::Target(_));
+        if target_here && !st.sessions.contains(&conn.target) {
+            match &conn.role {
+                Role::Target(remote) if st.cluster.is_some() => {
+                    st.conns.remove(&id);
+                    let body = Body::Abort { conn: id };
+                    st.node_request(now, remote, body, OnReply::Nothing, out);
+                }
+                _ => connect::fail_pending(st, now, id, FailReason::RetryLater, out),
+            }
+        }
+    }
+}
+
+/// Expires sessions, forgets old answers, prunes rate-limiter state. Returns the expired
+/// sessions.
+pub(crate) fn sweep(st: &State, now: Instant) -> Vec<Uuid> {
+    let gone = st
+        .sessions
+        .sweep(now, st.settings.session_ttl, st.settings.dedup_window);
+    for u in &gone {
+        st.publish(PresenceOp::Del(*u));
+    }
+    st.metrics.expired.increment(gone.len() as u64);
+    st.count_sessions();
+    let dedup = st.settings.dedup_window;
+    st.register_replies
+        .retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
+    if let Some(c) = &st.cluster {
+        c.sweep(now);
+    }
+    st.register_limiter.retain_recent();
+    st.session_limiter.retain_recent();
+    gone
+}
+
+/// Forgets established connections that went idle or lost their local end.
+pub(crate) fn sweep_conns(st: &State, now: Instant) {
+    for e in st.conns.established() {
+        // An end on another node is that node's business; ours must still be here.
+        let here = |u: &Uuid| st.sessions.contains(u);
+        let gone = if e.spans_nodes {
+            !here(&e.initiator) && !here(&e.target)
+        } else {
+            !here(&e.initiator) || !here(&e.target)
+        };
+        if Conns::idle(&e, now, CONN_IDLE) || gone {
+            st.conns.remove(&e.id);
+        }
+    }
+}
