@@ -354,3 +354,6 @@ impl LocalSessions for Router {
         Router::presence_snapshot(self)
     }
 }
+
+#[cfg(test)]
+mod tests;

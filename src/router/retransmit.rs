@@ -106,7 +106,9 @@ impl<K: Eq + Hash + Copy, M> Retransmit<K, M> {
             }
             let again = self.entries.get_mut(&key).map(|mut e| {
                 e.rto = e.rto.saturating_mul(2);
-                e.next_at = now + e.rto;
+                // The last wait ends at the deadline: give up on time, not a doubled
+                // timeout later.
+                e.next_at = (now + e.rto).min(e.deadline);
                 Due::Resend {
                     to: e.to,
                     bytes: e.bytes.clone(),

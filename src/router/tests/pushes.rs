@@ -1,0 +1,138 @@
+//! Server pushes: the retransmission schedule, the give-up, acknowledgements, and Migrate
+//! during a drain.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sigrouter_proto::{Addr, ErrorCode, Message, Migrate};
+
+use super::connect::{pair, start_local};
+use super::*;
+
+/// Ticks at each of `offsets_ms` after the start and returns where anything was sent.
+fn retransmissions(sim: &mut Sim, offsets_ms: &[u64]) -> Vec<(u64, Vec<SocketAddr>)> {
+    let start = sim.now;
+    offsets_ms
+        .iter()
+        .map(|&ms| {
+            sim.now = start + Duration::from_millis(ms);
+            let out = sim.tick();
+            (ms, out.client.iter().map(|t| t.to).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn a_push_is_retransmitted_with_a_doubling_timeout_until_its_deadline() {
+    let mut sim = Sim::with(Config {
+        connect_timeout: Duration::from_secs(60),
+        ..config()
+    });
+    let (mut a, b) = pair(&sim);
+    let (_, push, _) = start_local(&sim, &mut a, &b, b"x");
+    let first = sim.recv(a.addr, &a.connect(a.rid, b.uuid, b"x"));
+    assert!(first.is_empty());
+    // 250 ms initial timeout, doubling; the deadline (8 s) ends the last wait.
+    let sent = retransmissions(
+        &mut sim,
+        &[249, 250, 749, 750, 1750, 3750, 7750, 7999, 8000, 20000],
+    );
+    let at = |ms: u64| sent.iter().find(|(t, _)| *t == ms).unwrap().1.clone();
+    for ms in [249, 749, 7999, 8000, 20000] {
+        assert!(at(ms).is_empty(), "nothing due at {ms} ms: {sent:?}");
+    }
+    for ms in [250, 750, 1750, 3750, 7750] {
+        assert_eq!(
+            at(ms),
+            vec![b.addr],
+            "a retransmission at {ms} ms: {sent:?}"
+        );
+    }
+    assert_eq!(sim.metric("sigrouter_push_retransmits_total"), 5.0);
+    assert_eq!(sim.metric("sigrouter_pushes_expired_total"), 1.0);
+    // Given up: a late PushAck is harmless.
+    assert!(sim.recv(b.addr, &b.push_ack(push)).is_empty());
+}
+
+#[test]
+fn a_retransmitted_push_is_the_same_datagram_and_follows_a_rebinding() {
+    let mut sim = Sim::new();
+    let (mut a, b) = pair(&sim);
+    let rid = a.next_rid();
+    let first = sim.recv(a.addr, &a.connect(rid, b.uuid, b"x"));
+    let original = only_client(&first).bytes.clone();
+    // b's NAT rebinds: a newer request from a new port moves its address.
+    let moved = v6(2, 2999);
+    sim.recv(moved, &b.heartbeat(50));
+    sim.advance(Duration::from_millis(250));
+    let out = sim.tick();
+    assert_client(&out, &[(moved, original)]);
+}
+
+#[test]
+fn an_acknowledged_push_is_not_retransmitted() {
+    let mut sim = Sim::new();
+    let (mut a, b) = pair(&sim);
+    let (_, push, _) = start_local(&sim, &mut a, &b, b"");
+    sim.recv(b.addr, &b.push_ack(push));
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.tick().is_empty());
+}
+
+#[test]
+fn a_push_ack_needs_a_valid_mac() {
+    let mut sim = Sim::new();
+    let (mut a, b) = pair(&sim);
+    let (_, push, _) = start_local(&sim, &mut a, &b, b"");
+    let mut forged = b.push_ack(push);
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    assert!(sim.recv(b.addr, &forged).is_empty());
+    sim.advance(Duration::from_millis(250));
+    assert_eq!(sim.tick().client.len(), 1, "still retransmitted");
+}
+
+#[test]
+fn a_drain_migrates_every_session_and_lets_go_of_those_that_acknowledge() {
+    let mut sim = Sim::node("a", 1, &[("b", 2)]);
+    let (a, b) = pair(&sim);
+    sim.router.set_draining(true);
+    let to: SocketAddr = "198.51.100.2:7400".parse().unwrap();
+    let mut out = Outbox::default();
+    assert_eq!(sim.router.migrate_all(sim.now, || Some(to), &mut out), 2);
+    assert_eq!(out.client.len(), 2);
+    for c in [&a, &b] {
+        let t = out
+            .client
+            .iter()
+            .find(|t| t.to == c.addr)
+            .expect("a Migrate each");
+        let Message::Migrate(m) = msg(t) else {
+            panic!()
+        };
+        let want = Message::Migrate(Migrate {
+            push: m.push,
+            to: Some(Addr(to)),
+        });
+        assert_eq!(t.bytes, c.expect(&want));
+        if c.uuid == a.uuid {
+            sim.recv(c.addr, &c.push_ack(m.push));
+        }
+    }
+    assert_eq!(sim.metric("sigrouter_migrates_total"), 2.0);
+    // a acknowledged: gone from here (its new node publishes its presence).
+    assert!(!sim.router.is_local(&a.uuid));
+    assert!(sim.router.is_local(&b.uuid));
+    assert!(sim
+        .presence_ops()
+        .iter()
+        .all(|op| !matches!(op, PresenceOp::Del(_))));
+    // b did not: its Migrate is retransmitted; a Resume here is refused with Draining.
+    sim.advance(Duration::from_millis(250));
+    assert_eq!(
+        sim.tick().client.iter().map(|t| t.to).collect::<Vec<_>>(),
+        vec![b.addr]
+    );
+    let out = sim.recv(b.addr, &resume_datagram(&b, 9, b.secret));
+    assert_client(&out, &[(b.addr, error(9, ErrorCode::Draining))]);
+}
