@@ -20,14 +20,12 @@
 //! - [`store`]: Redis I/O with deadlines: the only place that awaits Redis.
 //! - [`server`]: wires the parts together, owns every task, drains and shuts down.
 //! - [`metrics`]: metric names, descriptions and the `/metrics`, `/healthz`, `/readyz` endpoint.
-//! - [`cli`]: the `sigrouter client …` commands, built on the `sigrouter-client` crate.
 //!
 //! # Locking rules
 //! Nothing on the request path holds a lock, a map guard or an `arc_swap::Guard` across an
 //! `.await`: the router is synchronous, map guards live for one statement, and the node table
 //! is an immutable snapshot that handlers only load (see `clippy.toml`).
 
-pub mod cli;
 pub mod cluster;
 pub mod config;
 mod jobs;

@@ -1,7 +1,11 @@
 //! `sigrouter client listen|connect|query` against a real node over UDP, run in-process
-//! through [`sigrouter::cli::run_with`] with flags parsed by clap exactly as the binary does.
+//! through `cli::run_with` (the binary's own module, compiled in here) with flags parsed by clap exactly as the binary does.
 
 mod common;
+// The binary's own module, compiled in here; the test drives `run_with`, not `run`.
+#[path = "../src/bin/sigrouter/cli.rs"]
+#[allow(dead_code)]
+mod cli;
 
 use std::io::Write;
 use std::time::Duration;
@@ -9,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use common::{test_config, Node};
 use serde_json::Value;
-use sigrouter::cli::{run_with, ClientCommand};
+use cli::{run_with, ClientCommand};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 

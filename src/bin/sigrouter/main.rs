@@ -1,5 +1,7 @@
 //! The `sigrouter` command: `serve` runs a node, `client …` talks to one.
 
+mod cli;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -22,7 +24,7 @@ enum Command {
     Serve(ServeArgs),
     /// Talk to a router as a client (prints JSON lines).
     #[command(subcommand)]
-    Client(sigrouter::cli::ClientCommand),
+    Client(cli::ClientCommand),
 }
 
 fn init_tracing(json: bool) {
@@ -83,7 +85,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Client(cmd) => match sigrouter::cli::run(cmd).await {
+        Command::Client(cmd) => match cli::run(cmd).await {
             Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(2)),
             Err(e) => {
                 eprintln!("error: {e:#}");

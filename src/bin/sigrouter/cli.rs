@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 /// The `sigrouter client` subcommands.
 #[derive(Subcommand, Debug, Clone)]
-pub enum ClientCommand {
+pub(crate) enum ClientCommand {
     /// Register, stay online, accept every incoming connection and print events.
     Listen(ListenArgs),
     /// Register, connect to another client and print the outcome.
@@ -37,83 +37,83 @@ pub enum ClientCommand {
 
 /// Flags every client command shares.
 #[derive(Args, Debug, Clone)]
-pub struct RouterArgs {
+pub(crate) struct RouterArgs {
     /// The router, as host:port.
     #[arg(long, env = "SIGROUTER_SERVER")]
-    pub server: String,
+    pub(crate) server: String,
     /// Local (LAN) addresses to announce to peers, comma-separated. Default: the address this
     /// host uses to reach the router.
     #[arg(long, env = "SIGROUTER_LOCAL", value_delimiter = ',')]
-    pub local: Vec<SocketAddr>,
+    pub(crate) local: Vec<SocketAddr>,
     /// Deadline of one request, retransmissions included, in seconds.
     #[arg(long, env = "SIGROUTER_REQUEST_TIMEOUT_SECS", default_value_t = 5.0)]
-    pub request_timeout_secs: f64,
+    pub(crate) request_timeout_secs: f64,
     /// Unanswered heartbeats after which the client moves to a new port and resumes.
     #[arg(long, env = "SIGROUTER_MISSED_ACKS", default_value_t = 3)]
-    pub missed_acks: u32,
+    pub(crate) missed_acks: u32,
 }
 
 /// Flags of `sigrouter client listen`.
 #[derive(Args, Debug, Clone)]
-pub struct ListenArgs {
+pub(crate) struct ListenArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub router: RouterArgs,
+    pub(crate) router: RouterArgs,
     /// Payload (text) handed to every initiator in the Accept.
     #[arg(long, env = "SIGROUTER_PAYLOAD", default_value = "")]
-    pub payload: String,
+    pub(crate) payload: String,
     /// Send every received signal payload back to its sender, over the same connection.
     #[arg(long, env = "SIGROUTER_ECHO_SIGNALS")]
-    pub echo_signals: bool,
+    pub(crate) echo_signals: bool,
 }
 
 /// Flags of `sigrouter client connect`.
 #[derive(Args, Debug, Clone)]
-pub struct ConnectArgs {
+pub(crate) struct ConnectArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub router: RouterArgs,
+    pub(crate) router: RouterArgs,
     /// The client to connect to.
     #[arg(long, env = "SIGROUTER_TO")]
-    pub to: Uuid,
+    pub(crate) to: Uuid,
     /// Payload (text) handed to the target in the Connect.
     #[arg(long, env = "SIGROUTER_PAYLOAD", default_value = "")]
-    pub payload: String,
+    pub(crate) payload: String,
     /// Once connected, send this signal and wait for one signal back.
     #[arg(long, env = "SIGROUTER_SIGNAL")]
-    pub signal: Option<String>,
+    pub(crate) signal: Option<String>,
     /// How long to wait for the signal back, in seconds.
     #[arg(long, env = "SIGROUTER_SIGNAL_WAIT_SECS", default_value_t = 5.0)]
-    pub signal_wait_secs: f64,
+    pub(crate) signal_wait_secs: f64,
     /// Deadline of the Connect (the target's decision included), in seconds.
     #[arg(
         long,
         env = "SIGROUTER_CLIENT_CONNECT_TIMEOUT_SECS",
         default_value_t = 12.0
     )]
-    pub connect_timeout_secs: f64,
+    pub(crate) connect_timeout_secs: f64,
 }
 
 /// Flags of `sigrouter client query`.
 #[derive(Args, Debug, Clone)]
-pub struct QueryArgs {
+pub(crate) struct QueryArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub router: RouterArgs,
+    pub(crate) router: RouterArgs,
     /// The clients to ask about.
     #[arg(required = true)]
-    pub uuids: Vec<Uuid>,
+    pub(crate) uuids: Vec<Uuid>,
 }
 
 /// Runs a client command, printing to stdout; `listen` stops on SIGINT or SIGTERM. Returns the
 /// process exit code.
-pub async fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
+pub(crate) async fn run(cmd: ClientCommand) -> anyhow::Result<i32> {
     run_with(cmd, std::io::stdout(), stop_signal()).await
 }
 
 /// Like [`run`], printing to `out` and stopping `listen` when `shutdown` completes (tests use
 /// this to run the commands in-process).
-pub async fn run_with<W: Write + Send>(
+pub(crate) async fn run_with<W: Write + Send>(
     cmd: ClientCommand,
     out: W,
     shutdown: impl Future<Output = ()> + Send,
