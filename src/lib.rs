@@ -29,6 +29,7 @@
 pub mod cluster;
 pub mod config;
 mod jobs;
+mod limit;
 pub mod metrics;
 mod net;
 pub mod router;
@@ -36,6 +37,7 @@ pub mod server;
 mod session;
 pub mod store;
 pub mod stun;
+mod timer;
 
 pub use config::{Config, ServeArgs};
 pub use sigrouter_proto as proto;

@@ -38,10 +38,13 @@ pub enum DropReason {
     RateLimited,
     /// A node-to-node datagram without a valid cluster MAC, or replayed.
     ClusterAuth,
+    /// An authenticated request seen before and no longer remembered, or older than the
+    /// replay window.
+    Replay,
 }
 
 impl DropReason {
-    const ALL: [Self; 14] = [
+    const ALL: [Self; 15] = [
         Self::Decode(DecodeError::Truncated),
         Self::Decode(DecodeError::Oversized),
         Self::Decode(DecodeError::BadMagic),
@@ -56,6 +59,7 @@ impl DropReason {
         Self::Stun,
         Self::RateLimited,
         Self::ClusterAuth,
+        Self::Replay,
     ];
 
     fn index(self) -> usize {
@@ -68,6 +72,7 @@ impl DropReason {
             Self::Stun => 11,
             Self::RateLimited => 12,
             Self::ClusterAuth => 13,
+            Self::Replay => 14,
         }
     }
 
@@ -82,6 +87,7 @@ impl DropReason {
             Self::Stun => "stun",
             Self::RateLimited => "rate_limited",
             Self::ClusterAuth => "cluster_auth",
+            Self::Replay => "replay",
         }
     }
 }
@@ -107,7 +113,7 @@ const OUTCOMES: [&str; 5] = ["connected", "offline", "rejected", "timeout", "ret
 pub struct Metrics {
     handle: PrometheusHandle,
     requests: [Counter; 10],
-    dropped: [Counter; 14],
+    dropped: [Counter; 15],
     outcomes: [Counter; 5],
     /// Datagrams received on the client port.
     pub rx_datagrams: Counter,
@@ -221,7 +227,7 @@ impl Metrics {
                 vec![Label::from_static_parts("reason", d.name())],
             ));
         }
-        let dropped: [Counter; 14] = dropped_vec.try_into().unwrap_or_else(|_| unreachable!());
+        let dropped: [Counter; 15] = dropped_vec.try_into().unwrap_or_else(|_| unreachable!());
         let outcomes = OUTCOMES.map(|o| {
             counter(
                 "sigrouter_connects_total",

@@ -11,9 +11,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
+use cli::{run_with, ClientCommand};
 use common::{test_config, Node};
 use serde_json::Value;
-use cli::{run_with, ClientCommand};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 

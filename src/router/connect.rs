@@ -78,7 +78,7 @@ pub(crate) fn connect(
             connection: id,
             from: uuid,
             observed: Addr(view.addr),
-            local: view.local.to_vec(),
+            local: st.sessions.local(&uuid),
             payload: c.payload,
         });
         st.push(now, target, incoming, out);
@@ -100,7 +100,7 @@ pub(crate) fn connect(
         from: uuid,
         to: c.to,
         observed: Addr(view.addr),
-        local: view.local.to_vec(),
+        local: st.sessions.local(&uuid),
         payload: c.payload,
     };
     // A fresh cache entry naming a known, active node: forward now, no Redis, no waiting.
@@ -294,7 +294,7 @@ pub(crate) fn answer_incoming(
     };
     let ConnState::Pending { push, .. } = conn.state else {
         // Already answered under another request id: nothing more to do.
-        st.ack(now, uuid, view, a.rid, out);
+        st.ack(now, view, a.rid, out);
         return;
     };
     // The answer proves the Incoming arrived.
@@ -312,19 +312,19 @@ pub(crate) fn answer_incoming(
             accept,
             peer: uuid,
             observed: Addr(view.addr),
-            local: view.local.to_vec(),
+            local: st.sessions.local(&uuid),
             payload: a.payload,
         };
         let on_reply = OnReply::AckClient { uuid, rid: a.rid };
         st.node_request(now, remote, body, on_reply, out);
         return;
     }
-    st.ack(now, uuid, view, a.rid, out);
+    st.ack(now, view, a.rid, out);
     let outcome = Outcome {
         accept,
         peer: uuid,
         observed: Addr(view.addr),
-        local: view.local.to_vec(),
+        local: st.sessions.local(&uuid),
         payload: a.payload,
     };
     deliver_outcome(st, now, &conn, a.connection, outcome, out);

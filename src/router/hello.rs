@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use hmac::{Hmac, Mac};
 use rand::RngCore;
+use sha2::Sha256;
 use sigrouter_proto::{self as proto, ErrorCode, Secret, MIN_HELLO_LEN};
 use uuid::Uuid;
 
@@ -15,6 +17,7 @@ use super::state::{ErrorTo, OnReply, State};
 use crate::cluster::wire::Body;
 use crate::cluster::PresenceOp;
 use crate::metrics::DropReason;
+use crate::session::NewSession;
 
 /// A Register or Resume as it arrived.
 #[derive(Clone, Copy, Debug)]
@@ -43,7 +46,7 @@ fn allowed(st: &State, now: Instant, h: Hello, out: &mut Outbox) -> bool {
         st.metrics.drop(DropReason::Unpadded);
         return false;
     }
-    if st.register_limiter.check_key(&h.src.ip()).is_err() {
+    if !st.register_limiter.check(h.src.ip(), st.ns(now)) {
         st.metrics.rate_limited.increment(1);
         st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
         return false;
@@ -57,12 +60,14 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
         st.metrics.drop(DropReason::Unpadded);
         return;
     }
-    // A retransmitted Register gets the session it already created.
-    let known = st.register_replies.get(&(h.src, h.rid)).map(|e| e.0);
-    if let Some(uuid) = known {
-        if let Some(secret) = st.sessions.secret(&uuid) {
+    // A retransmitted Register gets the session it already created: its UUID is derived from
+    // the source, the request id and the time, so finding it needs no memory of its own.
+    let epoch = st.ns(now) / st.settings.dedup_window.as_nanos().max(1) as u64;
+    for e in [epoch, epoch.saturating_sub(1)] {
+        let uuid = derived_uuid(st, h, e);
+        if let Some(p) = st.sessions.peer(&uuid).filter(|p| p.addr == h.src) {
             st.metrics.duplicates.increment(1);
-            let msg = st.registered(h.rid, uuid, secret, h.src);
+            let msg = st.registered(h.rid, uuid, p.secret, h.src);
             st.reply_bounded(h.src, h.len, &msg, out);
             return;
         }
@@ -79,13 +84,20 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
         st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
         return;
     }
-    let uuid = Uuid::new_v4();
+    let uuid = derived_uuid(st, h, epoch);
     let mut secret = [0u8; proto::SECRET_LEN];
     rand::thread_rng().fill_bytes(&mut secret);
     let secret = Secret(secret);
-    st.sessions.insert(uuid, secret, h.src, m.local, h.rid, now);
-    st.register_replies.insert((h.src, h.rid), (uuid, now));
-    st.publish(PresenceOp::Put(uuid, secret.verifier()));
+    let verifier = secret.verifier();
+    let session = NewSession {
+        secret,
+        verifier,
+        addr: h.src,
+        local: m.local,
+        rid: h.rid,
+    };
+    st.sessions.insert(uuid, session, now);
+    st.publish(PresenceOp::Put(uuid, verifier));
     st.metrics.registered.increment(1);
     st.count_sessions();
     let msg = st.registered(h.rid, uuid, secret, h.src);
@@ -151,8 +163,14 @@ pub(crate) fn complete_resume(
         st.metrics.capacity_refused.increment(1);
         return st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
     }
-    st.sessions
-        .insert(m.uuid, m.secret, h.src, m.local.clone(), h.rid, now);
+    let session = NewSession {
+        secret: m.secret,
+        verifier,
+        addr: h.src,
+        local: m.local.clone(),
+        rid: h.rid,
+    };
+    st.sessions.insert(m.uuid, session, now);
     st.publish(PresenceOp::Put(m.uuid, verifier));
     st.metrics.resumed.increment(1);
     st.count_sessions();
@@ -178,4 +196,22 @@ pub(crate) fn complete_resume(
     }
     let msg = st.registered(h.rid, m.uuid, m.secret, h.src);
     st.reply_bounded(h.src, h.len, &msg, out);
+}
+
+/// The UUID of the session a Register from `h` creates in dedup epoch `epoch`: a MAC of the
+/// source, the request id and the epoch under this node's own random key, so it is as
+/// unpredictable as a random UUID, and a retransmission finds the session it created.
+fn derived_uuid(st: &State, h: Hello, epoch: u64) -> Uuid {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&st.uuid_key).expect("any key length");
+    match h.src.ip() {
+        std::net::IpAddr::V4(ip) => m.update(&ip.octets()),
+        std::net::IpAddr::V6(ip) => m.update(&ip.octets()),
+    }
+    m.update(&h.src.port().to_be_bytes());
+    m.update(&h.rid.to_be_bytes());
+    m.update(&epoch.to_be_bytes());
+    let tag = m.finalize().into_bytes();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&tag[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid()
 }

@@ -46,12 +46,9 @@ pub use outbox::{ConnectLookup, Job, Outbox, ResumeLookup, Transmit};
 use crate::cluster::{Cluster, LocalSessions, NodeInfo, PresenceOp};
 use crate::config::Config;
 use crate::metrics::{DropReason, Metrics};
-use crate::session::Remembered;
+use crate::session::{Remembered, Seen, Touch};
 use hello::Hello;
 use state::{ErrorTo, State};
-
-/// Requests whose id is this far below the newest one seen are stale replays: dropped.
-const REPLAY_WINDOW: u64 = 1024;
 
 /// The node's routing state and decisions. Shared by every socket loop (`Arc<Router>`).
 pub struct Router {
@@ -186,20 +183,22 @@ impl Router {
             relay::push_ack(st, now, uuid, a);
             return;
         }
-        if st.session_limiter.check_key(&uuid).is_err() {
-            st.metrics.rate_limited.increment(1);
-            st.error(now, from_source, rid, ErrorCode::RateLimited, out);
-            return;
-        }
-        let Some(view) = st.sessions.touch(&uuid, src, rid, now) else {
-            return;
+        let view = match st.sessions.touch(&uuid, src, rid, now) {
+            Touch::Gone => return,
+            Touch::RateLimited => {
+                st.metrics.rate_limited.increment(1);
+                st.error(now, from_source, rid, ErrorCode::RateLimited, out);
+                return;
+            }
+            Touch::Seen(view) => view,
         };
         if view.rebound {
             st.metrics.rebinds.increment(1);
         }
-        if let Some(rem) = view.remembered.clone() {
-            st.metrics.duplicates.increment(1);
-            if let Remembered::Answer(bytes) = rem {
+        match (view.seen, &view.remembered) {
+            (Seen::New { .. }, _) => {}
+            (Seen::Duplicate, Some(Remembered::Answer(bytes))) => {
+                st.metrics.duplicates.increment(1);
                 // Answer a retransmission where the session lives; to a new source only when
                 // that cannot amplify (a replay from a spoofed address gains nothing).
                 let to = if src == view.addr || bytes.len() <= buf.len() {
@@ -208,14 +207,23 @@ impl Router {
                     view.addr
                 };
                 out.send_client(to, bytes.to_vec());
+                return;
             }
-            // Pending: the answer comes when the outcome is known (a retransmission of a
-            // forwarded request is covered by the node-to-node retransmission).
-            return;
-        }
-        if view.stale(rid, REPLAY_WINDOW) {
-            st.metrics.drop(DropReason::BadMac);
-            return;
+            (Seen::Duplicate, Some(Remembered::Pending)) => {
+                // The answer comes when the outcome is known (a retransmission of a forwarded
+                // request is covered by the node-to-node retransmission).
+                st.metrics.duplicates.increment(1);
+                return;
+            }
+            // Reads have no effect: a retransmission is answered afresh.
+            (Seen::Duplicate, None) if matches!(msg, Message::Heartbeat(_) | Message::Query(_)) => {
+                st.metrics.duplicates.increment(1);
+            }
+            // Seen before and no longer remembered, or below the window: a replay.
+            (Seen::Duplicate, None) | (Seen::Stale, _) => {
+                st.metrics.drop(DropReason::Replay);
+                return;
+            }
         }
         match msg {
             Message::Heartbeat(_) => {
@@ -246,7 +254,7 @@ impl Router {
                 relay::signal(st, now, uuid, &view, s, out);
             }
             Message::Bye(_) => {
-                st.ack(now, uuid, &view, rid, out);
+                st.ack(now, &view, rid, out);
                 if st.sessions.remove(&uuid) {
                     st.publish(PresenceOp::Del(uuid));
                 }

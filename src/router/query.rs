@@ -65,7 +65,7 @@ pub(crate) fn complete_query(
     let Some(p) = st.sessions.peer(&uuid) else {
         return;
     };
-    let view = SenderView::to_peer(p.secret, p.addr);
+    let view = SenderView::to_peer(uuid, p);
     match online {
         Some(online) => st.send(
             &view,

@@ -53,7 +53,7 @@ pub(crate) fn signal(
         );
         return;
     }
-    st.ack(now, uuid, view, s.rid, out);
+    st.ack(now, view, s.rid, out);
 }
 
 /// Pushes a Signal to `to`, held here. False if it is not.

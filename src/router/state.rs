@@ -3,13 +3,11 @@
 //! for retransmission until answered.
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use rand::RngCore;
 use sigrouter_proto::{self as proto, Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secret};
 use uuid::Uuid;
 
@@ -19,8 +17,9 @@ use super::retransmit::{Retransmit, Schedule};
 use crate::cluster::wire::Body;
 use crate::cluster::{Cluster, PresenceOp};
 use crate::config::Config;
+use crate::limit::{Keyed, Quota};
 use crate::metrics::{DropReason, Metrics};
-use crate::session::{Remembered, SenderView, Sessions};
+use crate::session::{self, PeerView, Remembered, Seen, SenderView, Sessions};
 
 /// First retransmission of a node-to-node request.
 const NODE_REQUEST_RTO: Duration = Duration::from_millis(100);
@@ -88,8 +87,8 @@ pub(crate) enum ErrorTo<'a> {
         /// Request size.
         req_len: usize,
     },
-    /// The sender of the authenticated request being handled. Not remembered: the client
-    /// may retry the same request id.
+    /// The sender of the authenticated request being handled; remembered, so a retransmission
+    /// gets the same error.
     Sender(&'a SenderView),
     /// A session answered after the fact (a job or another node finished); remembered as the
     /// answer to the request id.
@@ -103,10 +102,6 @@ pub(crate) struct PushTarget {
     pub(crate) push: u64,
     pub(crate) secret: Secret,
     pub(crate) addr: SocketAddr,
-}
-
-fn nz(v: u32) -> NonZeroU32 {
-    NonZeroU32::new(v.max(1)).unwrap_or(NonZeroU32::MIN)
 }
 
 fn millis(d: Duration) -> u32 {
@@ -124,13 +119,12 @@ pub(crate) struct State {
     pub(crate) pushes: Retransmit<(Uuid, u64), PushKind>,
     /// Node-to-node requests waiting for the other node's reply, by sequence number.
     pub(crate) node_requests: Retransmit<u64, OnReply>,
-    /// Recent Register answers by (source, request id): a retransmitted Register gets the
-    /// session it already created.
-    pub(crate) register_replies: DashMap<(SocketAddr, u64), (Uuid, Instant)>,
     /// Register/Resume per source IP.
-    pub(crate) register_limiter: DefaultKeyedRateLimiter<IpAddr>,
-    /// Authenticated requests per session.
-    pub(crate) session_limiter: DefaultKeyedRateLimiter<Uuid>,
+    pub(crate) register_limiter: Keyed<IpAddr>,
+    /// Keys the UUIDs this node derives for new sessions (random per process).
+    pub(crate) uuid_key: [u8; 32],
+    /// Time zero of the compact clocks (rate limiters, session timestamps).
+    pub(crate) epoch: Instant,
     /// Set while the node drains: no new sessions.
     pub(crate) draining: AtomicBool,
     /// Cluster state (None: the embedded single-node mode).
@@ -141,6 +135,10 @@ pub(crate) struct State {
 impl State {
     pub(crate) fn new(cfg: &Config, metrics: Metrics, cluster: Option<Arc<Cluster>>) -> Self {
         metrics.max_sessions.set(cfg.max_sessions as f64);
+        let epoch = Instant::now();
+        let mut uuid_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut uuid_key);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self {
             settings: Settings {
                 heartbeat: cfg.heartbeat,
@@ -149,7 +147,14 @@ impl State {
                 dedup_window: cfg.dedup_window,
                 max_sessions: cfg.max_sessions,
             },
-            sessions: Sessions::default(),
+            sessions: Sessions::new(
+                session::Limits {
+                    ttl_ms: ms(cfg.session_ttl),
+                    keep_ms: ms(cfg.dedup_window),
+                    quota: Quota::per_second(cfg.session_rate, cfg.session_burst),
+                },
+                epoch,
+            ),
             conns: Conns::default(),
             pushes: Retransmit::new(Schedule {
                 initial_rto: cfg.push_initial_rto,
@@ -159,17 +164,18 @@ impl State {
                 initial_rto: NODE_REQUEST_RTO,
                 deadline: NODE_REQUEST_DEADLINE,
             }),
-            register_replies: DashMap::new(),
-            register_limiter: RateLimiter::dashmap(
-                Quota::per_second(nz(cfg.register_rate)).allow_burst(nz(cfg.register_burst)),
-            ),
-            session_limiter: RateLimiter::dashmap(
-                Quota::per_second(nz(cfg.session_rate)).allow_burst(nz(cfg.session_burst)),
-            ),
+            register_limiter: Keyed::new(Quota::per_second(cfg.register_rate, cfg.register_burst)),
+            uuid_key,
+            epoch,
             draining: AtomicBool::new(false),
             cluster,
             metrics,
         }
+    }
+
+    /// Nanoseconds of the router's clock at `now`.
+    pub(crate) fn ns(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -233,66 +239,65 @@ impl State {
         let msg = Message::Error(ErrorMsg { rid, code });
         match to {
             ErrorTo::Source { src, req_len } => self.reply_bounded(src, req_len, &msg, out),
-            ErrorTo::Sender(view) => self.reply_bounded(view.addr, usize::MAX, &msg, out),
+            ErrorTo::Sender(view) => self.remember_and_send(now, view, rid, &msg, false, out),
             ErrorTo::Session(uuid) => {
-                let Some(p) = self.sessions.peer(&uuid) else {
-                    return;
-                };
-                if let Ok(bytes) = proto::encode(&msg, None) {
-                    self.sessions.remember(
-                        &uuid,
-                        rid,
-                        Remembered::Answer(bytes.as_slice().into()),
-                        now,
-                    );
-                    out.send_client(p.addr, bytes);
+                if let Some(p) = self.sessions.peer(&uuid) {
+                    let view = SenderView::to_peer(uuid, p);
+                    self.remember_and_send(now, &view, rid, &msg, false, out);
                 }
             }
         }
     }
 
-    fn encode_for(&self, view: &SenderView, msg: &Message) -> Option<Vec<u8>> {
-        proto::encode(msg, Some(&view.secret))
-            .map_err(|e| tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"))
-            .ok()
-    }
-
-    /// Sends an answer for the sender, MAC'd with its secret, to its address (not remembered:
-    /// heartbeat acks and query results are cheap to compute again).
-    pub(crate) fn send(&self, view: &SenderView, msg: Message, out: &mut Outbox) {
-        if let Some(bytes) = self.encode_for(view, &msg) {
-            out.send_client(view.addr, bytes);
+    /// Encodes `msg` (MAC'd with the session secret if `mac`), remembers it as the answer to
+    /// the session's request `rid` and sends it to the session's address.
+    fn remember_and_send(
+        &self,
+        now: Instant,
+        view: &SenderView,
+        rid: u64,
+        msg: &Message,
+        mac: bool,
+        out: &mut Outbox,
+    ) {
+        match proto::encode(msg, mac.then_some(&view.secret)) {
+            Ok(bytes) => {
+                self.sessions.remember(
+                    &view.uuid,
+                    rid,
+                    Remembered::Answer(bytes.as_slice().into()),
+                    now,
+                );
+                out.send_client(view.addr, bytes);
+            }
+            Err(e) => tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"),
         }
     }
 
-    /// Sends an answer and remembers it for retransmissions of the same request id. (Only
-    /// answers that are remembered pay for the shared copy.)
+    /// Sends an answer for the sender, MAC'd with its secret, to its address (not remembered:
+    /// heartbeat acks and query results are answered afresh when asked again).
+    pub(crate) fn send(&self, view: &SenderView, msg: Message, out: &mut Outbox) {
+        match proto::encode(&msg, Some(&view.secret)) {
+            Ok(bytes) => out.send_client(view.addr, bytes),
+            Err(e) => tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"),
+        }
+    }
+
+    /// Sends an answer and remembers it for retransmissions of the same request id.
     pub(crate) fn answer(
         &self,
         now: Instant,
-        uuid: Uuid,
         view: &SenderView,
         rid: u64,
         msg: Message,
         out: &mut Outbox,
     ) {
-        if let Some(bytes) = self.encode_for(view, &msg) {
-            self.sessions
-                .remember(&uuid, rid, Remembered::Answer(bytes.as_slice().into()), now);
-            out.send_client(view.addr, bytes);
-        }
+        self.remember_and_send(now, view, rid, &msg, true, out);
     }
 
     /// Acknowledges request `rid` (remembered, like every answer with an effect).
-    pub(crate) fn ack(
-        &self,
-        now: Instant,
-        uuid: Uuid,
-        view: &SenderView,
-        rid: u64,
-        out: &mut Outbox,
-    ) {
-        self.answer(now, uuid, view, rid, Message::Ack(Ack { rid }), out);
+    pub(crate) fn ack(&self, now: Instant, view: &SenderView, rid: u64, out: &mut Outbox) {
+        self.answer(now, view, rid, Message::Ack(Ack { rid }), out);
     }
 
     /// Answers session `uuid`'s request `rid` (looked up afresh: the answer may come long after
@@ -306,8 +311,7 @@ impl State {
         out: &mut Outbox,
     ) {
         if let Some(p) = self.sessions.peer(&uuid) {
-            let view = SenderView::to_peer(p.secret, p.addr);
-            self.answer(now, uuid, &view, rid, msg, out);
+            self.answer(now, &SenderView::to_peer(uuid, p), rid, msg, out);
         }
     }
 
@@ -365,20 +369,15 @@ impl State {
 }
 
 impl SenderView {
-    /// A view for sending to a session that is not the sender of the current request.
-    pub(crate) fn to_peer(secret: Secret, addr: SocketAddr) -> Self {
+    /// A view for answering a session that is not the sender of the current request.
+    pub(crate) fn to_peer(uuid: Uuid, p: PeerView) -> Self {
         Self {
-            secret,
-            addr,
-            local: Arc::from(Vec::new()),
+            uuid,
+            secret: p.secret,
+            addr: p.addr,
             rebound: false,
+            seen: Seen::New { newest: false },
             remembered: None,
-            max_rid: 0,
         }
-    }
-
-    /// Whether `rid` is too far below the newest request id to be anything but a replay.
-    pub(crate) fn stale(&self, rid: u64, window: u64) -> bool {
-        rid.saturating_add(window) < self.max_rid
     }
 }

@@ -73,25 +73,19 @@ pub(crate) fn tick(st: &State, now: Instant, out: &mut Outbox) {
     }
 }
 
-/// Expires sessions, forgets old answers, prunes rate-limiter state. Returns the expired
-/// sessions.
+/// Expires sessions whose check is due, forgets old answers, prunes rate-limiter state.
+/// Returns the expired sessions.
 pub(crate) fn sweep(st: &State, now: Instant) -> Vec<Uuid> {
-    let gone = st
-        .sessions
-        .sweep(now, st.settings.session_ttl, st.settings.dedup_window);
+    let gone = st.sessions.expire(now);
     for u in &gone {
         st.publish(PresenceOp::Del(*u));
     }
     st.metrics.expired.increment(gone.len() as u64);
     st.count_sessions();
-    let dedup = st.settings.dedup_window;
-    st.register_replies
-        .retain(|_, (_, t)| now.saturating_duration_since(*t) <= dedup);
     if let Some(c) = &st.cluster {
         c.sweep(now);
     }
-    st.register_limiter.retain_recent();
-    st.session_limiter.retain_recent();
+    st.register_limiter.forget_idle(st.ns(now));
     gone
 }
 

@@ -1,6 +1,8 @@
 //! Duplicate and replayed requests of every type: a retransmission gets the answer already
 //! given and does nothing twice; a stale replay is dropped.
 
+use std::time::Duration;
+
 use sigrouter_proto::{
     self as proto, Ack, Addr, ConnectFailed, Connected, FailReason, HeartbeatAck, Message, Payload,
     QueryResult,
@@ -146,13 +148,20 @@ fn a_push_ack_repeated_changes_nothing() {
 fn a_request_far_below_the_newest_id_is_a_stale_replay_and_dropped() {
     let sim = Sim::new();
     let (a, b) = pair(&sim);
-    sim.recv(a.addr, &a.heartbeat(5000));
-    // Within the window: answered.
-    assert_eq!(sim.recv(a.addr, &a.heartbeat(4000)).client.len(), 1);
-    // Beyond it: dropped, whatever the type.
-    assert!(sim.recv(a.addr, &a.heartbeat(3000)).is_empty());
-    assert!(sim.recv(a.addr, &a.connect(3001, b.uuid, b"")).is_empty());
+    let top = 5000;
+    sim.recv(a.addr, &a.heartbeat(top));
+    // Within the window (128 ids): answered.
+    assert_eq!(sim.recv(a.addr, &a.heartbeat(top - 127)).client.len(), 1);
+    // Below it: dropped and counted, whatever the type.
+    assert!(sim.recv(a.addr, &a.heartbeat(top - 128)).is_empty());
+    assert!(sim
+        .recv(a.addr, &a.connect(top - 200, b.uuid, b""))
+        .is_empty());
     assert_eq!(sim.router.in_flight(), 0, "no connection was opened");
+    assert_eq!(
+        sim.metric("sigrouter_dropped_total{reason=\"replay\"}"),
+        2.0
+    );
 }
 
 #[test]
@@ -170,4 +179,56 @@ fn a_failed_connect_retransmitted_gets_the_same_failure() {
         let out = sim.recv(a.addr, &a.connect(rid, to, b""));
         assert_client(&out, &[(a.addr, a.expect(&failed))]);
     }
+}
+
+#[test]
+fn a_pending_connect_is_remembered_however_many_requests_follow() {
+    let sim = Sim::with(Config {
+        connect_timeout: Duration::from_secs(60),
+        ..config()
+    });
+    // a talks to c over an established connection, while its Connect to b is pending.
+    let (mut a, mut c) = pair(&sim);
+    let (conn_ac, _, _) = start_local(&sim, &mut a, &c, b"");
+    let r = c.next_rid();
+    sim.recv(c.addr, &c.accept(r, conn_ac, b""));
+    let b = sim.register(v4(3, 3), vec![]);
+    let (_, _, pending_rid) = start_local(&sim, &mut a, &b, b"");
+    for _ in 0..100 {
+        let rid = a.next_rid();
+        assert_eq!(
+            sim.recv(a.addr, &a.signal(rid, conn_ac, b"s")).client.len(),
+            2
+        );
+    }
+    // Retransmitted after 100 other requests: still pending, no second connection.
+    let out = sim.recv(a.addr, &a.connect(pending_rid, b.uuid, b""));
+    assert!(out.is_empty(), "{:?}", decoded(&out));
+    assert_eq!(
+        sim.metric("sigrouter_pushes_total"),
+        2.0 + 100.0,
+        "two Incoming, 100 signals"
+    );
+}
+
+#[test]
+fn a_signal_replayed_after_its_answer_was_forgotten_is_not_delivered_again() {
+    let mut sim = Sim::new();
+    let (mut a, _b, conn) = established(&sim);
+    let rid = a.next_rid();
+    assert_eq!(
+        sim.recv(a.addr, &a.signal(rid, conn, b"once")).client.len(),
+        2
+    );
+    let newer = a.next_rid();
+    sim.recv(a.addr, &a.heartbeat(newer));
+    // Past the time answers are remembered, two ids below the newest.
+    sim.advance(sim.cfg.dedup_window + Duration::from_secs(1));
+    let out = sim.recv(a.addr, &a.signal(rid, conn, b"once"));
+    assert!(out.is_empty(), "{:?}", decoded(&out));
+    assert_eq!(sim.metric("sigrouter_signals_relayed_total"), 1.0);
+    assert_eq!(
+        sim.metric("sigrouter_dropped_total{reason=\"replay\"}"),
+        1.0
+    );
 }
