@@ -229,7 +229,8 @@ pub(crate) async fn run_timers(
                 last_conn_sweep = now;
                 d.router.sweep_conns(now);
             }
-            let gone = d.router.sweep(now);
+            let gone = d.router.sweep(now, &mut out);
+            d.route(&mut out, false, false);
             if !gone.is_empty() {
                 tracing::debug!(count = gone.len(), "sessions expired");
             }

@@ -5,11 +5,17 @@
 //! copies; no guard leaves this module.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use uuid::Uuid;
+
+use crate::timer::Timers;
+
+/// Most connect timeouts handled per tick.
+const TICK_SLICE: usize = 65_536;
 
 /// The node holding the far end of a connection that spans two nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,20 +106,53 @@ pub(crate) struct Established {
     pub(crate) last: Instant,
 }
 
-/// The connection map, with an index of the pending ones so the timer does not walk every
-/// established connection.
-#[derive(Debug, Default)]
+/// The connection map; connect timeouts on a timer queue, and an index of the pending
+/// connections whose target is on this node, so a target that leaves fails them at once.
+#[derive(Debug)]
 pub(crate) struct Conns {
     map: DashMap<Uuid, Conn>,
-    /// Ids of connections that were pending when inserted (cleaned lazily by [`Conns::pending`]).
-    pending: DashMap<Uuid, ()>,
+    /// Pending connections by their local target.
+    by_target: DashMap<Uuid, Vec<Uuid>>,
+    /// Connect deadlines (ms of the router's clock).
+    deadlines: Timers<Uuid>,
+    /// How many are pending (a drain waits for none).
+    pending: AtomicUsize,
+    epoch: Instant,
 }
 
 impl Conns {
+    /// No connections; times are counted from `epoch`.
+    pub(crate) fn new(epoch: Instant) -> Self {
+        Self {
+            map: DashMap::new(),
+            by_target: DashMap::new(),
+            deadlines: Timers::default(),
+            pending: AtomicUsize::new(0),
+            epoch,
+        }
+    }
+
+    fn ms(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Records a new pending connection.
     pub(crate) fn start(&self, id: Uuid, conn: Conn) {
+        if let ConnState::Pending { deadline, .. } = conn.state {
+            self.deadlines.schedule(self.ms(deadline), id);
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
+        if matches!(conn.role, Role::Local | Role::Target(_)) {
+            self.by_target.entry(conn.target).or_default().push(id);
+        }
         self.map.insert(id, conn);
-        self.pending.insert(id, ());
+    }
+
+    fn unindex(&self, target: &Uuid, id: &Uuid) {
+        self.by_target.remove_if_mut(target, |_, ids| {
+            ids.retain(|i| i != id);
+            ids.is_empty()
+        });
     }
 
     /// A copy of connection `id`.
@@ -123,13 +162,18 @@ impl Conns {
 
     /// Forgets connection `id`; returns it.
     pub(crate) fn remove(&self, id: &Uuid) -> Option<Conn> {
-        self.map.remove(id).map(|(_, c)| c)
+        let c = self.map.remove(id).map(|(_, c)| c)?;
+        if c.is_pending() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            self.unindex(&c.target, id);
+        }
+        Some(c)
     }
 
     /// A pending connection whose target turned out to be on this node: records the local
     /// Incoming `push` and makes it local. Returns false if it is not pending (any more).
     pub(crate) fn make_local(&self, id: &Uuid, push: u64) -> bool {
-        match self.map.get_mut(id) {
+        let target = match self.map.get_mut(id) {
             Some(mut c) => match c.state {
                 ConnState::Pending { deadline, .. } => {
                     c.state = ConnState::Pending {
@@ -137,10 +181,17 @@ impl Conns {
                         push: Some(push),
                     };
                     c.role = Role::Local;
-                    true
+                    Some(c.target)
                 }
-                ConnState::Established { .. } => false,
+                ConnState::Established { .. } => None,
             },
+            None => None,
+        };
+        match target {
+            Some(t) => {
+                self.by_target.entry(t).or_default().push(*id);
+                true
+            }
             None => false,
         }
     }
@@ -168,16 +219,21 @@ impl Conns {
         accept: bool,
         pending_only: bool,
     ) -> Option<Conn> {
-        match self.map.get_mut(id) {
+        let before = match self.map.get_mut(id) {
             Some(mut c) if c.target == target && (!pending_only || c.is_pending()) => {
                 let before = c.clone();
                 if accept {
                     c.state = ConnState::Established { last: now };
                 }
-                Some(before)
+                before
             }
-            _ => None,
+            _ => return None,
+        };
+        if before.is_pending() && accept {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            self.unindex(&target, id);
         }
+        Some(before)
     }
 
     /// A Signal from `from` on established connection `id`: refreshes it and returns the other
@@ -214,28 +270,41 @@ impl Conns {
         }
     }
 
-    /// Every connection still pending, with a copy of it. Forgets index entries of connections
-    /// that were answered or removed meanwhile.
-    pub(crate) fn pending(&self) -> Vec<(Uuid, Conn)> {
-        let ids: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.get(&id) {
-                Some(c) if c.is_pending() => out.push((id, c)),
-                _ => {
-                    self.pending.remove(&id);
+    /// Pending connections whose deadline passed at `now` (at most one slice per call).
+    pub(crate) fn timed_out(&self, now: Instant) -> Vec<(Uuid, Conn)> {
+        let now_ms = self.ms(now);
+        let mut out = Vec::new();
+        for (at, id) in self.deadlines.take_due(now_ms, TICK_SLICE) {
+            if let Some(c) = self.get(&id) {
+                match c.state {
+                    ConnState::Pending { deadline, .. } if self.ms(deadline) <= now_ms => {
+                        out.push((id, c))
+                    }
+                    // Not yet (a deadline inside the same millisecond): look again.
+                    ConnState::Pending { .. } => self.deadlines.schedule(at + 1, id),
+                    ConnState::Established { .. } => {}
                 }
             }
         }
         out
     }
 
+    /// The pending connections whose target, on this node, is `target` (which just left).
+    pub(crate) fn pending_for(&self, target: &Uuid) -> Vec<(Uuid, Conn)> {
+        let ids = self
+            .by_target
+            .remove(target)
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        ids.into_iter()
+            .filter_map(|id| self.get(&id).map(|c| (id, c)))
+            .filter(|(_, c)| c.is_pending() && c.target == *target)
+            .collect()
+    }
+
     /// How many connections are pending right now.
     pub(crate) fn pending_count(&self) -> usize {
-        let ids: Vec<Uuid> = self.pending.iter().map(|e| *e.key()).collect();
-        ids.iter()
-            .filter(|id| self.map.get(*id).is_some_and(|c| c.is_pending()))
-            .count()
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Every established connection (walks them all: for the slow idle sweep only).

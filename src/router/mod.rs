@@ -25,6 +25,7 @@ mod connect;
 mod conns;
 mod drain;
 mod hello;
+mod leave;
 mod outbox;
 mod peer;
 mod query;
@@ -43,11 +44,12 @@ use uuid::Uuid;
 
 pub use outbox::{ConnectLookup, Job, Outbox, ResumeLookup, Transmit};
 
-use crate::cluster::{Cluster, LocalSessions, NodeInfo, PresenceOp};
+use crate::cluster::{Cluster, LocalSessions, NodeInfo};
 use crate::config::Config;
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{Remembered, Seen, Touch};
 use hello::Hello;
+use leave::Why;
 use state::{ErrorTo, State};
 
 /// The node's routing state and decisions. Shared by every socket loop (`Arc<Router>`).
@@ -180,7 +182,7 @@ impl Router {
             return;
         }
         if let Message::PushAck(a) = msg {
-            relay::push_ack(st, now, uuid, a);
+            relay::push_ack(st, now, uuid, a, out);
             return;
         }
         let view = match st.sessions.touch(&uuid, src, rid, now) {
@@ -255,10 +257,7 @@ impl Router {
             }
             Message::Bye(_) => {
                 st.ack(now, &view, rid, out);
-                if st.sessions.remove(&uuid) {
-                    st.publish(PresenceOp::Del(uuid));
-                }
-                st.count_sessions();
+                leave::leave(st, now, uuid, Why::Bye, out);
             }
             _ => st.metrics.drop(DropReason::WrongDirection),
         }
@@ -340,10 +339,11 @@ impl Router {
         timers::tick(&self.st, now, out);
     }
 
-    /// Slow housekeeping: expires sessions, forgets old answers, prunes rate-limiter state.
-    /// Call about once a second. Returns the expired sessions.
-    pub fn sweep(&self, now: Instant) -> Vec<Uuid> {
-        timers::sweep(&self.st, now)
+    /// Slow housekeeping: expires sessions (handing back connections that waited on them),
+    /// forgets old answers, prunes rate-limiter state. Call about once a second. Returns the
+    /// expired sessions.
+    pub fn sweep(&self, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
+        timers::sweep(&self.st, now, out)
     }
 
     /// Forgets established connections that went idle or lost their local end. Walks every

@@ -9,6 +9,7 @@ use sigrouter_proto::{Ack, ErrorCode, FailReason, Incoming, Message};
 
 use super::connect::{self, Outcome};
 use super::conns::{Conn, ConnState, Remote, Role};
+use super::leave::{self, Why};
 use super::outbox::{ConnectLookup, Job, Outbox};
 use super::relay;
 use super::state::{ErrorTo, OnReply, State};
@@ -140,8 +141,7 @@ fn apply(st: &State, now: Instant, from_node: Remote, body: Body, out: &mut Outb
         }
         Body::Moved { uuid } => {
             // The presence now names the new node: do not delete it.
-            st.sessions.remove(&uuid);
-            st.count_sessions();
+            leave::leave(st, now, uuid, Why::Moved, out);
             Status::Ok
         }
         Body::Reply { .. } => Status::Ok,

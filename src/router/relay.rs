@@ -7,6 +7,7 @@ use std::time::Instant;
 use sigrouter_proto::{self as proto, ErrorCode, Message, Payload, PushAck, SignalPush};
 use uuid::Uuid;
 
+use super::leave::{self, Why};
 use super::outbox::Outbox;
 use super::state::{ErrorTo, OnReply, PushKind, State};
 use crate::cluster::wire::Body;
@@ -81,14 +82,13 @@ pub(crate) fn push_signal(
 }
 
 /// PushAck from session `uuid` (MAC already checked): stops the push's retransmission.
-pub(crate) fn push_ack(st: &State, now: Instant, uuid: Uuid, a: PushAck) {
+pub(crate) fn push_ack(st: &State, now: Instant, uuid: Uuid, a: PushAck, out: &mut Outbox) {
     st.sessions.keepalive(&uuid, now);
     let acked = st.pushes.remove(&(uuid, a.push));
     if acked == Some(PushKind::Migrate) && st.is_draining() {
         // The client is moving: let go now, so connects waiting for it here are handed back
         // at once (retry-later) instead of waiting on a client that will answer elsewhere.
         // The new node re-publishes its presence.
-        st.sessions.remove(&uuid);
-        st.count_sessions();
+        leave::leave(st, now, uuid, Why::Moved, out);
     }
 }

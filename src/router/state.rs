@@ -155,15 +155,21 @@ impl State {
                 },
                 epoch,
             ),
-            conns: Conns::default(),
-            pushes: Retransmit::new(Schedule {
-                initial_rto: cfg.push_initial_rto,
-                deadline: cfg.push_deadline,
-            }),
-            node_requests: Retransmit::new(Schedule {
-                initial_rto: NODE_REQUEST_RTO,
-                deadline: NODE_REQUEST_DEADLINE,
-            }),
+            conns: Conns::new(epoch),
+            pushes: Retransmit::new(
+                Schedule {
+                    initial_rto: cfg.push_initial_rto,
+                    deadline: cfg.push_deadline,
+                },
+                epoch,
+            ),
+            node_requests: Retransmit::new(
+                Schedule {
+                    initial_rto: NODE_REQUEST_RTO,
+                    deadline: NODE_REQUEST_DEADLINE,
+                },
+                epoch,
+            ),
             register_limiter: Keyed::new(Quota::per_second(cfg.register_rate, cfg.register_burst)),
             uuid_key,
             epoch,

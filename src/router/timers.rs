@@ -7,13 +7,12 @@ use sigrouter_proto::FailReason;
 use uuid::Uuid;
 
 use super::connect;
-use super::conns::{ConnState, Conns, Role};
+use super::conns::Conns;
+use super::leave::{self, Why};
 use super::outbox::Outbox;
 use super::peer;
 use super::retransmit::Due;
-use super::state::{OnReply, State};
-use crate::cluster::wire::Body;
-use crate::cluster::PresenceOp;
+use super::state::State;
 
 /// An established connection with no Signal for this long is forgotten.
 const CONN_IDLE: Duration = Duration::from_secs(600);
@@ -40,45 +39,26 @@ pub(crate) fn tick(st: &State, now: Instant, out: &mut Outbox) {
             Due::Resend { to, bytes } => out.send_node(to, bytes.to_vec()),
         }
     }
-    for (id, conn) in st.conns.pending() {
-        let expired = matches!(conn.state, ConnState::Pending { deadline, .. } if deadline <= now);
-        if expired {
-            tracing::debug!(
-                conn = %id,
-                initiator = %conn.initiator,
-                target = %conn.target,
-                role = ?conn.role,
-                target_here = st.sessions.contains(&conn.target),
-                initiator_here = st.sessions.contains(&conn.initiator),
-                "connect timed out"
-            );
-            // Only the initiator's node answers the Connect; a target-side pending entry
-            // (initiator remote) just goes away.
-            connect::fail_pending(st, now, id, FailReason::Timeout, out);
-            continue;
-        }
-        // The target left (moved to another node, said Bye, expired) before answering:
-        // tell the initiator at once rather than after the timeout.
-        let target_here = matches!(conn.role, Role::Local | Role::Target(_));
-        if target_here && !st.sessions.contains(&conn.target) {
-            match &conn.role {
-                Role::Target(remote) if st.cluster.is_some() => {
-                    st.conns.remove(&id);
-                    let body = Body::Abort { conn: id };
-                    st.node_request(now, remote, body, OnReply::Nothing, out);
-                }
-                _ => connect::fail_pending(st, now, id, FailReason::RetryLater, out),
-            }
-        }
+    for (id, conn) in st.conns.timed_out(now) {
+        tracing::debug!(
+            conn = %id,
+            initiator = %conn.initiator,
+            target = %conn.target,
+            role = ?conn.role,
+            "connect timed out"
+        );
+        // Only the initiator's node answers the Connect; a target-side pending entry
+        // (initiator remote) just goes away.
+        connect::fail_pending(st, now, id, FailReason::Timeout, out);
     }
 }
 
 /// Expires sessions whose check is due, forgets old answers, prunes rate-limiter state.
 /// Returns the expired sessions.
-pub(crate) fn sweep(st: &State, now: Instant) -> Vec<Uuid> {
+pub(crate) fn sweep(st: &State, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
     let gone = st.sessions.expire(now);
     for u in &gone {
-        st.publish(PresenceOp::Del(*u));
+        leave::leave(st, now, *u, Why::Expired, out);
     }
     st.metrics.expired.increment(gone.len() as u64);
     st.count_sessions();

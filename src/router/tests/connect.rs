@@ -188,8 +188,39 @@ fn a_target_that_leaves_before_answering_fails_the_connect_at_once() {
     let sim = Sim::new();
     let (mut a, b) = pair(&sim);
     let (_, _, rid) = start_local(&sim, &mut a, &b, b"");
-    sim.recv(b.addr, &b.bye(2));
-    let out = sim.tick();
+    let out = sim.recv(b.addr, &b.bye(2));
+    let failed = Message::ConnectFailed(ConnectFailed {
+        rid,
+        reason: FailReason::RetryLater,
+        payload: Payload::new(),
+    });
+    assert_client(
+        &out,
+        &[
+            (b.addr, b.expect(&Message::Ack(Ack { rid: 2 }))),
+            (a.addr, a.expect(&failed)),
+        ],
+    );
+}
+
+#[test]
+fn a_target_that_expires_before_answering_fails_the_connect_at_once() {
+    let mut sim = Sim::with(Config {
+        connect_timeout: Duration::from_secs(600),
+        ..config()
+    });
+    let (mut a, b) = pair(&sim);
+    let (_, _, rid) = start_local(&sim, &mut a, &b, b"");
+    // a keeps its session; b goes silent (its Incoming given up) and expires.
+    let step = Duration::from_secs(10);
+    for _ in 0..5 {
+        sim.advance(step);
+        let r = a.next_rid();
+        sim.recv(a.addr, &a.heartbeat(r));
+        sim.tick();
+    }
+    let (gone, out) = sim.sweep();
+    assert_eq!(gone, vec![b.uuid]);
     let failed = Message::ConnectFailed(ConnectFailed {
         rid,
         reason: FailReason::RetryLater,

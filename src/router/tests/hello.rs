@@ -248,13 +248,13 @@ fn heartbeats_keep_a_session_and_silence_expires_it() {
         sim.advance(ttl - Duration::from_secs(1));
         let rid = c.next_rid();
         sim.recv(c.addr, &c.heartbeat(rid));
-        assert!(sim.router.sweep(sim.now).is_empty());
+        assert!(sim.sweep().0.is_empty());
     }
     // Expiry is checked on whole seconds: within a second after the TTL.
     sim.advance(ttl);
-    assert!(sim.router.sweep(sim.now).is_empty());
+    assert!(sim.sweep().0.is_empty());
     sim.advance(Duration::from_secs(1));
-    assert_eq!(sim.router.sweep(sim.now), vec![c.uuid]);
+    assert_eq!(sim.sweep().0, vec![c.uuid]);
     assert_eq!(sim.metric("sigrouter_sessions_expired_total"), 1.0);
     // The client is told to Resume (and, single node, to register anew).
     let rid = c.next_rid();

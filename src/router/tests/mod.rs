@@ -170,6 +170,13 @@ impl Sim {
         out
     }
 
+    /// One run of the slow sweep: the sessions it expired and what it sent.
+    pub(super) fn sweep(&self) -> (Vec<Uuid>, Outbox) {
+        let mut out = Outbox::default();
+        let gone = self.router.sweep(self.now, &mut out);
+        (gone, out)
+    }
+
     /// Presence writes queued since the last call.
     pub(super) fn presence_ops(&mut self) -> Vec<PresenceOp> {
         let mut v = Vec::new();

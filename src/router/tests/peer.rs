@@ -243,9 +243,10 @@ fn a_target_that_leaves_its_node_before_answering_aborts_the_connect() {
     let fwd = forward(&t, l);
     let out = t.b.recv_node(&fwd, node_addr(1));
     t.a.recv_node(&out.cluster[0], node_addr(2));
-    t.b.recv(t.cb.addr, &t.cb.bye(9));
-    let out = t.b.tick();
-    let abort = only_node(&out).clone();
+    let out = t.b.recv(t.cb.addr, &t.cb.bye(9));
+    assert_eq!(out.client.len(), 1, "the Ack of the Bye");
+    assert_eq!(out.cluster.len(), 1);
+    let abort = out.cluster[0].clone();
     assert!(matches!(
         open_envelope(&abort).body,
         wire::Body::Abort { .. }
