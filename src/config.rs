@@ -34,6 +34,29 @@ pub struct ServeArgs {
     /// Register/Resume burst allowed per source IP.
     #[arg(long, env = "SIGROUTER_REGISTER_BURST", default_value_t = 20)]
     pub register_burst: u32,
+    /// Prefix length of IPv4 sources that share one Register/Resume (and STUN) limit.
+    #[arg(long, env = "SIGROUTER_LIMIT_PREFIX_V4", default_value_t = 32)]
+    pub limit_prefix_v4: u8,
+    /// Prefix length of IPv6 sources that share one limit (one host usually owns a /64).
+    #[arg(long, env = "SIGROUTER_LIMIT_PREFIX_V6", default_value_t = 64)]
+    pub limit_prefix_v6: u8,
+    /// New sessions this node creates per second at most, from all sources together
+    /// (Register and cross-node Resume); past it, Register answers rate-limited.
+    #[arg(long, env = "SIGROUTER_NEW_SESSION_RATE", default_value_t = 50_000)]
+    pub new_session_rate: u32,
+    /// Burst of new sessions allowed at once, node-wide.
+    #[arg(long, env = "SIGROUTER_NEW_SESSION_BURST", default_value_t = 50_000)]
+    pub new_session_burst: u32,
+    /// STUN Binding requests answered per source prefix per second (sustained).
+    #[arg(long, env = "SIGROUTER_STUN_RATE", default_value_t = 10)]
+    pub stun_rate: u32,
+    /// STUN Binding burst per source prefix.
+    #[arg(long, env = "SIGROUTER_STUN_BURST", default_value_t = 20)]
+    pub stun_burst: u32,
+    /// UDP proxies in front of the node (CIDRs, comma-separated): for sources in these ranges
+    /// every client shares the proxy's IP, so limits key on (IP, port) instead of the prefix.
+    #[arg(long, env = "SIGROUTER_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Requests allowed per session per second (sustained), after Register.
     #[arg(long, env = "SIGROUTER_SESSION_RATE", default_value_t = 50)]
     pub session_rate: u32,
@@ -111,6 +134,20 @@ pub struct Config {
     pub register_rate: u32,
     /// Register/Resume burst per source IP.
     pub register_burst: u32,
+    /// Prefix length of IPv4 sources sharing one limit.
+    pub limit_prefix_v4: u8,
+    /// Prefix length of IPv6 sources sharing one limit.
+    pub limit_prefix_v6: u8,
+    /// New sessions per second, node-wide.
+    pub new_session_rate: u32,
+    /// New sessions at once, node-wide.
+    pub new_session_burst: u32,
+    /// STUN answers per source prefix per second.
+    pub stun_rate: u32,
+    /// STUN burst per source prefix.
+    pub stun_burst: u32,
+    /// Sources that are UDP proxies: limits key on (IP, port) for them.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Requests per session per second.
     pub session_rate: u32,
     /// Request burst per session.
@@ -190,6 +227,13 @@ impl Default for Config {
             max_sessions: 1_000_000,
             register_rate: 5,
             register_burst: 20,
+            limit_prefix_v4: 32,
+            limit_prefix_v6: 64,
+            new_session_rate: 50_000,
+            new_session_burst: 50_000,
+            stun_rate: 10,
+            stun_burst: 20,
+            trusted_proxies: Vec::new(),
             session_rate: 50,
             session_burst: 200,
             shutdown_grace: Duration::from_secs(5),
@@ -231,6 +275,17 @@ impl Config {
             "session rate and burst must be at least 1"
         );
         anyhow::ensure!(a.max_sessions >= 1, "--max-sessions must be at least 1");
+        anyhow::ensure!(
+            a.limit_prefix_v4 <= 32 && a.limit_prefix_v6 <= 128,
+            "--limit-prefix-v4 must be at most 32 and --limit-prefix-v6 at most 128"
+        );
+        anyhow::ensure!(
+            a.new_session_rate >= 1
+                && a.new_session_burst >= 1
+                && a.stun_rate >= 1
+                && a.stun_burst >= 1,
+            "new-session and STUN rates and bursts must be at least 1"
+        );
         let cluster = match &a.redis_url {
             None => None,
             Some(url) => {
@@ -283,6 +338,13 @@ impl Config {
             max_sessions: a.max_sessions,
             register_rate: a.register_rate,
             register_burst: a.register_burst,
+            limit_prefix_v4: a.limit_prefix_v4,
+            limit_prefix_v6: a.limit_prefix_v6,
+            new_session_rate: a.new_session_rate,
+            new_session_burst: a.new_session_burst,
+            stun_rate: a.stun_rate,
+            stun_burst: a.stun_burst,
+            trusted_proxies: a.trusted_proxies.clone(),
             session_rate: a.session_rate,
             session_burst: a.session_burst,
             shutdown_grace: secs("shutdown-grace-secs", a.shutdown_grace_secs)?,

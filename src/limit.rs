@@ -4,8 +4,11 @@
 //! limits behave the same under the simulated clock of the router's tests.
 
 use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
+use ipnet::IpNet;
 
 /// A sustained rate with a burst.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +85,90 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
     }
 }
 
+/// One limiter shared by every thread (a node-wide budget): the same GCRA on an atomic.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    quota: Quota,
+    tat: AtomicU64,
+}
+
+impl Shared {
+    /// A full bucket.
+    pub(crate) fn new(quota: Quota) -> Self {
+        Self {
+            quota,
+            tat: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one cell at `now_ns` if the quota allows.
+    pub(crate) fn check(&self, now_ns: u64) -> bool {
+        let mut cur = self.tat.load(Ordering::Relaxed);
+        loop {
+            let mut g = Gcra(cur);
+            if !g.check(now_ns, self.quota) {
+                return false;
+            }
+            match self
+                .tat
+                .compare_exchange_weak(cur, g.0, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+/// What a per-source limit keys on: the source's prefix (a host usually owns a whole IPv6
+/// /64), or, behind a trusted UDP proxy where every client shares the proxy's IP, the full
+/// address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum SourceKey {
+    /// An IPv4 prefix (IPv4-mapped IPv6 sources count as IPv4).
+    V4(u32),
+    /// An IPv6 prefix.
+    V6(u128),
+    /// A client behind a trusted proxy.
+    Proxied(SocketAddr),
+}
+
+/// Turns source addresses into limit keys.
+#[derive(Clone, Debug)]
+pub(crate) struct Sources {
+    v4_mask: u32,
+    v6_mask: u128,
+    proxies: Vec<IpNet>,
+}
+
+impl Sources {
+    /// Prefix lengths (clamped to 32 and 128) and the trusted proxies.
+    pub(crate) fn new(prefix_v4: u8, prefix_v6: u8, proxies: Vec<IpNet>) -> Self {
+        let v4 = u32::from(prefix_v4.min(32));
+        let v6 = u32::from(prefix_v6.min(128));
+        Self {
+            v4_mask: u32::MAX.checked_shl(32 - v4).unwrap_or(0),
+            v6_mask: u128::MAX.checked_shl(128 - v6).unwrap_or(0),
+            proxies,
+        }
+    }
+
+    /// The key of `src`.
+    pub(crate) fn key(&self, src: SocketAddr) -> SourceKey {
+        let ip = match src.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        if self.proxies.iter().any(|p| p.contains(&ip)) {
+            return SourceKey::Proxied(SocketAddr::new(ip, src.port()));
+        }
+        match ip {
+            IpAddr::V4(v4) => SourceKey::V4(u32::from(v4) & self.v4_mask),
+            IpAddr::V6(v6) => SourceKey::V6(u128::from(v6) & self.v6_mask),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +187,47 @@ mod tests {
         assert!(!g.check(t0 + S / 2, q));
         assert!(!g.idle(t0 + S));
         assert!(g.idle(t0 + 2 * S));
+    }
+
+    #[test]
+    fn sources_share_a_prefix_unless_behind_a_trusted_proxy() {
+        let s = Sources::new(32, 64, vec!["10.0.0.0/8".parse().unwrap()]);
+        let k = |a: &str| s.key(a.parse().unwrap());
+        assert_eq!(k("[2001:db8::1]:1"), k("[2001:db8::ffff:1]:2"), "one /64");
+        assert_ne!(k("[2001:db8::1]:1"), k("[2001:db8:0:1::1]:1"));
+        assert_eq!(k("192.0.2.1:1"), k("192.0.2.1:2"));
+        assert_ne!(k("192.0.2.1:1"), k("192.0.2.2:1"));
+        assert_eq!(
+            k("[::ffff:192.0.2.1]:1"),
+            k("192.0.2.1:9"),
+            "mapped IPv4 is IPv4"
+        );
+        assert_ne!(
+            k("10.1.2.3:1000"),
+            k("10.1.2.3:1001"),
+            "behind the proxy: per port"
+        );
+        let wide = Sources::new(24, 48, vec![]);
+        let k = |a: &str| wide.key(a.parse().unwrap());
+        assert_eq!(k("192.0.2.1:1"), k("192.0.2.200:1"));
+        assert_eq!(k("[2001:db8::1]:1"), k("[2001:db8:0:ffff::1]:1"));
+        assert_eq!(
+            Sources::new(0, 0, vec![]).key("1.2.3.4:5".parse().unwrap()),
+            SourceKey::V4(0)
+        );
+    }
+
+    #[test]
+    fn a_shared_budget_across_threads() {
+        let b = Shared::new(Quota::per_second(1000, 100));
+        let taken: usize = std::thread::scope(|sc| {
+            let h: Vec<_> = (0..4)
+                .map(|_| sc.spawn(|| (0..100).filter(|_| b.check(S)).count()))
+                .collect();
+            h.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(taken, 100, "exactly the burst, however the threads race");
+        assert!(b.check(S + 1_000_000));
     }
 
     #[test]

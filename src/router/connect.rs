@@ -114,6 +114,11 @@ pub(crate) fn connect(
             return;
         }
     }
+    if !st.job_start(uuid) {
+        st.metrics.rate_limited.increment(1);
+        fail_pending(st, now, id, FailReason::RetryLater, out);
+        return;
+    }
     out.jobs.push(Job::Connect(ConnectLookup {
         conn: id,
         target: c.to,

@@ -46,7 +46,7 @@ fn allowed(st: &State, now: Instant, h: Hello, out: &mut Outbox) -> bool {
         st.metrics.drop(DropReason::Unpadded);
         return false;
     }
-    if !st.register_limiter.check(h.src.ip(), st.ns(now)) {
+    if !st.register_limiter.check(st.sources.key(h.src), st.ns(now)) {
         st.metrics.rate_limited.increment(1);
         st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
         return false;
@@ -82,6 +82,11 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
     if st.sessions.len() >= st.settings.max_sessions {
         st.metrics.capacity_refused.increment(1);
         st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
+        return;
+    }
+    if !st.new_sessions.check(st.ns(now)) {
+        st.metrics.rate_limited.increment(1);
+        st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
         return;
     }
     let uuid = derived_uuid(st, h, epoch);
@@ -127,6 +132,14 @@ pub(crate) fn resume(st: &State, now: Instant, h: Hello, m: proto::Resume, out: 
         }
         Some(_) => st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out),
         None if st.is_draining() => st.error(now, h.error_to(), h.rid, ErrorCode::Draining, out),
+        // The directory said moments ago it knows nothing of this UUID: no second lookup.
+        None if st
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.cached_presence(&m.uuid, now) == Some(None)) =>
+        {
+            st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out)
+        }
         None if st.cluster.is_some() => {
             // Held elsewhere (or was): the presence directory can vouch for the secret.
             out.jobs.push(Job::Resume {
@@ -152,7 +165,12 @@ pub(crate) fn complete_resume(
 ) {
     let (verifier, old) = match found {
         Ok(Some(v)) => v,
-        Ok(None) => return st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out),
+        Ok(None) => {
+            if let Some(c) = &st.cluster {
+                c.cache_presence(m.uuid, None, now);
+            }
+            return st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out);
+        }
         Err(()) => return st.error(now, h.error_to(), h.rid, ErrorCode::RetryLater, out),
     };
     let ok: bool = subtle::ConstantTimeEq::ct_eq(&m.secret.verifier()[..], &verifier[..]).into();
@@ -162,6 +180,10 @@ pub(crate) fn complete_resume(
     if st.sessions.len() >= st.settings.max_sessions {
         st.metrics.capacity_refused.increment(1);
         return st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
+    }
+    if !st.new_sessions.check(st.ns(now)) {
+        st.metrics.rate_limited.increment(1);
+        return st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
     }
     let session = NewSession {
         secret: m.secret,

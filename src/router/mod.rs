@@ -106,6 +106,10 @@ impl Router {
         let st = &self.st;
         st.metrics.rx_datagrams.increment(1);
         if proto::is_stun(buf) {
+            if !st.stun_limiter.check(st.sources.key(src), st.ns(now)) {
+                st.metrics.drop(DropReason::RateLimited);
+                return;
+            }
             match crate::stun::answer(buf, src) {
                 Ok(bytes) => {
                     st.metrics.stun_answered.increment(1);
@@ -294,6 +298,7 @@ impl Router {
         online: Option<Vec<bool>>,
         out: &mut Outbox,
     ) {
+        self.st.job_done(uuid);
         query::complete_query(&self.st, Instant::now(), uuid, rid, online, out);
     }
 
@@ -305,6 +310,9 @@ impl Router {
         found: Result<Arc<NodeInfo>, FailReason>,
         out: &mut Outbox,
     ) {
+        if let Some(initiator) = lookup.initiator() {
+            self.st.job_done(initiator);
+        }
         connect::complete_connect(&self.st, now, lookup, found, out);
     }
 
@@ -312,6 +320,9 @@ impl Router {
     pub fn reject_job(&self, now: Instant, job: Job, out: &mut Outbox) {
         match job {
             Job::Connect(l) => {
+                if let Some(initiator) = l.initiator() {
+                    self.st.job_done(initiator);
+                }
                 connect::fail_pending(&self.st, now, l.conn, FailReason::RetryLater, out)
             }
             Job::Resume { src, req_len, msg } => {

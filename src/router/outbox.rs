@@ -61,6 +61,16 @@ pub struct ConnectLookup {
     pub body: Body,
 }
 
+impl ConnectLookup {
+    /// The session that asked (the Incoming's sender).
+    pub fn initiator(&self) -> Option<Uuid> {
+        match &self.body {
+            Body::Incoming { from, .. } => Some(*from),
+            _ => None,
+        }
+    }
+}
+
 /// What one call into the router decided.
 #[derive(Debug, Default)]
 pub struct Outbox {

@@ -197,7 +197,11 @@ pub(crate) fn complete(
             if let Some(c) = &st.cluster {
                 c.invalidate(&target);
             }
-            if status.is_some() && !retried {
+            let initiator = match &body {
+                Body::Incoming { from, .. } => *from,
+                _ => uuid::Uuid::nil(),
+            };
+            if status.is_some() && !retried && st.job_start(initiator) {
                 // The client moved or left since the lookup: look again, once, afresh.
                 out.jobs.push(Job::Connect(ConnectLookup {
                     conn,

@@ -39,6 +39,17 @@ pub(crate) fn query(
         }
     }
     if unknown {
+        if !st.job_start(uuid) {
+            st.metrics.rate_limited.increment(1);
+            st.error(
+                now,
+                ErrorTo::Sender(view),
+                q.rid,
+                ErrorCode::RetryLater,
+                out,
+            );
+            return;
+        }
         out.jobs.push(Job::Query {
             uuid,
             rid: q.rid,

@@ -2,11 +2,12 @@
 //! or not), the one way to send an error, server pushes and node-to-node requests, both kept
 //! for retransmission until answered.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use rand::RngCore;
 use sigrouter_proto::{self as proto, Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secret};
 use uuid::Uuid;
@@ -17,7 +18,7 @@ use super::retransmit::{Retransmit, Schedule};
 use crate::cluster::wire::Body;
 use crate::cluster::{Cluster, PresenceOp};
 use crate::config::Config;
-use crate::limit::{Keyed, Quota};
+use crate::limit::{Keyed, Quota, Shared, SourceKey, Sources};
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{self, PeerView, Remembered, Seen, SenderView, Sessions};
 
@@ -25,6 +26,9 @@ use crate::session::{self, PeerView, Remembered, Seen, SenderView, Sessions};
 const NODE_REQUEST_RTO: Duration = Duration::from_millis(100);
 /// A node-to-node request unanswered for this long fails (retry-later for the client).
 const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Most deferred jobs (lookups) one session may have in flight; past that its requests that
+/// need one get retry-later at once, so one client cannot hold the node's job slots.
+pub(crate) const MAX_JOBS_PER_SESSION: u16 = 8;
 
 /// Timings and bounds from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -119,8 +123,16 @@ pub(crate) struct State {
     pub(crate) pushes: Retransmit<(Uuid, u64), PushKind>,
     /// Node-to-node requests waiting for the other node's reply, by sequence number.
     pub(crate) node_requests: Retransmit<u64, OnReply>,
-    /// Register/Resume per source IP.
-    pub(crate) register_limiter: Keyed<IpAddr>,
+    /// How source addresses map to limit keys.
+    pub(crate) sources: Sources,
+    /// Register/Resume per source prefix.
+    pub(crate) register_limiter: Keyed<SourceKey>,
+    /// STUN answers per source prefix.
+    pub(crate) stun_limiter: Keyed<SourceKey>,
+    /// New sessions per second, node-wide.
+    pub(crate) new_sessions: Shared,
+    /// Deferred jobs in flight per session (a session with none has no entry).
+    pub(crate) jobs_by_session: DashMap<Uuid, u16>,
     /// Keys the UUIDs this node derives for new sessions (random per process).
     pub(crate) uuid_key: [u8; 32],
     /// Time zero of the compact clocks (rate limiters, session timestamps).
@@ -170,7 +182,18 @@ impl State {
                 },
                 epoch,
             ),
+            sources: Sources::new(
+                cfg.limit_prefix_v4,
+                cfg.limit_prefix_v6,
+                cfg.trusted_proxies.clone(),
+            ),
             register_limiter: Keyed::new(Quota::per_second(cfg.register_rate, cfg.register_burst)),
+            stun_limiter: Keyed::new(Quota::per_second(cfg.stun_rate, cfg.stun_burst)),
+            new_sessions: Shared::new(Quota::per_second(
+                cfg.new_session_rate,
+                cfg.new_session_burst,
+            )),
+            jobs_by_session: DashMap::new(),
             uuid_key,
             epoch,
             draining: AtomicBool::new(false),
@@ -182,6 +205,24 @@ impl State {
     /// Nanoseconds of the router's clock at `now`.
     pub(crate) fn ns(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes one of session `uuid`'s job slots; false when it has none left.
+    pub(crate) fn job_start(&self, uuid: Uuid) -> bool {
+        let mut n = self.jobs_by_session.entry(uuid).or_insert(0);
+        if *n >= MAX_JOBS_PER_SESSION {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back one of session `uuid`'s job slots.
+    pub(crate) fn job_done(&self, uuid: Uuid) {
+        self.jobs_by_session.remove_if_mut(&uuid, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
     }
 
     pub(crate) fn is_draining(&self) -> bool {

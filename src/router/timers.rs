@@ -66,6 +66,7 @@ pub(crate) fn sweep(st: &State, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
         c.sweep(now);
     }
     st.register_limiter.forget_idle(st.ns(now));
+    st.stun_limiter.forget_idle(st.ns(now));
     gone
 }
 

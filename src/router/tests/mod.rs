@@ -8,6 +8,7 @@
 //! by the test, as `jobs::run` would) and a node table the test writes; node-to-node
 //! datagrams are carried between two `Sim`s by hand.
 
+mod abuse;
 mod connect;
 mod dedup;
 mod hello;
@@ -56,6 +57,8 @@ pub(super) fn config() -> Config {
         register_burst: 10_000,
         session_rate: 10_000,
         session_burst: 10_000,
+        new_session_rate: 1_000_000,
+        new_session_burst: 1_000_000,
         ..Config::default()
     }
 }
