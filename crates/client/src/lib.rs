@@ -49,11 +49,16 @@
 //!   afresh after a move is never mistaken for a duplicate).
 
 //! # Layout
-//! - `client`: [`Client`], the public handle; each method builds one request.
-//! - `shared`: state shared by handles and tasks, request ids, waiters, retransmission, retry.
+//! Imports point one way, from the top of this list to the bottom; no module imports one
+//! above it.
+//! - `client`: [`Client`], the public handle; each method builds one request. Starts the
+//!   two tasks below.
+//! - `supervisor`: the task keeping the session alive: heartbeats, resume, migrate, re-home.
 //! - `driver`: the socket task, sole owner of the UDP socket: send, receive, authenticate,
 //!   route answers by request id, acknowledge and de-duplicate pushes.
-//! - `supervisor`: the task keeping the session alive: heartbeats, resume, migrate, re-home.
+//! - `shared`: state shared by handles and tasks, the commands the two tasks take (sent
+//!   through channels held there), request ids, waiters, retransmission, retry.
+//! - `config`, `event`, `error`: the public types.
 //! - `backoff`, `window`, `loss`: pure helpers (retransmission schedule, push-duplicate
 //!   window, simulated loss).
 

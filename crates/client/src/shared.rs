@@ -1,8 +1,11 @@
-//! State shared by the [`Client`](crate::Client) handles and the background tasks, and the
-//! request machinery: request ids, waiters, retransmission, retry on refusals.
+//! State shared by the [`Client`](crate::Client) handles and the background tasks, the
+//! commands those tasks take, and the request machinery: request ids, waiters,
+//! retransmission, retry on refusals. The bottom layer of the tasks: it names neither
+//! `driver` nor `supervisor`, which both build on it.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -19,9 +22,8 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::driver::DriverCmd;
-use crate::supervisor::SupCmd;
-use crate::{ClientConfig, ClientError};
+use crate::config::ClientConfig;
+use crate::error::ClientError;
 
 /// How many times one request may trigger a Resume after `UnknownSession` before giving up.
 const MAX_RESUMES_PER_REQUEST: u32 = 3;
@@ -49,6 +51,40 @@ pub(crate) struct Session {
     /// Bumped by every successful Register/Resume, so concurrent requests that all hit
     /// `UnknownSession` trigger one Resume, not one each.
     pub(crate) epoch: u64,
+}
+
+/// Work for the socket task.
+#[derive(Debug)]
+pub(crate) enum DriverCmd {
+    /// Send one datagram.
+    Send {
+        /// Destination.
+        to: SocketAddr,
+        /// The datagram.
+        bytes: Vec<u8>,
+    },
+    /// Replace the socket with one on a new local port; answers with its address.
+    Rebind {
+        /// Where the new address goes.
+        reply: oneshot::Sender<io::Result<SocketAddr>>,
+    },
+}
+
+/// Work for the supervisor.
+#[derive(Debug)]
+pub(crate) enum SupCmd {
+    /// The router pushed `Migrate`.
+    Migrate {
+        /// Where to resume; `None` is the configured server.
+        to: Option<SocketAddr>,
+    },
+    /// A request got `UnknownSession` while the session was at `epoch`.
+    Resume {
+        /// The session epoch the request was sent in.
+        epoch: u64,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
 }
 
 /// Which hello to send.
