@@ -29,6 +29,7 @@ mod connect;
 mod echo;
 mod heartbeat;
 mod stats;
+mod upgrade;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +53,9 @@ enum Command {
     Connect(connect::Args),
     /// A minimal UDP echo server: the baseline for `heartbeat --echo`.
     EchoServer(echo::Args),
+    /// A whole cluster on this machine, every node restarted in turn under connect load;
+    /// writes result.json and report.svg (normally run through `loadtest/rolling-upgrade`).
+    RollingUpgrade(upgrade::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,23 +76,29 @@ fn main() -> ExitCode {
             Command::Heartbeat(a) => heartbeat::run(a).await,
             Command::Connect(a) => connect::run(a).await,
             Command::EchoServer(a) => echo::run(a).await,
+            Command::RollingUpgrade(a) => upgrade::run(a).await,
         }
     });
     // Client tasks that outlive the run must not hold the process open.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match r {
         Ok(summary) => {
+            let mut code = ExitCode::SUCCESS;
             if let Some(s) = summary {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&s).unwrap_or_else(|_| s.to_string())
                 );
+                // A run that measured what it should but missed its criteria.
+                if s.get("passed") == Some(&serde_json::Value::Bool(false)) {
+                    code = ExitCode::from(1);
+                }
             }
-            ExitCode::SUCCESS
+            code
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
