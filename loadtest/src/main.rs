@@ -10,15 +10,20 @@
 //!   resumes after `UnknownSession` and follows `Migrate`, so the same run spans a rolling
 //!   upgrade.
 //! - `echo-server`: a minimal tokio UDP echo server (the baseline).
+//! - `rolling-upgrade`: starts a whole cluster on loopback (redis-server, `sigrouter serve`
+//!   processes, optionally nginx), restarts every node in turn under open-loop connect load,
+//!   and writes `result.json` and `report.svg`. Run through `loadtest/rolling-upgrade`.
 //!
 //! Every run is bounded in time and stops by itself, and traffic goes only to the addresses
 //! given, which must be loopback unless `--allow-remote` says otherwise. Results are one JSON
-//! object on stdout; progress goes to stderr.
+//! object on stdout; progress goes to stderr. Exit 0 on success, 1 when a run's criteria
+//! failed (`rolling-upgrade`), 2 on an error.
 //!
 //! # Layout
 //! - `heartbeat`: the raw-datagram generator (and its echo mode).
 //! - `connect`: the client-library generator.
 //! - `echo`: the echo server.
+//! - `upgrade`: the rolling-upgrade run (processes, client fleet, report).
 //! - `stats`: latency summaries and the target-address guard.
 
 use std::process::ExitCode;

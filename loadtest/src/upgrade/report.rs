@@ -35,7 +35,8 @@ impl Restart {
     }
 }
 
-fn round3(x: f64) -> f64 {
+/// `x` rounded to three decimals (milliseconds, for seconds).
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
