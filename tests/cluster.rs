@@ -481,3 +481,88 @@ async fn a_slow_lookup_still_connects() {
         m => panic!("expected Connected after a slow lookup, got {m:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_while_redis_sleeps_3s_succeeds_without_the_caller_retrying() {
+    // Redis blocked for 3 s (DEBUG SLEEP), far longer than the nodes' 1 s Redis deadline: the
+    // node answers a connect that needs a lookup with retry-later, and the client library
+    // retries it by itself within the connect's 12 s deadline. Both the library and the
+    // `sigrouter client connect` process see only the connection.
+    use sigrouter_client::{Client, ClientConfig, ConnectOutcome, Event};
+    let redis = Redis::start();
+    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    wait_for_nodes(&[&n1, &n2], 2).await;
+    // The target, on n2, accepts everything.
+    let (target, mut events) = Client::register(ClientConfig::new(n2.addr)).await.unwrap();
+    let t = target.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Event::Incoming { connection, .. } = ev {
+                let t = t.clone();
+                tokio::spawn(async move { t.accept(connection, b"welcome").await });
+            }
+        }
+    });
+    wait_presence(&redis, &target.uuid(), "n2").await;
+    let (initiator, _ev) = Client::register(ClientConfig::new(n1.addr)).await.unwrap();
+    let retry_later = r#"sigrouter_connects_total{outcome="retry-later""#;
+    let refused_before = metric(&n1, retry_later);
+
+    // A connection opened beforehand tells within ~50 ms that Redis stopped answering (a new
+    // one would itself wait on the sleeping server to be set up).
+    let mut probe = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    redis.cmd_detached(&["DEBUG", "SLEEP", "3"]);
+    let blocked = eventually(Duration::from_secs(2), || {
+        redis::cmd("PING").query::<String>(&mut probe).is_err()
+    })
+    .await;
+    assert!(blocked, "DEBUG SLEEP did not take effect");
+    let slept_at = Instant::now();
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_sigrouter"))
+        .args(["client", "connect", "--server", &n1.addr.to_string()])
+        .args(["--to", &target.uuid().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sigrouter client connect");
+    let outcome = initiator.connect(target.uuid(), b"offer").await;
+    let took = slept_at.elapsed();
+    match outcome {
+        Ok(ConnectOutcome::Connected { peer, payload, .. }) => {
+            assert_eq!((peer, payload.as_slice()), (target.uuid(), &b"welcome"[..]));
+        }
+        other => panic!("expected Connected through the Redis stall, got {other:?}"),
+    }
+    let cli = tokio::task::spawn_blocking(move || cli.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    assert_eq!(
+        cli.status.code(),
+        Some(0),
+        "client connect printed {stdout}"
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("an outcome line")).unwrap();
+    assert_eq!(last["event"], "connected", "{stdout}");
+    assert_eq!(last["peer"], target.uuid().to_string());
+    // The node did refuse meanwhile (the library absorbed it), and the connect could only
+    // complete once Redis answered again.
+    assert!(
+        metric(&n1, retry_later) > refused_before,
+        "n1 never answered retry-later: the test did not exercise the retry"
+    );
+    assert!(
+        took >= Duration::from_millis(2500),
+        "connected after {took:?}, while Redis slept"
+    );
+    assert!(took < Duration::from_secs(12), "connected after {took:?}");
+}

@@ -82,7 +82,8 @@ struct EventCounts {
     signals: AtomicU64,
 }
 
-fn kind(r: &Result<ConnectOutcome, ClientError>) -> String {
+/// The outcome of a connect as one word, for counts by kind.
+pub(crate) fn kind(r: &Result<ConnectOutcome, ClientError>) -> String {
     match r {
         Ok(ConnectOutcome::Connected { .. }) => "connected".into(),
         Ok(ConnectOutcome::Failed { reason, .. }) => reason.name().into(),

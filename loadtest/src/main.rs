@@ -10,15 +10,20 @@
 //!   resumes after `UnknownSession` and follows `Migrate`, so the same run spans a rolling
 //!   upgrade.
 //! - `echo-server`: a minimal tokio UDP echo server (the baseline).
+//! - `rolling-upgrade`: starts a whole cluster on loopback (redis-server, `sigrouter serve`
+//!   processes, optionally nginx), restarts every node in turn under open-loop connect load,
+//!   and writes `result.json` and `report.svg`. Run through `loadtest/rolling-upgrade`.
 //!
 //! Every run is bounded in time and stops by itself, and traffic goes only to the addresses
 //! given, which must be loopback unless `--allow-remote` says otherwise. Results are one JSON
-//! object on stdout; progress goes to stderr.
+//! object on stdout; progress goes to stderr. Exit 0 on success, 1 when a run's criteria
+//! failed (`rolling-upgrade`), 2 on an error.
 //!
 //! # Layout
 //! - `heartbeat`: the raw-datagram generator (and its echo mode).
 //! - `connect`: the client-library generator.
 //! - `echo`: the echo server.
+//! - `upgrade`: the rolling-upgrade run (processes, client fleet, report).
 //! - `stats`: latency summaries and the target-address guard.
 
 use std::process::ExitCode;
@@ -29,6 +34,7 @@ mod connect;
 mod echo;
 mod heartbeat;
 mod stats;
+mod upgrade;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +58,9 @@ enum Command {
     Connect(connect::Args),
     /// A minimal UDP echo server: the baseline for `heartbeat --echo`.
     EchoServer(echo::Args),
+    /// A whole cluster on this machine, every node restarted in turn under connect load;
+    /// writes result.json and report.svg (normally run through `loadtest/rolling-upgrade`).
+    RollingUpgrade(upgrade::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,23 +81,29 @@ fn main() -> ExitCode {
             Command::Heartbeat(a) => heartbeat::run(a).await,
             Command::Connect(a) => connect::run(a).await,
             Command::EchoServer(a) => echo::run(a).await,
+            Command::RollingUpgrade(a) => upgrade::run(a).await,
         }
     });
     // Client tasks that outlive the run must not hold the process open.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match r {
         Ok(summary) => {
+            let mut code = ExitCode::SUCCESS;
             if let Some(s) = summary {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&s).unwrap_or_else(|_| s.to_string())
                 );
+                // A run that measured what it should but missed its criteria.
+                if s.get("passed") == Some(&serde_json::Value::Bool(false)) {
+                    code = ExitCode::from(1);
+                }
             }
-            ExitCode::SUCCESS
+            code
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

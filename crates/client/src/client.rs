@@ -13,9 +13,12 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::DropGuard;
 use uuid::Uuid;
 
+use crate::config::ClientConfig;
 use crate::driver::Driver;
+use crate::error::ClientError;
+use crate::event::{ConnectOutcome, Events};
 use crate::shared::{Hello, Shared};
-use crate::{supervisor, ClientConfig, ClientError, ConnectOutcome, Events};
+use crate::supervisor;
 
 /// Events the application has not read yet. Past this, pushes wait at the router.
 const EVENT_QUEUE: usize = 1024;

@@ -25,10 +25,12 @@ pub struct ClientConfig {
     /// Consecutive unanswered heartbeats after which the client rebinds and resumes at
     /// [`server`](Self::server).
     pub missed_acks_before_rehome: u32,
-    /// Overall deadline of one request (retransmissions included), except `Connect`.
+    /// Overall deadline of one request (retransmissions and retries after `retry-later` or
+    /// `RateLimited` included), except `Connect`.
     pub request_timeout: Duration,
-    /// Overall deadline of a `Connect`; longer than the router's own connect timeout (10 s by
-    /// default), since the router answers only once the target has decided.
+    /// Overall deadline of a `Connect`, retries after `retry-later` included; longer than the
+    /// router's own connect timeout (10 s by default), since the router answers only once the
+    /// target has decided.
     pub connect_timeout: Duration,
     /// First retransmission timeout of a request; doubles after each retransmission.
     pub initial_rto: Duration,

@@ -11,38 +11,20 @@ use sigrouter_proto::{
     decode, encode, verify_mac, Message, PushAck, Secret, MAC_LEN, MAX_DATAGRAM,
 };
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::event::Event;
 use crate::loss::Loss;
-use crate::shared::Shared;
-use crate::supervisor::SupCmd;
+use crate::shared::{DriverCmd, Shared, SupCmd};
 use crate::window::{PushKey, PushWindow};
-use crate::Event;
 
 /// How long a push is remembered for duplicate suppression. The router retransmits a push for
 /// about 8 s; the protocol asks clients to remember push ids for at least 10 s.
 const PUSH_MEMORY: Duration = Duration::from_secs(30);
 /// Most pushes remembered at once, whatever their age: bounds memory if the router floods us.
 const PUSH_MEMORY_CAP: usize = 16_384;
-
-/// Work for the socket task.
-#[derive(Debug)]
-pub(crate) enum DriverCmd {
-    /// Send one datagram.
-    Send {
-        /// Destination.
-        to: SocketAddr,
-        /// The datagram.
-        bytes: Vec<u8>,
-    },
-    /// Replace the socket with one on a new local port; answers with its address.
-    Rebind {
-        /// Where the new address goes.
-        reply: oneshot::Sender<io::Result<SocketAddr>>,
-    },
-}
 
 pub(crate) struct Driver {
     shared: Arc<Shared>,

@@ -102,7 +102,10 @@ pub enum ConnectOutcome {
     },
     /// No connection.
     Failed {
-        /// Why.
+        /// Why. `RetryLater` only once [`ClientConfig::connect_timeout`] has passed: until then
+        /// the client retries it by itself.
+        ///
+        /// [`ClientConfig::connect_timeout`]: crate::ClientConfig::connect_timeout
         reason: FailReason,
         /// The target's `Reject` payload (empty otherwise).
         payload: Vec<u8>,

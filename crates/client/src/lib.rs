@@ -29,9 +29,14 @@
 //! # What the client does by itself
 //! - Retransmits every request unchanged, with the same request id (the router deduplicates),
 //!   on a timeout doubling from [`ClientConfig::initial_rto`] to [`ClientConfig::max_rto`],
-//!   until the request's deadline. After `RateLimited` it pauses and retransmits the same
-//!   request; after `RetryLater` or `Draining` it pauses and sends it as a new request (new
-//!   id). Request ids only grow, start below 2^32 and are never 0.
+//!   until the request's deadline.
+//! - Retries refusals by itself until the request's deadline, after a jittered pause doubling
+//!   from 250 ms to 2 s (each pause scaled by a random factor in [0.5, 1.5), so clients refused
+//!   together do not come back together): after `RateLimited` it retransmits the same request;
+//!   after `RetryLater`, `Draining` or `ConnectFailed{RetryLater}` it sends it as a new
+//!   request (new id, as the protocol requires: the router remembers the refusal under the
+//!   old one). A caller sees such a refusal only once the deadline has passed.
+//!   Request ids only grow, start below 2^32 and are never 0.
 //! - Keeps at most 15 application requests in flight (more wait their turn), plus its own
 //!   heartbeat: the router remembers the last 16 answers per session.
 //! - Heartbeats at the period the router gives in `Registered`.
@@ -49,11 +54,16 @@
 //!   afresh after a move is never mistaken for a duplicate).
 
 //! # Layout
-//! - `client`: [`Client`], the public handle; each method builds one request.
-//! - `shared`: state shared by handles and tasks, request ids, waiters, retransmission, retry.
+//! Imports point one way, from the top of this list to the bottom; no module imports one
+//! above it.
+//! - `client`: [`Client`], the public handle; each method builds one request. Starts the
+//!   two tasks below.
+//! - `supervisor`: the task keeping the session alive: heartbeats, resume, migrate, re-home.
 //! - `driver`: the socket task, sole owner of the UDP socket: send, receive, authenticate,
 //!   route answers by request id, acknowledge and de-duplicate pushes.
-//! - `supervisor`: the task keeping the session alive: heartbeats, resume, migrate, re-home.
+//! - `shared`: state shared by handles and tasks, the commands the two tasks take (sent
+//!   through channels held there), request ids, waiters, retransmission, retry.
+//! - `config`, `event`, `error`: the public types.
 //! - `backoff`, `window`, `loss`: pure helpers (retransmission schedule, push-duplicate
 //!   window, simulated loss).
 

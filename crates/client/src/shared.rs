@@ -1,27 +1,29 @@
-//! State shared by the [`Client`](crate::Client) handles and the background tasks, and the
-//! request machinery: request ids, waiters, retransmission, retry on refusals.
+//! State shared by the [`Client`](crate::Client) handles and the background tasks, the
+//! commands those tasks take, and the request machinery: request ids, waiters,
+//! retransmission, retry on refusals. The bottom layer of the tasks: it names neither
+//! `driver` nor `supervisor`, which both build on it.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sigrouter_proto::{
-    encode, encode_hello, Addr, ErrorCode, Message, Register, Registered, Resume, Secret,
-    MAX_LOCAL_ADDRS,
+    encode, encode_hello, Addr, ErrorCode, FailReason, Message, Register, Registered, Resume,
+    Secret, MAX_LOCAL_ADDRS,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::driver::DriverCmd;
-use crate::supervisor::SupCmd;
-use crate::{ClientConfig, ClientError};
+use crate::config::ClientConfig;
+use crate::error::ClientError;
 
 /// How many times one request may trigger a Resume after `UnknownSession` before giving up.
 const MAX_RESUMES_PER_REQUEST: u32 = 3;
@@ -49,6 +51,57 @@ pub(crate) struct Session {
     /// Bumped by every successful Register/Resume, so concurrent requests that all hit
     /// `UnknownSession` trigger one Resume, not one each.
     pub(crate) epoch: u64,
+}
+
+/// Work for the socket task.
+#[derive(Debug)]
+pub(crate) enum DriverCmd {
+    /// Send one datagram.
+    Send {
+        /// Destination.
+        to: SocketAddr,
+        /// The datagram.
+        bytes: Vec<u8>,
+    },
+    /// Replace the socket with one on a new local port; answers with its address.
+    Rebind {
+        /// Where the new address goes.
+        reply: oneshot::Sender<io::Result<SocketAddr>>,
+    },
+}
+
+/// Work for the supervisor.
+#[derive(Debug)]
+pub(crate) enum SupCmd {
+    /// The router pushed `Migrate`.
+    Migrate {
+        /// Where to resume; `None` is the configured server.
+        to: Option<SocketAddr>,
+    },
+    /// A request got `UnknownSession` while the session was at `epoch`.
+    Resume {
+        /// The session epoch the request was sent in.
+        epoch: u64,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+}
+
+/// The router's last refusal of a request being retried, reported if the deadline passes.
+enum Refusal {
+    /// `Error{code}`.
+    Error(ErrorCode),
+    /// A final answer that still means "retry later" (`ConnectFailed{RetryLater}`).
+    Answer(Message),
+}
+
+impl Refusal {
+    fn into_result(self) -> Result<Message, ClientError> {
+        match self {
+            Self::Error(code) => Err(ClientError::Server(code)),
+            Self::Answer(m) => Ok(m),
+        }
+    }
 }
 
 /// Which hello to send.
@@ -255,32 +308,37 @@ impl Shared {
         }
     }
 
-    /// Waits out a refusal the router asked us to retry later. `Err` with `code` if the pause
-    /// would run past the deadline.
-    async fn pause(
-        pause: &mut Backoff,
-        deadline: Instant,
-        code: ErrorCode,
-    ) -> Result<(), ClientError> {
-        let d = pause.next_jittered();
-        if Instant::now() + d >= deadline {
-            return Err(ClientError::Server(code));
+    /// Waits out a refusal the router asked us to retry later: the next pause of `pause`
+    /// (capped and jittered), shortened if need be so that the retry still leaves one
+    /// retransmission timeout ([`ClientConfig::initial_rto`]) before `deadline`. Returns
+    /// `false` when no retry fits any more, after waiting until `deadline`: a caller hears of
+    /// the refusal only once its deadline has passed.
+    async fn pause(&self, pause: &mut Backoff, deadline: Instant) -> bool {
+        let now = Instant::now();
+        let last_try = deadline.checked_sub(self.cfg.initial_rto).unwrap_or(now);
+        if now >= last_try {
+            sleep_until(deadline).await;
+            return false;
         }
-        sleep(d).await;
-        Ok(())
+        sleep_until((now + pause.next_jittered()).min(last_try)).await;
+        true
     }
 
     /// An authenticated request: `build(rid, our_uuid)` makes the message. Retransmits with the
-    /// same rid (the router deduplicates). On refusals:
-    /// - `RateLimited`: pause, then the same rid again. The request may be one the router is
-    ///   still working on (a `Connect` awaiting its target) and only this retransmission was
-    ///   refused; a new rid would start a second attempt.
-    /// - `RetryLater`, `Draining`: pause, then a new rid. The router did not carry the request
-    ///   out, and may remember the refusal as the answer to the old rid.
+    /// same rid (the router deduplicates). Refusals are retried after a capped, jittered pause
+    /// until the deadline ([`Shared::pause`]):
+    /// - `RateLimited`: the same rid again. The request may be one the router is still working
+    ///   on (a `Connect` awaiting its target) and only this retransmission was refused; a new
+    ///   rid would start a second attempt. The router does not remember this refusal.
+    /// - `RetryLater`, `Draining`, and a `ConnectFailed` whose reason is `RetryLater`: a new
+    ///   rid. The router did not carry the request out and remembers the refusal as the answer
+    ///   to the old rid (a retransmission would only get it again).
     /// - `UnknownSession` (when `resume_on_unknown`): the supervisor resumes, then a new rid,
     ///   a new request for the node now holding the session.
     ///
-    /// Returns the first non-`Error` answer.
+    /// Returns the first answer that is not a refusal. When the deadline passes, the last
+    /// refusal (as `Err(Server(code))`, or the `ConnectFailed` itself), or `Timeout` if the
+    /// router never answered.
     pub(crate) async fn request(
         &self,
         within: Duration,
@@ -291,32 +349,52 @@ impl Shared {
         let mut rid = self.next_rid();
         let mut pause = Backoff::retry();
         let mut resumes = 0;
+        let mut refused: Option<Refusal> = None;
         loop {
-            let (msg, sent) = self
+            let exchanged = self
                 .exchange(rid, deadline, |s| {
                     let secret = s.secret.ok_or(ClientError::Closed)?;
                     Ok(encode(&build(rid, s.uuid), Some(&secret))?)
                 })
-                .await?;
-            let Message::Error(e) = msg else {
-                return Ok(msg);
+                .await;
+            let (msg, sent) = match exchanged {
+                // A retry went unanswered: the router's last word says more than "no answer".
+                Err(ClientError::Timeout) => {
+                    return refused.map_or(Err(ClientError::Timeout), Refusal::into_result)
+                }
+                r => r?,
             };
-            match e.code {
-                ErrorCode::UnknownSession
-                    if resume_on_unknown && resumes < MAX_RESUMES_PER_REQUEST =>
-                {
-                    resumes += 1;
-                    self.ask_resume(sent.epoch).await?;
-                    rid = self.next_rid();
+            let renew = match msg {
+                Message::Error(e) => match e.code {
+                    ErrorCode::UnknownSession
+                        if resume_on_unknown && resumes < MAX_RESUMES_PER_REQUEST =>
+                    {
+                        resumes += 1;
+                        self.ask_resume(sent.epoch).await?;
+                        rid = self.next_rid();
+                        continue;
+                    }
+                    ErrorCode::RateLimited => {
+                        refused = Some(Refusal::Error(e.code));
+                        false
+                    }
+                    ErrorCode::RetryLater | ErrorCode::Draining => {
+                        refused = Some(Refusal::Error(e.code));
+                        true
+                    }
+                    code => return Err(ClientError::Server(code)),
+                },
+                Message::ConnectFailed(ref f) if f.reason == FailReason::RetryLater => {
+                    refused = Some(Refusal::Answer(msg));
+                    true
                 }
-                ErrorCode::RateLimited => {
-                    Self::pause(&mut pause, deadline, e.code).await?;
-                }
-                ErrorCode::RetryLater | ErrorCode::Draining => {
-                    Self::pause(&mut pause, deadline, e.code).await?;
-                    rid = self.next_rid();
-                }
-                code => return Err(ClientError::Server(code)),
+                msg => return Ok(msg),
+            };
+            if !self.pause(&mut pause, deadline).await {
+                return refused.map_or(Err(ClientError::Timeout), Refusal::into_result);
+            }
+            if renew {
+                rid = self.next_rid();
             }
         }
     }
@@ -333,8 +411,8 @@ impl Shared {
     }
 
     /// Register or Resume at `server` (which becomes the current server), padded, retried
-    /// until `within` passes. `Draining` moves to a new local port before the retry;
-    /// `RateLimited`, `RetryLater` and `Capacity` just pause. On success the session takes
+    /// until `within` passes. `RateLimited`, `RetryLater`, `Capacity` and `Draining` are
+    /// retried after a pause as for [`Shared::request`] (`Draining` from a new local port). On success the session takes
     /// the router's answer (UUID, secret, observed address, heartbeat period).
     pub(crate) async fn hello(
         &self,
@@ -345,9 +423,10 @@ impl Shared {
         self.update(|s| s.server = server);
         let deadline = Instant::now() + within;
         let mut pause = Backoff::retry();
+        let mut refused = None;
         loop {
             let rid = self.next_rid();
-            let (msg, _) = self
+            let exchanged = self
                 .exchange(rid, deadline, |s| {
                     let local = self.announced(s);
                     let mut m = match hello {
@@ -366,19 +445,30 @@ impl Shared {
                     };
                     Ok(encode_hello(&mut m)?)
                 })
-                .await?;
+                .await;
+            let msg = match exchanged {
+                Err(ClientError::Timeout) => {
+                    return Err(refused.map_or(ClientError::Timeout, ClientError::Server))
+                }
+                r => r?.0,
+            };
             match msg {
                 Message::Registered(r) => {
                     self.apply(&r);
                     return Ok(());
                 }
                 Message::Error(e) => match e.code {
-                    ErrorCode::Draining => {
-                        Self::pause(&mut pause, deadline, e.code).await?;
-                        self.rebind().await?;
-                    }
-                    ErrorCode::RateLimited | ErrorCode::RetryLater | ErrorCode::Capacity => {
-                        Self::pause(&mut pause, deadline, e.code).await?;
+                    ErrorCode::Draining
+                    | ErrorCode::RateLimited
+                    | ErrorCode::RetryLater
+                    | ErrorCode::Capacity => {
+                        refused = Some(e.code);
+                        if !self.pause(&mut pause, deadline).await {
+                            return Err(ClientError::Server(e.code));
+                        }
+                        if e.code == ErrorCode::Draining {
+                            self.rebind().await?;
+                        }
                     }
                     code => return Err(ClientError::Server(code)),
                 },

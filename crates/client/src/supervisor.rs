@@ -7,29 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sigrouter_proto::{ErrorCode, Heartbeat, Message};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{interval_at, sleep, Instant, Interval, MissedTickBehavior};
 
 use crate::backoff::Backoff;
-use crate::shared::{Hello, Shared};
-use crate::{ClientError, Event};
-
-/// Work for the supervisor.
-#[derive(Debug)]
-pub(crate) enum SupCmd {
-    /// The router pushed `Migrate`.
-    Migrate {
-        /// Where to resume; `None` is the configured server.
-        to: Option<SocketAddr>,
-    },
-    /// A request got `UnknownSession` while the session was at `epoch`.
-    Resume {
-        /// The session epoch the request was sent in.
-        epoch: u64,
-        /// Where the outcome goes.
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
-}
+use crate::error::ClientError;
+use crate::event::Event;
+use crate::shared::{Hello, Shared, SupCmd};
 
 pub(crate) async fn run(
     shared: Arc<Shared>,

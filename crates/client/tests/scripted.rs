@@ -8,10 +8,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sigrouter_client::{Client, ClientConfig, ClientError, ErrorCode, Event, Events, Secret};
+use sigrouter_client::{
+    Client, ClientConfig, ClientError, ConnectOutcome, ErrorCode, Event, Events, FailReason, Secret,
+};
 use sigrouter_proto::{
-    decode, encode, verify_mac, Addr, ErrorMsg, HeartbeatAck, Incoming, Message, Migrate, Payload,
-    Registered, SignalPush, MIN_HELLO_LEN,
+    decode, encode, verify_mac, Addr, ConnectFailed, Connected, ErrorMsg, HeartbeatAck, Incoming,
+    Message, Migrate, Payload, Registered, SignalPush, MIN_HELLO_LEN,
 };
 use tokio::net::UdpSocket;
 use tokio::time::{timeout, Instant};
@@ -463,4 +465,220 @@ async fn at_most_fifteen_application_requests_are_in_flight() {
         assert_eq!(t.await.unwrap().unwrap(), [false]);
     }
     answered.abort();
+}
+
+fn connect_failed(rid: u64, reason: FailReason) -> Message {
+    Message::ConnectFailed(ConnectFailed {
+        rid,
+        reason,
+        payload: Payload::default(),
+    })
+}
+
+fn error(rid: u64, code: ErrorCode) -> Message {
+    Message::Error(ErrorMsg { rid, code })
+}
+
+/// Runs `call` while the scripted router answers each request it receives with
+/// `answer(request)` (`None`: silence). Returns the call's result, how long it took, and every
+/// request received with the time since the call started.
+async fn scripted<T: Send + 'static>(
+    r: &Router,
+    at: SocketAddr,
+    call: impl std::future::Future<Output = T> + Send + 'static,
+    mut answer: impl FnMut(&Message) -> Option<Message>,
+) -> (T, Duration, Vec<(Duration, Message)>) {
+    let started = Instant::now();
+    let mut task = tokio::spawn(call);
+    let mut seen = Vec::new();
+    let result = loop {
+        tokio::select! {
+            done = &mut task => break done.unwrap(),
+            (m, _, _) = r.recv() => {
+                seen.push((started.elapsed(), m.clone()));
+                if let Some(a) = answer(&m) {
+                    r.send(&a, at).await;
+                }
+            }
+        }
+    };
+    (result, started.elapsed(), seen)
+}
+
+/// The pause before retry `n` (0-based) after a refusal: 250 ms doubling to 2 s, times a
+/// jitter factor in [0.5, 1.5). Returns (lowest, highest) with `slack` added on top for a busy
+/// machine.
+fn retry_pause_bounds(n: u32, slack: Duration) -> (Duration, Duration) {
+    let base = Duration::from_millis(250 * 2u64.pow(n)).min(Duration::from_secs(2));
+    (base / 2, base * 3 / 2 + slack)
+}
+
+#[tokio::test]
+async fn retry_later_and_rate_limited_connects_are_retried_until_they_connect() {
+    let r = Router::new(Uuid::new_v4(), Secret([11; 32])).await;
+    let mut cfg = ClientConfig::new(r.addr());
+    cfg.initial_rto = Duration::from_millis(100);
+    let (client, _events, at) = register(&r, cfg).await;
+    let target = Uuid::new_v4();
+    let peer_at: SocketAddr = "203.0.113.5:7000".parse().unwrap();
+    let call = {
+        let c = client.clone();
+        async move { c.connect(target, b"offer").await }
+    };
+    // Refused four ways in turn, then connected: ConnectFailed{RetryLater}, Error RetryLater,
+    // Error RateLimited, Error Draining.
+    let mut n = 0;
+    let (outcome, _, seen) = scripted(&r, at, call, |m| {
+        let rid = m.rid().unwrap();
+        n += 1;
+        Some(match n {
+            1 => connect_failed(rid, FailReason::RetryLater),
+            2 => error(rid, ErrorCode::RetryLater),
+            3 => error(rid, ErrorCode::RateLimited),
+            4 => error(rid, ErrorCode::Draining),
+            _ => Message::Connected(Connected {
+                rid,
+                connection: Uuid::from_u128(42),
+                peer: target,
+                observed: Addr(peer_at),
+                local: vec![],
+                payload: Payload::from(b"answer".to_vec()),
+            }),
+        })
+    })
+    .await;
+    // The caller sees only the connection.
+    match outcome.expect("connected") {
+        ConnectOutcome::Connected {
+            connection,
+            peer,
+            observed,
+            payload,
+            ..
+        } => {
+            assert_eq!(
+                (connection, peer, observed),
+                (Uuid::from_u128(42), target, peer_at)
+            );
+            assert_eq!(payload, b"answer");
+        }
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    // Every datagram was the same Connect (answered at once, so none is a retransmission).
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    for (_, m) in &seen {
+        let Message::Connect(c) = m else {
+            panic!("expected Connect, got {m:?}")
+        };
+        assert_eq!((c.to, c.payload.as_ref()), (target, &b"offer"[..]));
+    }
+    let rids: Vec<u64> = seen.iter().map(|(_, m)| m.rid().unwrap()).collect();
+    // After retry-later (either form) and Draining: a new, higher rid; after RateLimited: the
+    // same rid (the router may be working on it; only that copy was refused).
+    assert!(rids[1] > rids[0] && rids[2] > rids[1], "{rids:?}");
+    assert_eq!(rids[3], rids[2], "RateLimited is retried with the same rid");
+    assert!(rids[4] > rids[3], "{rids:?}");
+    // Pauses between retries: jittered, doubling from 250 ms.
+    for i in 1..seen.len() {
+        let gap = seen[i].0 - seen[i - 1].0;
+        let (lo, hi) = retry_pause_bounds(i as u32 - 1, Duration::from_millis(300));
+        assert!(
+            gap >= lo && gap <= hi,
+            "pause {i}: {gap:?} not in [{lo:?}, {hi:?}]"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retry_later_reaches_the_caller_only_once_the_deadline_has_passed() {
+    let r = Router::new(Uuid::new_v4(), Secret([12; 32])).await;
+    let mut cfg = ClientConfig::new(r.addr());
+    cfg.initial_rto = Duration::from_millis(100);
+    cfg.connect_timeout = Duration::from_millis(1500);
+    cfg.request_timeout = Duration::from_millis(1200);
+    let (client, _events, at) = register(&r, cfg).await;
+    let target = Uuid::new_v4();
+
+    // Every Connect refused with ConnectFailed{RetryLater}: the caller gets that outcome, but
+    // only after its 1.5 s deadline, the client having tried again with new rids meanwhile.
+    let call = {
+        let c = client.clone();
+        async move { c.connect(target, b"").await }
+    };
+    let (outcome, took, seen) = scripted(&r, at, call, |m| {
+        Some(connect_failed(m.rid().unwrap(), FailReason::RetryLater))
+    })
+    .await;
+    assert!(
+        matches!(
+            outcome,
+            Ok(ConnectOutcome::Failed {
+                reason: FailReason::RetryLater,
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(2200),
+        "{took:?}"
+    );
+    let rids: Vec<u64> = seen.iter().map(|(_, m)| m.rid().unwrap()).collect();
+    assert!(rids.len() >= 3, "too few retries: {rids:?}");
+    assert!(rids.windows(2).all(|w| w[1] > w[0]), "new rids: {rids:?}");
+    // The last try is timed to leave the router time to answer: one initial RTO (100 ms)
+    // before the deadline, not at it.
+    let last = seen.last().unwrap().0;
+    assert!(last < Duration::from_millis(1500), "last try at {last:?}");
+
+    // Error RetryLater, then silence: the caller hears the router's last word, retry-later,
+    // not a timeout, and only at the deadline.
+    let call = {
+        let c = client.clone();
+        async move { c.heartbeat().await }
+    };
+    let mut first = true;
+    let (res, took, seen) = scripted(&r, at, call, |m| {
+        std::mem::take(&mut first).then(|| error(m.rid().unwrap(), ErrorCode::RetryLater))
+    })
+    .await;
+    assert!(
+        matches!(res, Err(ClientError::Server(ErrorCode::RetryLater))),
+        "{res:?}"
+    );
+    assert!(took >= Duration::from_millis(1200), "{took:?}");
+    assert!(seen.len() >= 2, "retried after the refusal: {seen:?}");
+
+    // RateLimited every time: retried with the same rid until the deadline, then reported.
+    let call = {
+        let c = client.clone();
+        async move { c.query(&[Uuid::from_u128(1)]).await }
+    };
+    let (res, took, seen) = scripted(&r, at, call, |m| {
+        Some(error(m.rid().unwrap(), ErrorCode::RateLimited))
+    })
+    .await;
+    assert!(
+        matches!(res, Err(ClientError::Server(ErrorCode::RateLimited))),
+        "{res:?}"
+    );
+    assert!(took >= Duration::from_millis(1200), "{took:?}");
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(seen.iter().all(|(_, m)| m.rid() == seen[0].1.rid()));
+
+    // A refusal the client must not retry (BadRequest) comes back at once.
+    let call = {
+        let c = client.clone();
+        async move { c.connect(target, b"").await }
+    };
+    let (res, took, seen) = scripted(&r, at, call, |m| {
+        Some(error(m.rid().unwrap(), ErrorCode::BadRequest))
+    })
+    .await;
+    assert!(
+        matches!(res, Err(ClientError::Server(ErrorCode::BadRequest))),
+        "{res:?}"
+    );
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(seen.len(), 1);
 }
