@@ -91,6 +91,39 @@ pub enum Body {
         /// Outcome.
         status: Status,
     },
+    /// A client resumed on the receiver and left the sender: the connections it had here,
+    /// for the receiver to carry on (new variants go last: older nodes drop what they cannot
+    /// decode, and the sender's retransmission gives up).
+    Handover {
+        /// The client that moved.
+        uuid: Uuid,
+        /// Its established connections.
+        conns: Vec<HandedConn>,
+    },
+    /// The far end of connection `conn` is now on node `node` (internal address `addr`).
+    Rehome {
+        /// Connection id.
+        conn: Uuid,
+        /// The node that now holds the far end.
+        node: String,
+        /// Its internal address.
+        addr: Addr,
+    },
+}
+
+/// One established connection handed from a client's old node to its new one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedConn {
+    /// Connection id.
+    pub conn: Uuid,
+    /// Who asked.
+    pub initiator: Uuid,
+    /// Who was asked.
+    pub target: Uuid,
+    /// The node holding the other end.
+    pub peer_node: String,
+    /// Its internal address.
+    pub peer_addr: Addr,
 }
 
 /// A node-to-node datagram.

@@ -85,6 +85,25 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// The ends held by this node.
+    pub(crate) fn local_ends(&self) -> impl Iterator<Item = Uuid> {
+        let (i, t) = match self.role {
+            Role::Local => (Some(self.initiator), Some(self.target)),
+            Role::Initiator(_) => (Some(self.initiator), None),
+            Role::Target(_) => (None, Some(self.target)),
+        };
+        i.into_iter().chain(t)
+    }
+
+    /// The end that is not `uuid`.
+    pub(crate) fn other(&self, uuid: Uuid) -> Uuid {
+        if self.initiator == uuid {
+            self.target
+        } else {
+            self.initiator
+        }
+    }
+
     /// Whether the connection still waits for the target's answer.
     pub(crate) fn is_pending(&self) -> bool {
         matches!(self.state, ConnState::Pending { .. })
@@ -106,13 +125,14 @@ pub(crate) struct Established {
     pub(crate) last: Instant,
 }
 
-/// The connection map; connect timeouts on a timer queue, and an index of the pending
-/// connections whose target is on this node, so a target that leaves fails them at once.
+/// The connection map; connect timeouts on a timer queue, and an index of the connections of
+/// each session held here, so a session that leaves or moves takes its connections along (or
+/// hands them back) at once.
 #[derive(Debug)]
 pub(crate) struct Conns {
     map: DashMap<Uuid, Conn>,
-    /// Pending connections by their local target.
-    by_target: DashMap<Uuid, Vec<Uuid>>,
+    /// Connections by each of their ends held on this node.
+    by_session: DashMap<Uuid, Vec<Uuid>>,
     /// Connect deadlines (ms of the router's clock).
     deadlines: Timers<Uuid>,
     /// How many are pending (a drain waits for none).
@@ -125,7 +145,7 @@ impl Conns {
     pub(crate) fn new(epoch: Instant) -> Self {
         Self {
             map: DashMap::new(),
-            by_target: DashMap::new(),
+            by_session: DashMap::new(),
             deadlines: Timers::default(),
             pending: AtomicUsize::new(0),
             epoch,
@@ -142,17 +162,65 @@ impl Conns {
             self.deadlines.schedule(self.ms(deadline), id);
             self.pending.fetch_add(1, Ordering::Relaxed);
         }
-        if matches!(conn.role, Role::Local | Role::Target(_)) {
-            self.by_target.entry(conn.target).or_default().push(id);
-        }
+        self.index(id, &conn);
         self.map.insert(id, conn);
     }
 
-    fn unindex(&self, target: &Uuid, id: &Uuid) {
-        self.by_target.remove_if_mut(target, |_, ids| {
-            ids.retain(|i| i != id);
-            ids.is_empty()
-        });
+    fn index(&self, id: Uuid, conn: &Conn) {
+        for end in conn.local_ends() {
+            let mut ids = self.by_session.entry(end).or_default();
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+
+    fn unindex(&self, id: &Uuid, conn: &Conn) {
+        for end in [conn.initiator, conn.target] {
+            self.by_session.remove_if_mut(&end, |_, ids| {
+                ids.retain(|i| i != id);
+                ids.is_empty()
+            });
+        }
+    }
+
+    /// Carries on a connection handed over by another node (or makes one that spanned to it
+    /// local): established, with `role`.
+    pub(crate) fn adopt(&self, id: Uuid, conn: Conn) {
+        self.remove(&id);
+        self.index(id, &conn);
+        self.map.insert(id, conn);
+    }
+
+    /// Changes where the ends of connection `id` are. False if it is unknown.
+    pub(crate) fn set_role(&self, id: &Uuid, role: Role) -> bool {
+        let updated = match self.map.get_mut(id) {
+            Some(mut c) => {
+                c.role = role;
+                Some(c.clone())
+            }
+            None => None,
+        };
+        match updated {
+            Some(c) => {
+                self.index(*id, &c);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connections of session `uuid` (which is leaving), taken out of the index.
+    pub(crate) fn of_session(&self, uuid: &Uuid) -> Vec<(Uuid, Conn)> {
+        let ids = self
+            .by_session
+            .remove(uuid)
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        ids.into_iter()
+            .filter_map(|id| self.get(&id).map(|c| (id, c)))
+            .filter(|(_, c)| c.initiator == *uuid || c.target == *uuid)
+            .collect()
     }
 
     /// A copy of connection `id`.
@@ -165,8 +233,8 @@ impl Conns {
         let c = self.map.remove(id).map(|(_, c)| c)?;
         if c.is_pending() {
             self.pending.fetch_sub(1, Ordering::Relaxed);
-            self.unindex(&c.target, id);
         }
+        self.unindex(id, &c);
         Some(c)
     }
 
@@ -189,7 +257,10 @@ impl Conns {
         };
         match target {
             Some(t) => {
-                self.by_target.entry(t).or_default().push(*id);
+                let mut ids = self.by_session.entry(t).or_default();
+                if !ids.contains(id) {
+                    ids.push(*id);
+                }
                 true
             }
             None => false,
@@ -231,7 +302,6 @@ impl Conns {
         };
         if before.is_pending() && accept {
             self.pending.fetch_sub(1, Ordering::Relaxed);
-            self.unindex(&target, id);
         }
         Some(before)
     }
@@ -287,19 +357,6 @@ impl Conns {
             }
         }
         out
-    }
-
-    /// The pending connections whose target, on this node, is `target` (which just left).
-    pub(crate) fn pending_for(&self, target: &Uuid) -> Vec<(Uuid, Conn)> {
-        let ids = self
-            .by_target
-            .remove(target)
-            .map(|(_, v)| v)
-            .unwrap_or_default();
-        ids.into_iter()
-            .filter_map(|id| self.get(&id).map(|c| (id, c)))
-            .filter(|(_, c)| c.is_pending() && c.target == *target)
-            .collect()
     }
 
     /// How many connections are pending right now.

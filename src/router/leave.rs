@@ -1,55 +1,150 @@
-//! A session leaves this node: it said Bye, went silent, resumed elsewhere, or acknowledged a
-//! Migrate while the node drains. Connections still waiting for its answer are handed back at
-//! once (retry-later to the initiator, or `Abort` to the initiator's node) instead of waiting
-//! out their timeout.
+//! A session leaves this node: it said Bye, went silent, acknowledged a Migrate while the node
+//! drains, or resumed on another node. Connections still waiting for its answer are handed back
+//! at once (retry-later to the initiator, or `Abort` to the initiator's node) instead of waiting
+//! out their timeout; its established connections end with it, or, when it moved, follow it:
+//! the new node gets them (`Handover`), a third node holding the far end learns where it went
+//! (`Rehome`), and for a while a Signal still sent here is passed on.
 
 use std::time::Instant;
 
-use sigrouter_proto::FailReason;
+use sigrouter_proto::{Addr, FailReason};
 use uuid::Uuid;
 
 use super::connect;
-use super::conns::Role;
+use super::conns::{Conn, Remote, Role};
 use super::outbox::Outbox;
 use super::state::{OnReply, State};
-use crate::cluster::wire::Body;
+use crate::cluster::wire::{Body, HandedConn};
 use crate::cluster::PresenceOp;
 
+/// Connections per `Handover` datagram (each well under 100 bytes).
+const HANDOVER_CHUNK: usize = 8;
+
 /// Why a session leaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Why {
     /// It said Bye: the directory forgets it.
     Bye,
     /// Its TTL passed without a word: the directory forgets it.
     Expired,
-    /// It resumed on another node, whose presence record now names it: leave the record.
-    Moved,
+    /// It acknowledged a Migrate: it is on its way to another node, whose presence record will
+    /// name it; its connections wait here for that node to ask.
+    Migrating,
+    /// It resumed on node `to` (which now names it in the directory).
+    Moved(Remote),
 }
 
-/// Removes session `uuid` (an expired one was removed by the expiry check itself) and hands
-/// back the connections waiting on it. Returns whether it was here.
+/// Removes session `uuid` (an expired one was removed by the expiry check itself) and deals
+/// with its connections. Returns whether it was here.
 pub(crate) fn leave(st: &State, now: Instant, uuid: Uuid, why: Why, out: &mut Outbox) -> bool {
     let here = match why {
-        // Expiry removed it itself (only if still silent).
         Why::Expired => true,
-        Why::Bye | Why::Moved => st.sessions.remove(&uuid),
+        _ => st.sessions.remove(&uuid),
     };
-    if !here {
+    if here {
+        if matches!(why, Why::Bye | Why::Expired) {
+            st.publish(PresenceOp::Del(uuid));
+        }
+        st.count_sessions();
+    }
+    // A client that acknowledged a Migrate left already; its connections waited for this.
+    let was_migrating = st.migrating.remove(&uuid).is_some();
+    let follow_up = was_migrating && matches!(why, Why::Moved(_));
+    if !(here || follow_up) {
         return false;
     }
-    if why != Why::Moved {
-        st.publish(PresenceOp::Del(uuid));
-    }
-    st.count_sessions();
-    for (id, conn) in st.conns.pending_for(&uuid) {
-        match &conn.role {
-            Role::Target(remote) => {
-                st.conns.remove(&id);
-                let body = Body::Abort { conn: id };
-                st.node_request(now, remote, body, OnReply::Nothing, out);
+    let conns = st.conns.of_session(&uuid);
+    let mut handed = Vec::new();
+    for (id, c) in conns {
+        if c.is_pending() {
+            if c.target == uuid {
+                hand_back(st, now, id, &c, out);
             }
-            _ => connect::fail_pending(st, now, id, FailReason::RetryLater, out),
+            // As the initiator: the outcome finds it gone.
+            continue;
+        }
+        match &why {
+            Why::Bye | Why::Expired => {
+                st.conns.remove(&id);
+            }
+            Why::Migrating => {
+                // Kept, and kept findable, until the new node asks.
+                st.conns.set_role(&id, c.role.clone());
+            }
+            Why::Moved(to) => handed.extend(hand_over(st, now, uuid, id, &c, to, out)),
         }
     }
+    match why {
+        Why::Migrating => {
+            st.migrating.insert(uuid, now);
+        }
+        Why::Moved(to) => {
+            for chunk in handed.chunks(HANDOVER_CHUNK) {
+                let body = Body::Handover {
+                    uuid,
+                    conns: chunk.to_vec(),
+                };
+                st.node_request(now, &to, body, OnReply::Nothing, out);
+            }
+        }
+        Why::Bye | Why::Expired => {}
+    }
     true
+}
+
+/// A pending connection whose target left before answering.
+fn hand_back(st: &State, now: Instant, id: Uuid, c: &Conn, out: &mut Outbox) {
+    match &c.role {
+        Role::Target(remote) => {
+            st.conns.remove(&id);
+            st.node_request(now, remote, Body::Abort { conn: id }, OnReply::Nothing, out);
+        }
+        _ => connect::fail_pending(st, now, id, FailReason::RetryLater, out),
+    }
+}
+
+/// Established connection `id` of `uuid`, which moved to node `to`: what the new node needs
+/// to carry it on. The end that stays here now spans to `to`; if the other end is on a third
+/// node, that node learns where `uuid` went.
+fn hand_over(
+    st: &State,
+    now: Instant,
+    uuid: Uuid,
+    id: Uuid,
+    c: &Conn,
+    to: &Remote,
+    out: &mut Outbox,
+) -> Option<HandedConn> {
+    let other = c.other(uuid);
+    let other_here = c.local_ends().any(|e| e == other) && st.sessions.contains(&other);
+    let peer = if other_here {
+        let role = if other == c.initiator {
+            Role::Initiator(Some(to.clone()))
+        } else {
+            Role::Target(to.clone())
+        };
+        st.conns.set_role(&id, role);
+        st.me()?
+    } else {
+        let far = c.role.remote().cloned();
+        st.conns.remove(&id);
+        let far = far?;
+        st.moved_conns.insert(id, (to.clone(), now));
+        if far.node != to.node {
+            let body = Body::Rehome {
+                conn: id,
+                node: to.node.to_string(),
+                addr: Addr(to.addr),
+            };
+            st.node_request(now, &far, body, OnReply::Nothing, out);
+        }
+        far
+    };
+    Some(HandedConn {
+        conn: id,
+        initiator: c.initiator,
+        target: c.target,
+        peer_node: peer.node.to_string(),
+        peer_addr: Addr(peer.addr),
+    })
 }

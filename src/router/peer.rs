@@ -120,7 +120,20 @@ fn apply(st: &State, now: Instant, from_node: Remote, body: Body, out: &mut Outb
             payload,
         } => {
             if !st.conns.forwarded_signal(now, &conn, from, to) {
-                return Status::UnknownConnection;
+                // Its end here moved on a moment ago: pass it on (the sender learns the new
+                // node from a Rehome).
+                let moved = st.moved_conns.get(&conn).map(|m| m.0.clone());
+                let Some(next) = moved else {
+                    return Status::UnknownConnection;
+                };
+                let body = Body::Signal {
+                    conn,
+                    from,
+                    to,
+                    payload,
+                };
+                st.node_request(now, &next, body, OnReply::Nothing, out);
+                return Status::Ok;
             }
             if relay::push_signal(st, now, conn, from, to, payload, out) {
                 Status::Ok
@@ -140,8 +153,59 @@ fn apply(st: &State, now: Instant, from_node: Remote, body: Body, out: &mut Outb
             Status::Ok
         }
         Body::Moved { uuid } => {
-            // The presence now names the new node: do not delete it.
-            leave::leave(st, now, uuid, Why::Moved, out);
+            // The presence now names the new node: do not delete it. Its connections follow.
+            leave::leave(st, now, uuid, Why::Moved(from_node), out);
+            Status::Ok
+        }
+        Body::Handover { uuid, conns } => {
+            if !st.sessions.contains(&uuid) {
+                return Status::NotHere;
+            }
+            for h in conns {
+                let other = if h.initiator == uuid {
+                    h.target
+                } else {
+                    h.initiator
+                };
+                let peer = Remote {
+                    node: h.peer_node.as_str().into(),
+                    addr: h.peer_addr.0,
+                };
+                let role = if st.me().is_some_and(|me| me.node == peer.node)
+                    && st.sessions.contains(&other)
+                {
+                    Role::Local
+                } else if h.initiator == uuid {
+                    Role::Initiator(Some(peer))
+                } else {
+                    Role::Target(peer)
+                };
+                let conn = Conn {
+                    initiator: h.initiator,
+                    target: h.target,
+                    initiator_rid: 0,
+                    started: now,
+                    state: ConnState::Established { last: now },
+                    role,
+                };
+                st.conns.adopt(h.conn, conn);
+            }
+            Status::Ok
+        }
+        Body::Rehome { conn, node, addr } => {
+            let Some(c) = st.conns.get(&conn) else {
+                return Status::UnknownConnection;
+            };
+            let remote = Remote {
+                node: node.as_str().into(),
+                addr: addr.0,
+            };
+            let role = match c.role {
+                Role::Initiator(_) => Role::Initiator(Some(remote)),
+                Role::Target(_) => Role::Target(remote),
+                Role::Local => return Status::UnknownConnection,
+            };
+            st.conns.set_role(&conn, role);
             Status::Ok
         }
         Body::Reply { .. } => Status::Ok,
@@ -226,5 +290,7 @@ fn body_name(b: &Body) -> &'static str {
         Body::Abort { .. } => "abort",
         Body::Moved { .. } => "moved",
         Body::Reply { .. } => "reply",
+        Body::Handover { .. } => "handover",
+        Body::Rehome { .. } => "rehome",
     }
 }

@@ -89,6 +89,6 @@ pub(crate) fn push_ack(st: &State, now: Instant, uuid: Uuid, a: PushAck, out: &m
         // The client is moving: let go now, so connects waiting for it here are handed back
         // at once (retry-later) instead of waiting on a client that will answer elsewhere.
         // The new node re-publishes its presence.
-        leave::leave(st, now, uuid, Why::Moved, out);
+        leave::leave(st, now, uuid, Why::Migrating, out);
     }
 }

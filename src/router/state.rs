@@ -133,6 +133,12 @@ pub(crate) struct State {
     pub(crate) new_sessions: Shared,
     /// Deferred jobs in flight per session (a session with none has no entry).
     pub(crate) jobs_by_session: DashMap<Uuid, u16>,
+    /// Sessions that acknowledged a Migrate and have not resumed elsewhere yet: their
+    /// connections wait here to be handed over.
+    pub(crate) migrating: DashMap<Uuid, Instant>,
+    /// Connections whose end here moved to another node, with that node: a Signal still sent
+    /// here for them is passed on for a while.
+    pub(crate) moved_conns: DashMap<Uuid, (Remote, Instant)>,
     /// Keys the UUIDs this node derives for new sessions (random per process).
     pub(crate) uuid_key: [u8; 32],
     /// Time zero of the compact clocks (rate limiters, session timestamps).
@@ -194,6 +200,8 @@ impl State {
                 cfg.new_session_burst,
             )),
             jobs_by_session: DashMap::new(),
+            migrating: DashMap::new(),
+            moved_conns: DashMap::new(),
             uuid_key,
             epoch,
             draining: AtomicBool::new(false),
@@ -223,6 +231,14 @@ impl State {
             *n = n.saturating_sub(1);
             *n == 0
         });
+    }
+
+    /// This node as the far end of a connection, for other nodes.
+    pub(crate) fn me(&self) -> Option<Remote> {
+        self.cluster.as_ref().map(|c| Remote {
+            node: c.id.clone(),
+            addr: c.cfg.advertise,
+        })
     }
 
     pub(crate) fn is_draining(&self) -> bool {

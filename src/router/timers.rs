@@ -14,6 +14,9 @@ use super::peer;
 use super::retransmit::Due;
 use super::state::State;
 
+/// How long a moving session's connections wait for its new node, and how long Signals for a
+/// connection that moved on are passed on.
+const MOVE_MEMORY: Duration = Duration::from_secs(30);
 /// An established connection with no Signal for this long is forgotten.
 const CONN_IDLE: Duration = Duration::from_secs(600);
 
@@ -65,6 +68,9 @@ pub(crate) fn sweep(st: &State, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
     if let Some(c) = &st.cluster {
         c.sweep(now);
     }
+    let forget = |t: &Instant| now.saturating_duration_since(*t) <= MOVE_MEMORY;
+    st.migrating.retain(|_, t| forget(t));
+    st.moved_conns.retain(|_, (_, t)| forget(t));
     st.register_limiter.forget_idle(st.ns(now));
     st.stun_limiter.forget_idle(st.ns(now));
     gone
@@ -74,7 +80,8 @@ pub(crate) fn sweep(st: &State, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
 pub(crate) fn sweep_conns(st: &State, now: Instant) {
     for e in st.conns.established() {
         // An end on another node is that node's business; ours must still be here.
-        let here = |u: &Uuid| st.sessions.contains(u);
+        // A session on its way to another node still counts: its connections wait for it.
+        let here = |u: &Uuid| st.sessions.contains(u) || st.migrating.contains_key(u);
         let gone = if e.spans_nodes {
             !here(&e.initiator) && !here(&e.target)
         } else {

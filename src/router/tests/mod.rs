@@ -12,6 +12,7 @@ mod abuse;
 mod connect;
 mod dedup;
 mod hello;
+mod moves;
 mod peer;
 mod pushes;
 
