@@ -1,0 +1,335 @@
+//! The message bodies of protocol v1, one struct per body, and [`Message`], which holds any of
+//! them.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::codes::{ErrorCode, FailReason};
+use crate::header::MsgType;
+#[cfg(doc)]
+use crate::limits::{MAX_QUERY, MIN_HELLO_LEN};
+use crate::types::{Addr, Payload, Secret};
+
+/// `Register`: ask for a new session. Unauthenticated; padded to [`MIN_HELLO_LEN`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The client's local (LAN) addresses, for hole punching on the same network.
+    pub local: Vec<Addr>,
+    /// Padding so the datagram is at least [`MIN_HELLO_LEN`] bytes; content ignored.
+    #[serde(with = "serde_bytes")]
+    pub pad: Vec<u8>,
+}
+
+/// `Resume`: take back a session after a reconnect, a new address or a node change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The session's UUID.
+    pub uuid: Uuid,
+    /// The session secret, proof of ownership.
+    pub secret: Secret,
+    /// The client's local addresses.
+    pub local: Vec<Addr>,
+    /// Padding so the datagram is at least [`MIN_HELLO_LEN`] bytes; content ignored.
+    #[serde(with = "serde_bytes")]
+    pub pad: Vec<u8>,
+}
+
+/// `Heartbeat`: keep the session alive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The sender's session.
+    pub uuid: Uuid,
+}
+
+/// `Query`: which of these clients are online?
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The sender's session.
+    pub uuid: Uuid,
+    /// The clients asked about (at most [`MAX_QUERY`]).
+    pub uuids: Vec<Uuid>,
+}
+
+/// `Connect`: ask to connect to another client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connect {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The sender's session.
+    pub uuid: Uuid,
+    /// The client to connect to.
+    pub to: Uuid,
+    /// Opaque payload handed to the target in `Incoming`.
+    pub payload: Payload,
+}
+
+/// `Accept` or `Reject`: the target's answer to `Incoming`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The sender's (target's) session.
+    pub uuid: Uuid,
+    /// The connection from `Incoming`.
+    pub connection: Uuid,
+    /// Opaque payload handed to the initiator.
+    pub payload: Payload,
+}
+
+/// `Signal`: relay a payload to the peer of a live connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The sender's session.
+    pub uuid: Uuid,
+    /// The connection.
+    pub connection: Uuid,
+    /// Opaque payload.
+    pub payload: Payload,
+}
+
+/// `Bye`: end the session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bye {
+    /// Client-chosen request id.
+    pub rid: u64,
+    /// The sender's session.
+    pub uuid: Uuid,
+}
+
+/// `PushAck`: acknowledge a server push.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushAck {
+    /// The sender's session.
+    pub uuid: Uuid,
+    /// The `push` id of the acknowledged push.
+    pub push: u64,
+}
+
+/// `Registered`: the answer to `Register` and `Resume`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// The request id being answered.
+    pub rid: u64,
+    /// The session's UUID.
+    pub uuid: Uuid,
+    /// The session secret (keys every later MAC).
+    pub secret: Secret,
+    /// The client's address as the server sees it.
+    pub observed: Addr,
+    /// How often to send `Heartbeat`, in milliseconds.
+    pub heartbeat_ms: u32,
+    /// How long the session lives without a heartbeat, in milliseconds.
+    pub ttl_ms: u32,
+}
+
+/// `HeartbeatAck`: the answer to `Heartbeat`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    /// The request id being answered.
+    pub rid: u64,
+    /// The client's address as the server sees it now.
+    pub observed: Addr,
+}
+
+/// `QueryResult`: the answer to `Query`, one flag per asked UUID in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryResult {
+    /// The request id being answered.
+    pub rid: u64,
+    /// Online flags, in the order of `Query::uuids`.
+    pub online: Vec<bool>,
+}
+
+/// `Connected`: the target accepted; here is how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connected {
+    /// The request id of the `Connect`.
+    pub rid: u64,
+    /// The connection's UUID, for `Signal`.
+    pub connection: Uuid,
+    /// The peer's session UUID.
+    pub peer: Uuid,
+    /// The peer's address as the server sees it.
+    pub observed: Addr,
+    /// The peer's local addresses.
+    pub local: Vec<Addr>,
+    /// The peer's `Accept` payload.
+    pub payload: Payload,
+}
+
+/// `ConnectFailed`: no connection, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectFailed {
+    /// The request id of the `Connect`.
+    pub rid: u64,
+    /// Why.
+    pub reason: FailReason,
+    /// The target's `Reject` payload (empty otherwise).
+    pub payload: Payload,
+}
+
+/// `Ack`: the request was carried out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The request id being answered.
+    pub rid: u64,
+}
+
+/// `Error`: the request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// The request id being answered (0 when it could not be read).
+    pub rid: u64,
+    /// What went wrong.
+    pub code: ErrorCode,
+}
+
+/// `Incoming` push: someone wants to connect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// Push id, echoed in `PushAck`; the client drops duplicates by it.
+    pub push: u64,
+    /// The connection's UUID, for `Accept`/`Reject`/`Signal`.
+    pub connection: Uuid,
+    /// The initiator's session UUID.
+    pub from: Uuid,
+    /// The initiator's address as the server sees it.
+    pub observed: Addr,
+    /// The initiator's local addresses.
+    pub local: Vec<Addr>,
+    /// The initiator's `Connect` payload.
+    pub payload: Payload,
+}
+
+/// `SignalPush` push: a payload from the peer of a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalPush {
+    /// Push id, echoed in `PushAck`.
+    pub push: u64,
+    /// The connection.
+    pub connection: Uuid,
+    /// The peer that sent it.
+    pub from: Uuid,
+    /// Opaque payload.
+    pub payload: Payload,
+}
+
+/// `Migrate` push: resume the session on another node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migrate {
+    /// Push id, echoed in `PushAck`.
+    pub push: u64,
+    /// Where to resume; absent means "the public address again, from a new local port".
+    pub to: Option<Addr>,
+}
+
+/// Every message of protocol v1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Message {
+    Register(Register),
+    Resume(Resume),
+    Heartbeat(Heartbeat),
+    Query(Query),
+    Connect(Connect),
+    Accept(Answer),
+    Reject(Answer),
+    Signal(Signal),
+    Bye(Bye),
+    PushAck(PushAck),
+    Registered(Registered),
+    HeartbeatAck(HeartbeatAck),
+    QueryResult(QueryResult),
+    Connected(Connected),
+    ConnectFailed(ConnectFailed),
+    Ack(Ack),
+    Error(ErrorMsg),
+    Incoming(Incoming),
+    SignalPush(SignalPush),
+    Migrate(Migrate),
+}
+
+impl Message {
+    /// The type byte of this message.
+    pub fn ty(&self) -> MsgType {
+        match self {
+            Self::Register(_) => MsgType::Register,
+            Self::Resume(_) => MsgType::Resume,
+            Self::Heartbeat(_) => MsgType::Heartbeat,
+            Self::Query(_) => MsgType::Query,
+            Self::Connect(_) => MsgType::Connect,
+            Self::Accept(_) => MsgType::Accept,
+            Self::Reject(_) => MsgType::Reject,
+            Self::Signal(_) => MsgType::Signal,
+            Self::Bye(_) => MsgType::Bye,
+            Self::PushAck(_) => MsgType::PushAck,
+            Self::Registered(_) => MsgType::Registered,
+            Self::HeartbeatAck(_) => MsgType::HeartbeatAck,
+            Self::QueryResult(_) => MsgType::QueryResult,
+            Self::Connected(_) => MsgType::Connected,
+            Self::ConnectFailed(_) => MsgType::ConnectFailed,
+            Self::Ack(_) => MsgType::Ack,
+            Self::Error(_) => MsgType::Error,
+            Self::Incoming(_) => MsgType::Incoming,
+            Self::SignalPush(_) => MsgType::SignalPush,
+            Self::Migrate(_) => MsgType::Migrate,
+        }
+    }
+
+    /// The session UUID a client request names as its sender, if any.
+    pub fn sender(&self) -> Option<Uuid> {
+        Some(match self {
+            Self::Resume(m) => m.uuid,
+            Self::Heartbeat(m) => m.uuid,
+            Self::Query(m) => m.uuid,
+            Self::Connect(m) => m.uuid,
+            Self::Accept(m) | Self::Reject(m) => m.uuid,
+            Self::Signal(m) => m.uuid,
+            Self::Bye(m) => m.uuid,
+            Self::PushAck(m) => m.uuid,
+            _ => return None,
+        })
+    }
+
+    /// The request id a request carries or an answer echoes, if any.
+    pub fn rid(&self) -> Option<u64> {
+        Some(match self {
+            Self::Register(m) => m.rid,
+            Self::Resume(m) => m.rid,
+            Self::Heartbeat(m) => m.rid,
+            Self::Query(m) => m.rid,
+            Self::Connect(m) => m.rid,
+            Self::Accept(m) | Self::Reject(m) => m.rid,
+            Self::Signal(m) => m.rid,
+            Self::Bye(m) => m.rid,
+            Self::Registered(m) => m.rid,
+            Self::HeartbeatAck(m) => m.rid,
+            Self::QueryResult(m) => m.rid,
+            Self::Connected(m) => m.rid,
+            Self::ConnectFailed(m) => m.rid,
+            Self::Ack(m) => m.rid,
+            Self::Error(m) => m.rid,
+            _ => return None,
+        })
+    }
+
+    /// The push id of a server push, if this is one.
+    pub fn push_id(&self) -> Option<u64> {
+        Some(match self {
+            Self::Incoming(m) => m.push,
+            Self::SignalPush(m) => m.push,
+            Self::Migrate(m) => m.push,
+            _ => return None,
+        })
+    }
+}
