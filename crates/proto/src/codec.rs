@@ -6,7 +6,8 @@ use crate::limits::{MAX_DATAGRAM, MIN_HELLO_LEN};
 #[cfg(doc)]
 use crate::mac::verify_mac;
 use crate::mac::{mac_tag, MAC_LEN};
-use crate::messages::Message;
+use crate::messages::{bin_fields, Message};
+use crate::strict;
 use crate::types::Secret;
 
 /// Encodes a message into a datagram. Authenticated types need `key` (the session secret of
@@ -68,7 +69,7 @@ pub fn encode_into(
 /// deepest v1 field is an array of `bin` in the body map (2 levels); the rest leaves room for
 /// unknown fields of later minor versions. rmp-serde's default limit (1024) let one 1200-byte
 /// datagram of nested arrays in an ignored field overflow the decoding thread's stack.
-const MAX_BODY_DEPTH: usize = 8;
+pub(crate) const MAX_BODY_DEPTH: usize = 8;
 
 fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, DecodeError> {
     // The body must be a map (fixmap, map 16, map 32): rmp-serde would also take a struct from
@@ -119,6 +120,8 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         MsgType::SignalPush => Message::SignalPush(body(b)?),
         MsgType::Migrate => Message::Migrate(body(b)?),
     };
+    // Binary fields must carry the `bin` marker (see `strict` for why serde alone cannot tell).
+    strict::check_bin_fields(b, bin_fields(h.ty))?;
     if !msg.check_limits() {
         return Err(DecodeError::OutOfRange);
     }

@@ -33,6 +33,8 @@
 //! - `mac`: [`MAC_LEN`] and [`verify_mac`].
 //! - `limits`: [`MAX_DATAGRAM`], [`MAX_PAYLOAD`] and the other size limits.
 //! - `error`: [`DecodeError`] and [`EncodeError`].
+//! - `strict`: binary fields decode from MessagePack `bin` only (deserializers and a marker
+//!   check).
 //! - `stun`: [`is_stun`] tells a STUN message apart from ours by its first byte and magic cookie.
 
 mod codec;
@@ -42,6 +44,7 @@ mod header;
 mod limits;
 mod mac;
 mod messages;
+mod strict;
 mod stun;
 mod types;
 

@@ -8,6 +8,7 @@ use crate::codes::{ErrorCode, FailReason};
 use crate::header::MsgType;
 #[cfg(doc)]
 use crate::limits::{MAX_QUERY, MIN_HELLO_LEN};
+use crate::strict::{self, BinField, BinShape};
 use crate::types::{Addr, Payload, Secret};
 
 /// `Register`: ask for a new session. Unauthenticated; padded to [`MIN_HELLO_LEN`].
@@ -18,7 +19,10 @@ pub struct Register {
     /// The client's local (LAN) addresses, for hole punching on the same network.
     pub local: Vec<Addr>,
     /// Padding so the datagram is at least [`MIN_HELLO_LEN`] bytes; content ignored.
-    #[serde(with = "serde_bytes")]
+    #[serde(
+        serialize_with = "serde_bytes::serialize",
+        deserialize_with = "strict::pad"
+    )]
     pub pad: Vec<u8>,
 }
 
@@ -28,13 +32,17 @@ pub struct Resume {
     /// Client-chosen request id.
     pub rid: u64,
     /// The session's UUID.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
     /// The session secret, proof of ownership.
     pub secret: Secret,
     /// The client's local addresses.
     pub local: Vec<Addr>,
     /// Padding so the datagram is at least [`MIN_HELLO_LEN`] bytes; content ignored.
-    #[serde(with = "serde_bytes")]
+    #[serde(
+        serialize_with = "serde_bytes::serialize",
+        deserialize_with = "strict::pad"
+    )]
     pub pad: Vec<u8>,
 }
 
@@ -44,6 +52,7 @@ pub struct Heartbeat {
     /// Client-chosen request id.
     pub rid: u64,
     /// The sender's session.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
 }
 
@@ -53,8 +62,10 @@ pub struct Query {
     /// Client-chosen request id.
     pub rid: u64,
     /// The sender's session.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
     /// The clients asked about (at most [`MAX_QUERY`]).
+    #[serde(deserialize_with = "strict::uuids")]
     pub uuids: Vec<Uuid>,
 }
 
@@ -64,10 +75,13 @@ pub struct Connect {
     /// Client-chosen request id.
     pub rid: u64,
     /// The sender's session.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
     /// The client to connect to.
+    #[serde(deserialize_with = "strict::uuid")]
     pub to: Uuid,
     /// Opaque payload handed to the target in `Incoming`.
+    #[serde(deserialize_with = "strict::payload")]
     pub payload: Payload,
 }
 
@@ -77,10 +91,13 @@ pub struct Answer {
     /// Client-chosen request id.
     pub rid: u64,
     /// The sender's (target's) session.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
     /// The connection from `Incoming`.
+    #[serde(deserialize_with = "strict::uuid")]
     pub connection: Uuid,
     /// Opaque payload handed to the initiator.
+    #[serde(deserialize_with = "strict::payload")]
     pub payload: Payload,
 }
 
@@ -90,10 +107,13 @@ pub struct Signal {
     /// Client-chosen request id.
     pub rid: u64,
     /// The sender's session.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
     /// The connection.
+    #[serde(deserialize_with = "strict::uuid")]
     pub connection: Uuid,
     /// Opaque payload.
+    #[serde(deserialize_with = "strict::payload")]
     pub payload: Payload,
 }
 
@@ -103,6 +123,7 @@ pub struct Bye {
     /// Client-chosen request id.
     pub rid: u64,
     /// The sender's session.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
 }
 
@@ -110,6 +131,7 @@ pub struct Bye {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushAck {
     /// The sender's session.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
     /// The `push` id of the acknowledged push.
     pub push: u64,
@@ -121,6 +143,7 @@ pub struct Registered {
     /// The request id being answered.
     pub rid: u64,
     /// The session's UUID.
+    #[serde(deserialize_with = "strict::uuid")]
     pub uuid: Uuid,
     /// The session secret (keys every later MAC).
     pub secret: Secret,
@@ -156,14 +179,17 @@ pub struct Connected {
     /// The request id of the `Connect`.
     pub rid: u64,
     /// The connection's UUID, for `Signal`.
+    #[serde(deserialize_with = "strict::uuid")]
     pub connection: Uuid,
     /// The peer's session UUID.
+    #[serde(deserialize_with = "strict::uuid")]
     pub peer: Uuid,
     /// The peer's address as the server sees it.
     pub observed: Addr,
     /// The peer's local addresses.
     pub local: Vec<Addr>,
     /// The peer's `Accept` payload.
+    #[serde(deserialize_with = "strict::payload")]
     pub payload: Payload,
 }
 
@@ -175,6 +201,7 @@ pub struct ConnectFailed {
     /// Why.
     pub reason: FailReason,
     /// The target's `Reject` payload (empty otherwise).
+    #[serde(deserialize_with = "strict::payload")]
     pub payload: Payload,
 }
 
@@ -200,14 +227,17 @@ pub struct Incoming {
     /// Push id, echoed in `PushAck`; the client drops duplicates by it.
     pub push: u64,
     /// The connection's UUID, for `Accept`/`Reject`/`Signal`.
+    #[serde(deserialize_with = "strict::uuid")]
     pub connection: Uuid,
     /// The initiator's session UUID.
+    #[serde(deserialize_with = "strict::uuid")]
     pub from: Uuid,
     /// The initiator's address as the server sees it.
     pub observed: Addr,
     /// The initiator's local addresses.
     pub local: Vec<Addr>,
     /// The initiator's `Connect` payload.
+    #[serde(deserialize_with = "strict::payload")]
     pub payload: Payload,
 }
 
@@ -217,10 +247,13 @@ pub struct SignalPush {
     /// Push id, echoed in `PushAck`.
     pub push: u64,
     /// The connection.
+    #[serde(deserialize_with = "strict::uuid")]
     pub connection: Uuid,
     /// The peer that sent it.
+    #[serde(deserialize_with = "strict::uuid")]
     pub from: Uuid,
     /// Opaque payload.
+    #[serde(deserialize_with = "strict::payload")]
     pub payload: Payload,
 }
 
@@ -331,5 +364,46 @@ impl Message {
             Self::Migrate(m) => m.push,
             _ => return None,
         })
+    }
+}
+
+/// The binary fields of each type's body, for [`strict::check_bin_fields`]. A test checks this
+/// table against what the encoder writes, so a new binary field cannot be forgotten here.
+pub(crate) fn bin_fields(ty: MsgType) -> &'static [BinField] {
+    use BinShape::{Bin, List, OptBin};
+    match ty {
+        MsgType::Register => &[("local", List), ("pad", Bin)],
+        MsgType::Resume => &[
+            ("uuid", Bin),
+            ("secret", Bin),
+            ("local", List),
+            ("pad", Bin),
+        ],
+        MsgType::Heartbeat | MsgType::Bye | MsgType::PushAck => &[("uuid", Bin)],
+        MsgType::Query => &[("uuid", Bin), ("uuids", List)],
+        MsgType::Connect => &[("uuid", Bin), ("to", Bin), ("payload", Bin)],
+        MsgType::Accept | MsgType::Reject | MsgType::Signal => {
+            &[("uuid", Bin), ("connection", Bin), ("payload", Bin)]
+        }
+        MsgType::Registered => &[("uuid", Bin), ("secret", Bin), ("observed", Bin)],
+        MsgType::HeartbeatAck => &[("observed", Bin)],
+        MsgType::QueryResult | MsgType::Ack | MsgType::Error => &[],
+        MsgType::Connected => &[
+            ("connection", Bin),
+            ("peer", Bin),
+            ("observed", Bin),
+            ("local", List),
+            ("payload", Bin),
+        ],
+        MsgType::ConnectFailed => &[("payload", Bin)],
+        MsgType::Incoming => &[
+            ("connection", Bin),
+            ("from", Bin),
+            ("observed", Bin),
+            ("local", List),
+            ("payload", Bin),
+        ],
+        MsgType::SignalPush => &[("connection", Bin), ("from", Bin), ("payload", Bin)],
+        MsgType::Migrate => &[("to", OptBin)],
     }
 }

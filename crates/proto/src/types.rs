@@ -15,7 +15,7 @@ use crate::limits::MAX_PAYLOAD;
 pub const SECRET_LEN: usize = 32;
 
 /// A socket address on the wire: MessagePack `bin` of 6 bytes (IPv4 address, port big-endian)
-/// or 18 bytes (IPv6 address, port big-endian).
+/// or 18 bytes (IPv6 address, port big-endian). Decodes from `bin` only, never `str` or an array.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Addr(pub SocketAddr);
 
@@ -66,13 +66,12 @@ impl Serialize for Addr {
 
 impl<'de> Deserialize<'de> for Addr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let b: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
-        Self::from_bytes(&b)
-            .ok_or_else(|| serde::de::Error::custom("address must be 6 or 18 bytes"))
+        crate::strict::bin(d, "a 6- or 18-byte address", Self::from_bytes)
     }
 }
 
-/// A 32-byte session secret, MessagePack `bin` 32. Compared in constant time; never printed.
+/// A 32-byte session secret, MessagePack `bin` 32 (only). Compared in constant time; never
+/// printed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Secret(pub [u8; SECRET_LEN]);
 
@@ -110,14 +109,10 @@ impl Serialize for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let b: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
-        let a: [u8; SECRET_LEN] = b
-            .as_slice()
-            .try_into()
-            .map_err(|_| serde::de::Error::custom("secret must be 32 bytes"))?;
-        Ok(Self(a))
+        crate::strict::bin(d, "a 32-byte secret", |b| b.try_into().ok().map(Self))
     }
 }
 
-/// An opaque application payload, MessagePack `bin`, at most [`MAX_PAYLOAD`] bytes.
+/// An opaque application payload, MessagePack `bin`, at most [`MAX_PAYLOAD`] bytes. The message
+/// structs decode it from `bin` only.
 pub type Payload = serde_bytes::ByteBuf;
