@@ -122,7 +122,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     };
     // Binary fields must carry the `bin` marker (see `strict` for why serde alone cannot tell).
     strict::check_bin_fields(b, bin_fields(h.ty))?;
-    if !msg.check_limits() {
+    if !msg.within_limits() {
         return Err(DecodeError::OutOfRange);
     }
     Ok(msg)

@@ -60,7 +60,7 @@ pub enum MsgType {
 
 impl MsgType {
     /// Maps a type byte to a known type.
-    pub fn from_u8(b: u8) -> Option<Self> {
+    pub const fn from_u8(b: u8) -> Option<Self> {
         use MsgType::*;
         Some(match b {
             0x01 => Register,
@@ -88,7 +88,7 @@ impl MsgType {
     }
 
     /// Whether datagrams of this type end with a MAC keyed by the session secret.
-    pub fn is_authenticated(self) -> bool {
+    pub const fn is_authenticated(self) -> bool {
         !matches!(
             self,
             Self::Register | Self::Resume | Self::Registered | Self::Error

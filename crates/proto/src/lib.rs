@@ -31,7 +31,9 @@
 //!   payloads.
 //! - `codec`: [`encode`], [`decode`], [`encode_hello`]: bytes in, bytes out, no I/O.
 //! - `mac`: [`MAC_LEN`] and [`verify_mac`].
-//! - `limits`: [`MAX_DATAGRAM`], [`MAX_PAYLOAD`] and the other size limits.
+//! - `limits`: [`MAX_DATAGRAM`], [`MAX_PAYLOAD`] and the other size limits, derived so that
+//!   every answer and push a valid request causes can be encoded ([`max_len`],
+//!   [`Message::within_limits`]).
 //! - `error`: [`DecodeError`] and [`EncodeError`].
 //! - `strict`: binary fields decode from MessagePack `bin` only (deserializers and a marker
 //!   check).
@@ -52,7 +54,7 @@ pub use codec::{decode, encode, encode_hello, encode_into};
 pub use codes::{ErrorCode, FailReason};
 pub use error::{DecodeError, EncodeError};
 pub use header::{peek_header, Header, MsgType, HEADER_LEN, MAGIC, VERSION};
-pub use limits::{MAX_DATAGRAM, MAX_LOCAL_ADDRS, MAX_PAYLOAD, MAX_QUERY, MIN_HELLO_LEN};
+pub use limits::{max_len, MAX_DATAGRAM, MAX_LOCAL_ADDRS, MAX_PAYLOAD, MAX_QUERY, MIN_HELLO_LEN};
 pub use mac::{verify_mac, MAC_LEN};
 pub use messages::{
     Ack, Answer, Bye, Connect, ConnectFailed, Connected, ErrorMsg, Heartbeat, HeartbeatAck,
