@@ -337,7 +337,7 @@ impl Router {
     }
 
     fn error(&self, to: SocketAddr, req_len: usize, rid: u64, code: ErrorCode, out: &mut Outbox) {
-        self.reply_bounded(to, req_len, &Message::Error(ErrorMsg { rid, code }), out);
+        self.reply_bounded(to, req_len, &Message::Error(ErrorMsg::new(rid, code)), out);
     }
 
     /// Per-IP limit for Register/Resume. Over the limit: a small Error (never larger than the
@@ -676,7 +676,7 @@ impl Router {
         self.reply_bounded(
             view.addr,
             usize::MAX,
-            &Message::Error(ErrorMsg { rid, code }),
+            &Message::Error(ErrorMsg::new(rid, code)),
             out,
         );
     }
@@ -1445,7 +1445,7 @@ impl Router {
         let Some(p) = self.sessions.peer(&uuid) else {
             return;
         };
-        if let Ok(bytes) = proto::encode(&Message::Error(ErrorMsg { rid, code }), None) {
+        if let Ok(bytes) = proto::encode(&Message::Error(ErrorMsg::new(rid, code)), None) {
             self.sessions
                 .remember(&uuid, rid, Remembered::Answer(bytes.as_slice().into()), now);
             out.client.push(Transmit { to: p.addr, bytes });

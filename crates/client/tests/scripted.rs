@@ -221,6 +221,7 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::Unauthorized,
+            to: None,
         }),
         None,
     )
@@ -232,6 +233,7 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::RateLimited,
+            to: None,
         }),
         at,
     )
@@ -244,6 +246,7 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::RetryLater,
+            to: None,
         }),
         at,
     )
@@ -267,6 +270,39 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
 }
 
 #[tokio::test]
+async fn session_errors_count_only_with_a_valid_mac() {
+    let r = Router::new(Uuid::new_v4(), Secret([8; 32])).await;
+    let (client, _events, at) = register(&r, ClientConfig::new(r.addr())).await;
+    let hb = tokio::spawn({
+        let c = client.clone();
+        async move { c.heartbeat().await }
+    });
+    let (m, _, _) = r.recv().await;
+    let rid = m.rid().unwrap();
+    let refusal = |code| {
+        Message::SessionError(ErrorMsg {
+            rid,
+            code,
+            to: None,
+        })
+    };
+    // MAC'd with another secret: dropped. Had it counted, the heartbeat would fail with
+    // Unauthorized.
+    r.send_with_key(&refusal(ErrorCode::Unauthorized), &Secret([9; 32]), at)
+        .await;
+    // MAC'd with the session's secret: the same as an Error with that code.
+    r.send(&refusal(ErrorCode::BadRequest), at).await;
+    let res = timeout(WAIT, hb)
+        .await
+        .expect("heartbeat answered")
+        .unwrap();
+    assert!(
+        matches!(res, Err(ClientError::Server(ErrorCode::BadRequest))),
+        "{res:?}"
+    );
+}
+
+#[tokio::test]
 async fn unknown_session_resumes_at_the_same_address_and_retries_with_a_new_rid() {
     let r = Router::new(Uuid::new_v4(), Secret([6; 32])).await;
     let (client, mut events, at) = register(&r, ClientConfig::new(r.addr())).await;
@@ -280,6 +316,7 @@ async fn unknown_session_resumes_at_the_same_address_and_retries_with_a_new_rid(
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::UnknownSession,
+            to: None,
         }),
         at,
     )

@@ -122,7 +122,8 @@ mod tests {
             decode(&b).unwrap(),
             Message::Error(ErrorMsg {
                 rid: 7,
-                code: ErrorCode::Other
+                code: ErrorCode::Other,
+                to: None,
             })
         );
     }

@@ -48,8 +48,12 @@ pub enum MsgType {
     ConnectFailed = 0x85,
     /// Answer to `Accept`, `Reject`, `Signal` and `Bye`.
     Ack = 0x86,
-    /// Request refused, with a code.
+    /// Request refused, with a code. Unauthenticated: the answer to `Register` and `Resume`,
+    /// and to requests whose session is not known here.
     Error = 0x87,
+    /// Request refused, with a code, MAC'd with the session's secret: the answer to an
+    /// authenticated request of a known session. Same body as `Error`.
+    SessionError = 0x88,
     /// Push: another client wants to connect.
     Incoming = 0x90,
     /// Push: a signaling message from the peer of a connection.
@@ -80,6 +84,7 @@ impl MsgType {
             0x85 => ConnectFailed,
             0x86 => Ack,
             0x87 => Error,
+            0x88 => SessionError,
             0x90 => Incoming,
             0x91 => SignalPush,
             0x92 => Migrate,
@@ -121,6 +126,7 @@ impl MsgType {
             ConnectFailed => "connect_failed",
             Ack => "ack",
             Error => "error",
+            SessionError => "session_error",
             Incoming => "incoming",
             SignalPush => "signal_push",
             Migrate => "migrate",

@@ -142,7 +142,7 @@ const fn overhead(ty: MsgType) -> usize {
             field("rid", U64) + field("reason", REASON) + field("payload", PAYLOAD_HEADER)
         }
         Ack => field("rid", U64),
-        Error => field("rid", U64) + field("code", CODE),
+        Error | SessionError => field("rid", U64) + field("code", CODE) + field("to", ADDR),
         Incoming => {
             field("push", U64)
                 + field("connection", UUID)

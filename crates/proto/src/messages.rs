@@ -212,13 +212,29 @@ pub struct Ack {
     pub rid: u64,
 }
 
-/// `Error`: the request was refused.
+/// `Error` or `SessionError`: the request was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorMsg {
     /// The request id being answered (0 when it could not be read).
     pub rid: u64,
     /// What went wrong.
     pub code: ErrorCode,
+    /// With [`ErrorCode::Draining`] in answer to `Register` or `Resume`: a node to go to
+    /// instead. `None` otherwise, and then absent from the wire (the datagram is the same as
+    /// before the field existed); receivers ignore it with any other code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Addr>,
+}
+
+impl ErrorMsg {
+    /// A refusal without a redirect.
+    pub fn new(rid: u64, code: ErrorCode) -> Self {
+        Self {
+            rid,
+            code,
+            to: None,
+        }
+    }
 }
 
 /// `Incoming` push: someone wants to connect.
@@ -287,6 +303,7 @@ pub enum Message {
     ConnectFailed(ConnectFailed),
     Ack(Ack),
     Error(ErrorMsg),
+    SessionError(ErrorMsg),
     Incoming(Incoming),
     SignalPush(SignalPush),
     Migrate(Migrate),
@@ -313,6 +330,7 @@ impl Message {
             Self::ConnectFailed(_) => MsgType::ConnectFailed,
             Self::Ack(_) => MsgType::Ack,
             Self::Error(_) => MsgType::Error,
+            Self::SessionError(_) => MsgType::SessionError,
             Self::Incoming(_) => MsgType::Incoming,
             Self::SignalPush(_) => MsgType::SignalPush,
             Self::Migrate(_) => MsgType::Migrate,
@@ -351,7 +369,7 @@ impl Message {
             Self::Connected(m) => m.rid,
             Self::ConnectFailed(m) => m.rid,
             Self::Ack(m) => m.rid,
-            Self::Error(m) => m.rid,
+            Self::Error(m) | Self::SessionError(m) => m.rid,
             _ => return None,
         })
     }
@@ -387,7 +405,8 @@ pub(crate) fn bin_fields(ty: MsgType) -> &'static [BinField] {
         }
         MsgType::Registered => &[("uuid", Bin), ("secret", Bin), ("observed", Bin)],
         MsgType::HeartbeatAck => &[("observed", Bin)],
-        MsgType::QueryResult | MsgType::Ack | MsgType::Error => &[],
+        MsgType::QueryResult | MsgType::Ack => &[],
+        MsgType::Error | MsgType::SessionError => &[("to", OptBin)],
         MsgType::Connected => &[
             ("connection", Bin),
             ("peer", Bin),

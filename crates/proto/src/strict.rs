@@ -272,6 +272,12 @@ mod tests {
             Message::Error(ErrorMsg {
                 rid: 1,
                 code: ErrorCode::Draining,
+                to: Some(a),
+            }),
+            Message::SessionError(ErrorMsg {
+                rid: 1,
+                code: ErrorCode::RateLimited,
+                to: Some(a),
             }),
             Message::Incoming(Incoming {
                 push: 1,

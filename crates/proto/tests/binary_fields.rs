@@ -209,6 +209,28 @@ fn addresses_are_bin_only() {
         decode(&migrate(&[0xc0])),
         Ok(Message::Migrate(Migrate { push: 3, to: None }))
     );
+
+    // Error{rid: 2, code: Draining, to: 192.0.2.1:4000}: the optional redirect.
+    let error = |v: &[u8]| {
+        datagram(
+            0x87,
+            &[
+                &[0x83],
+                &key("rid"),
+                &[0x02],
+                &key("code"),
+                &[0x07],
+                &key("to"),
+                v,
+            ],
+        )
+    };
+    let want = Message::Error(ErrorMsg {
+        rid: 2,
+        code: ErrorCode::Draining,
+        to: Some(v4()),
+    });
+    check("Error.to", &V4_BYTES, error, want);
 }
 
 #[test]

@@ -188,9 +188,20 @@ fn arb_case() -> impl Strategy<Value = Case> {
 fn caused(c: &Case) -> Vec<(Message, Secret)> {
     let (a, b) = (&c.a, &c.b);
     let rid = c.rid;
+    // Errors, every code, each with a redirect (`to` is only sent with Draining, but the
+    // body allows it): unauthenticated `Error`, and `SessionError` for authenticated requests.
     let errors = |out: &mut Vec<(Message, Secret)>| {
+        let authenticated = c.request.ty().is_authenticated();
         for code in ALL_CODES {
-            out.push((Message::Error(ErrorMsg { rid, code }), a.secret));
+            let e = ErrorMsg {
+                rid,
+                code,
+                to: Some(b.observed),
+            };
+            out.push((Message::Error(e.clone()), a.secret));
+            if authenticated {
+                out.push((Message::SessionError(e), a.secret));
+            }
         }
     };
     let mut out = Vec::new();
@@ -383,6 +394,22 @@ fn worst_case_incoming_fills_the_datagram() {
         encode(&connected, Some(&key)).unwrap().len(),
         max_len(MsgType::Connected)
     );
+}
+
+/// The worst-case errors: a `Draining` redirect to an IPv6 node, unauthenticated and MAC'd.
+#[test]
+fn worst_case_errors_are_exact() {
+    let e = ErrorMsg {
+        rid: u64::MAX,
+        code: ErrorCode::Other,
+        to: Some(Addr("[ffff::ffff]:65535".parse().unwrap())),
+    };
+    let key = Secret([1; 32]);
+    let plain = encode(&Message::Error(e.clone()), None).unwrap();
+    assert_eq!(plain.len(), max_len(MsgType::Error));
+    let mac = encode(&Message::SessionError(e), Some(&key)).unwrap();
+    assert_eq!(mac.len(), max_len(MsgType::SessionError));
+    assert!(plain.len() <= MIN_HELLO_LEN);
 }
 
 /// The case from the issue: a 1,113-byte `Connect` (a 1,024-byte payload) used to decode,
