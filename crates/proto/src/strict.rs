@@ -15,9 +15,10 @@
 
 use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, Visitor};
+use serde::de::{Deserialize, Deserializer, Visitor};
 use uuid::Uuid;
 
+use crate::codec::MAX_BODY_DEPTH;
 use crate::error::DecodeError;
 use crate::types::Payload;
 
@@ -179,11 +180,53 @@ fn bin_value(rest: &mut &[u8], nil_ok: bool) -> Result<(), DecodeError> {
     take(rest, n).map(|_| ())
 }
 
-/// Skips one value of any type (an unknown or non-binary field).
+/// Skips one value of any type (an unknown or non-binary field), nested at most
+/// `MAX_BODY_DEPTH` deep like the body itself.
 fn skip(rest: &mut &[u8]) -> Result<(), DecodeError> {
-    let mut de = rmp_serde::Deserializer::new(&mut *rest);
-    de.set_max_depth(crate::codec::MAX_BODY_DEPTH);
-    IgnoredAny::deserialize(&mut de).map_err(|_| DecodeError::Malformed)?;
+    skip_nested(rest, 1)
+}
+
+fn skip_nested(rest: &mut &[u8], depth: usize) -> Result<(), DecodeError> {
+    if depth > MAX_BODY_DEPTH {
+        return Err(DecodeError::Malformed);
+    }
+    let (data, items) = match take(rest, 1)?[0] {
+        // Fixints, nil, booleans: the marker is the value.
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+        m @ 0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
+        m @ 0x90..=0x9f => (0, usize::from(m & 0x0f)),
+        m @ 0xa0..=0xbf => (usize::from(m & 0x1f), 0),
+        // bin 8/16/32, str 8/16/32.
+        0xc4 | 0xd9 => (be_len(rest, 1)?, 0),
+        0xc5 | 0xda => (be_len(rest, 2)?, 0),
+        0xc6 | 0xdb => (be_len(rest, 4)?, 0),
+        // ext 8/16/32: length, type byte, data.
+        0xc7 => (be_len(rest, 1)? + 1, 0),
+        0xc8 => (be_len(rest, 2)? + 1, 0),
+        0xc9 => (be_len(rest, 4)?.saturating_add(1), 0),
+        // Numbers of fixed width.
+        0xcc | 0xd0 => (1, 0),
+        0xcd | 0xd1 => (2, 0),
+        0xca | 0xce | 0xd2 => (4, 0),
+        0xcb | 0xcf | 0xd3 => (8, 0),
+        // fixext 1/2/4/8/16: type byte and data.
+        0xd4 => (2, 0),
+        0xd5 => (3, 0),
+        0xd6 => (5, 0),
+        0xd7 => (9, 0),
+        0xd8 => (17, 0),
+        0xdc => (0, be_len(rest, 2)?),
+        0xdd => (0, be_len(rest, 4)?),
+        0xde => (0, 2 * be_len(rest, 2)?),
+        0xdf => (0, be_len(rest, 4)?.saturating_mul(2)),
+        // 0xc1 is never used.
+        _ => return Err(DecodeError::Malformed),
+    };
+    take(rest, data)?;
+    // Each item is at least one byte, so a made-up count runs out of input quickly.
+    for _ in 0..items {
+        skip_nested(rest, depth + 1)?;
+    }
     Ok(())
 }
 
@@ -385,6 +428,76 @@ mod tests {
             ),
             Err(DecodeError::Malformed)
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 5000,
+            ..Default::default()
+        })]
+
+        /// The skipper consumes exactly what rmp-serde would, and fails where it fails.
+        #[test]
+        fn skip_agrees_with_rmp_serde(b in proptest::prop_oneof![
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48),
+            // Mostly container markers and short lengths: deep nesting, depth limits.
+            proptest::collection::vec(
+                proptest::sample::select(vec![
+                    0x91u8, 0x92, 0x9f, 0x81, 0x82, 0xdc, 0xde, 0x00, 0x01, 0x02, 0xa1, 0xc4,
+                    0xd9, 0xc0, 0xd4, 0xc7, 0xcc, 0xcf, 0xff, 0xc1,
+                ]),
+                0..48,
+            ),
+        ]) {
+            let mut ours = &b[..];
+            let r1 = skip(&mut ours).map(|()| ours.len());
+            let mut theirs = &b[..];
+            let mut de = rmp_serde::Deserializer::new(&mut theirs);
+            de.set_max_depth(MAX_BODY_DEPTH);
+            let r2 = serde::de::IgnoredAny::deserialize(&mut de).map(|_| theirs.len());
+            proptest::prop_assert_eq!(r1.ok(), r2.ok(), "{:02x?}", b);
+        }
+    }
+
+    #[test]
+    fn skip_handles_every_kind_of_value() {
+        #[derive(serde::Serialize)]
+        struct All {
+            i: Vec<i64>,
+            u: Vec<u64>,
+            f: (f32, f64),
+            s: Vec<String>,
+            b: serde_bytes::ByteBuf,
+            o: Option<bool>,
+            m: std::collections::BTreeMap<String, Vec<Option<u8>>>,
+        }
+        let v = All {
+            i: vec![-1, -33, -129, -40_000, -3_000_000_000, 5],
+            u: vec![0, 200, 60_000, 4_000_000_000, u64::MAX],
+            f: (1.5, 2.5),
+            s: vec![
+                "".into(),
+                "x".repeat(40),
+                "y".repeat(300),
+                "z".repeat(70_000),
+            ],
+            b: serde_bytes::ByteBuf::from(vec![1; 70_000]),
+            o: None,
+            m: [("k".to_string(), vec![Some(1), None])].into(),
+        };
+        let mut b = rmp_serde::to_vec_named(&v).unwrap();
+        b.push(0xc3);
+        let mut rest = &b[..];
+        skip(&mut rest).unwrap();
+        assert_eq!(rest, &[0xc3]);
+        // Ext types too: fixext 1 and ext 8.
+        let mut rest: &[u8] = &[0xd4, 1, 2, 0xc7, 2, 9, 1, 2, 0xc0];
+        skip(&mut rest).unwrap();
+        skip(&mut rest).unwrap();
+        assert_eq!(rest, &[0xc0]);
+        // Truncated and reserved.
+        assert!(skip(&mut &[0xcd, 1][..]).is_err());
+        assert!(skip(&mut &[0xc1][..]).is_err());
     }
 
     #[test]
