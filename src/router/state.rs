@@ -290,7 +290,9 @@ impl State {
         }
     }
 
-    /// Sends an Error: the one way every handler answers with one.
+    /// Sends an error: the one way every handler answers with one. To the source of an
+    /// unauthenticated request it is a plain `Error`, never larger than the request; to a
+    /// session it is a `SessionError`, MAC'd with the session key, and remembered.
     pub(crate) fn error(
         &self,
         now: Instant,
@@ -299,14 +301,20 @@ impl State {
         code: ErrorCode,
         out: &mut Outbox,
     ) {
-        let msg = Message::Error(ErrorMsg { rid, code });
         match to {
-            ErrorTo::Source { src, req_len } => self.reply_bounded(src, req_len, &msg, out),
-            ErrorTo::Sender(view) => self.remember_and_send(now, view, rid, &msg, false, out),
+            ErrorTo::Source { src, req_len } => {
+                let msg = Message::Error(ErrorMsg::new(rid, code));
+                self.reply_bounded(src, req_len, &msg, out);
+            }
+            ErrorTo::Sender(view) => {
+                let msg = Message::SessionError(ErrorMsg::new(rid, code));
+                self.remember_and_send(now, view, rid, &msg, true, out);
+            }
             ErrorTo::Session(uuid) => {
                 if let Some(p) = self.sessions.peer(&uuid) {
                     let view = SenderView::to_peer(uuid, p);
-                    self.remember_and_send(now, &view, rid, &msg, false, out);
+                    let msg = Message::SessionError(ErrorMsg::new(rid, code));
+                    self.remember_and_send(now, &view, rid, &msg, true, out);
                 }
             }
         }

@@ -136,6 +136,11 @@ impl Driver {
             tracing::debug!(%from, ty = ty.name(), "unauthenticated datagram from a stranger");
             return None;
         }
+        // A SessionError (its MAC verified above) is handled exactly like an Error.
+        let msg = match msg {
+            Message::SessionError(e) => Message::Error(e),
+            m => m,
+        };
         match &msg {
             Message::Registered(_)
             | Message::HeartbeatAck(_)

@@ -223,6 +223,7 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::Unauthorized,
+            to: None,
         }),
         None,
     )
@@ -234,6 +235,7 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::RateLimited,
+            to: None,
         }),
         at,
     )
@@ -246,6 +248,7 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::RetryLater,
+            to: None,
         }),
         at,
     )
@@ -269,6 +272,39 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
 }
 
 #[tokio::test]
+async fn session_errors_count_only_with_a_valid_mac() {
+    let r = Router::new(Uuid::new_v4(), Secret([8; 32])).await;
+    let (client, _events, at) = register(&r, ClientConfig::new(r.addr())).await;
+    let hb = tokio::spawn({
+        let c = client.clone();
+        async move { c.heartbeat().await }
+    });
+    let (m, _, _) = r.recv().await;
+    let rid = m.rid().unwrap();
+    let refusal = |code| {
+        Message::SessionError(ErrorMsg {
+            rid,
+            code,
+            to: None,
+        })
+    };
+    // MAC'd with another secret: dropped. Had it counted, the heartbeat would fail with
+    // Unauthorized.
+    r.send_with_key(&refusal(ErrorCode::Unauthorized), &Secret([9; 32]), at)
+        .await;
+    // MAC'd with the session's secret: the same as an Error with that code.
+    r.send(&refusal(ErrorCode::BadRequest), at).await;
+    let res = timeout(WAIT, hb)
+        .await
+        .expect("heartbeat answered")
+        .unwrap();
+    assert!(
+        matches!(res, Err(ClientError::Server(ErrorCode::BadRequest))),
+        "{res:?}"
+    );
+}
+
+#[tokio::test]
 async fn unknown_session_resumes_at_the_same_address_and_retries_with_a_new_rid() {
     let r = Router::new(Uuid::new_v4(), Secret([6; 32])).await;
     let (client, mut events, at) = register(&r, ClientConfig::new(r.addr())).await;
@@ -282,6 +318,7 @@ async fn unknown_session_resumes_at_the_same_address_and_retries_with_a_new_rid(
         &Message::Error(ErrorMsg {
             rid,
             code: ErrorCode::UnknownSession,
+            to: None,
         }),
         at,
     )
@@ -476,7 +513,7 @@ fn connect_failed(rid: u64, reason: FailReason) -> Message {
 }
 
 fn error(rid: u64, code: ErrorCode) -> Message {
-    Message::Error(ErrorMsg { rid, code })
+    Message::Error(ErrorMsg::new(rid, code))
 }
 
 /// Runs `call` while the scripted router answers each request it receives with

@@ -74,7 +74,7 @@ fn arb_answer() -> impl Strategy<Value = Answer> {
     )
 }
 
-/// Any message of any of the 20 types, within the documented limits.
+/// Any message of any of the 21 types, within the documented limits.
 fn arb_message() -> impl Strategy<Value = Message> {
     let pad = vec(any::<u8>(), 0..300);
     prop_oneof![
@@ -164,8 +164,18 @@ fn arb_message() -> impl Strategy<Value = Message> {
             })
         }),
         any::<u64>().prop_map(|rid| Message::Ack(Ack { rid })),
-        (any::<u64>(), arb_error_code())
-            .prop_map(|(rid, code)| Message::Error(ErrorMsg { rid, code })),
+        (
+            any::<u64>(),
+            arb_error_code(),
+            proptest::option::of(arb_addr())
+        )
+            .prop_map(|(rid, code, to)| Message::Error(ErrorMsg { rid, code, to })),
+        (
+            any::<u64>(),
+            arb_error_code(),
+            proptest::option::of(arb_addr())
+        )
+            .prop_map(|(rid, code, to)| Message::SessionError(ErrorMsg { rid, code, to })),
         (
             any::<u64>(),
             arb_uuid(),
@@ -397,6 +407,12 @@ fn every_length_of_a_valid_datagram_is_handled() {
         Message::Error(ErrorMsg {
             rid: 0,
             code: ErrorCode::Draining,
+            to: None,
+        }),
+        Message::SessionError(ErrorMsg {
+            rid: 0,
+            code: ErrorCode::RateLimited,
+            to: Some(Addr("[2001:db8::1]:5000".parse().unwrap())),
         }),
     ];
     for m in msgs {

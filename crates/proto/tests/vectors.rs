@@ -240,6 +240,27 @@ fn vectors() -> Vec<Vector> {
             msg: Message::Error(ErrorMsg {
                 rid: 2,
                 code: ErrorCode::RateLimited,
+                to: None,
+            }),
+        },
+        Vector {
+            name: "error_draining",
+            desc: "Error{rid: 2, code: Draining (7), to: [2001:db8::1]:5000}",
+            key: None,
+            msg: Message::Error(ErrorMsg {
+                rid: 2,
+                code: ErrorCode::Draining,
+                to: Some(v6()),
+            }),
+        },
+        Vector {
+            name: "session_error",
+            desc: "SessionError{rid: 3, code: RateLimited (4)}, to A",
+            key: a,
+            msg: Message::SessionError(ErrorMsg {
+                rid: 3,
+                code: ErrorCode::RateLimited,
+                to: None,
             }),
         },
         Vector {
@@ -433,7 +454,7 @@ fn document_vectors_decode_verify_and_reencode() {
     let all: BTreeSet<u8> = (0..=255u8)
         .filter(|b| MsgType::from_u8(*b).is_some())
         .collect();
-    assert_eq!(all.len(), 20);
+    assert_eq!(all.len(), 21);
     assert_eq!(seen_types, all, "not every message type has a vector");
 }
 
@@ -505,8 +526,9 @@ impl<'de> serde::Deserialize<'de> for MapKeys {
     }
 }
 
-/// Section 6 of the document: for each type code, the keys of its table in order.
-fn documented_fields(doc: &str) -> BTreeMap<u8, Vec<String>> {
+/// Section 6 of the document: for each type code, the keys of its table in order, each with
+/// whether it may be absent (its type ends with `?`).
+fn documented_fields(doc: &str) -> BTreeMap<u8, Vec<(String, bool)>> {
     let mut out = BTreeMap::new();
     let mut codes: Vec<u8> = Vec::new();
     let mut in_section = false;
@@ -531,8 +553,9 @@ fn documented_fields(doc: &str) -> BTreeMap<u8, Vec<String>> {
             }
         } else if let Some(rest) = line.strip_prefix("| `") {
             let key = rest.split('`').next().unwrap().to_string();
+            let optional = line.split('|').nth(2).unwrap().trim().ends_with('?');
             for c in &codes {
-                out.get_mut(c).unwrap().push(key.clone());
+                out.get_mut(c).unwrap().push((key.clone(), optional));
             }
         }
     }
@@ -545,7 +568,7 @@ fn document_field_tables_match_the_wire() {
     let tables = documented_fields(&doc);
     assert_eq!(
         tables.len(),
-        20,
+        21,
         "section 6 documents {} types",
         tables.len()
     );
@@ -554,13 +577,59 @@ fn document_field_tables_match_the_wire() {
         let h = peek_header(&bytes).unwrap();
         let end = bytes.len() - if h.ty.is_authenticated() { MAC_LEN } else { 0 };
         let keys: MapKeys = rmp_serde::from_slice(&bytes[HEADER_LEN..end]).unwrap();
+        // The table's keys in order, less the optional ones this datagram leaves out.
+        let expected: Vec<String> = tables[&(h.ty as u8)]
+            .iter()
+            .filter(|(k, optional)| !optional || keys.0.contains(k))
+            .map(|(k, _)| k.clone())
+            .collect();
         assert_eq!(
             keys.0,
-            tables[&(h.ty as u8)],
+            expected,
             "{}: wire keys vs the table in section 6",
             b.get("name")
         );
     }
+}
+
+/// The redirect in `Error` is optional both ways: an `Error` without it (as every server sent
+/// before it existed) decodes, with any code; and a receiver that predates it, which knows only
+/// `rid` and `code` and ignores unknown keys as section 2 requires, decodes an `Error` that
+/// has it.
+#[test]
+fn error_redirect_is_optional_both_ways() {
+    let plain = |code: ErrorCode| {
+        Ok(Message::Error(ErrorMsg {
+            rid: 2,
+            code,
+            to: None,
+        }))
+    };
+    // Old-style Error{rid: 2, code: 7}, no `to`: Draining without a redirect.
+    let old = hex_of("5352018782a372696402a4636f646507");
+    assert_eq!(decode(&old), plain(ErrorCode::Draining));
+    // `to: nil` is the same as absent.
+    let nil = hex_of("5352018783a372696402a4636f646507a2746fc0");
+    assert_eq!(decode(&nil), plain(ErrorCode::Draining));
+    // `to` must be an address like any other.
+    let str_to = hex_of("5352018783a372696402a4636f646507a2746fa6c00002010fa0");
+    assert_eq!(decode(&str_to), Err(DecodeError::Malformed));
+
+    // A receiver from before the field: the body with only the fields it knew.
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct OldError {
+        rid: u64,
+        code: u16,
+    }
+    let doc = doc();
+    let blocks = parse_doc(&doc);
+    let redirect = blocks
+        .iter()
+        .find(|b| b.get("name") == "error_draining")
+        .unwrap();
+    let bytes = hex_of(redirect.get("hex"));
+    let old: OldError = rmp_serde::from_slice(&bytes[HEADER_LEN..]).unwrap();
+    assert_eq!(old, OldError { rid: 2, code: 7 });
 }
 
 /// The leniency section 2 promises receivers: any key order, unknown keys ignored, any integer

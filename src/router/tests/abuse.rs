@@ -130,7 +130,7 @@ fn one_session_cannot_hold_more_than_its_share_of_lookups() {
     }
     let rid = a.next_rid();
     let out = sim.recv(a.addr, &a.query(rid, vec![Uuid::from_u128(1)]));
-    assert_client(&out, &[(a.addr, error(rid, ErrorCode::RetryLater))]);
+    assert_client(&out, &[(a.addr, a.error(rid, ErrorCode::RetryLater))]);
     let rid = a.next_rid();
     let out = sim.recv(a.addr, &a.connect(rid, Uuid::from_u128(2), b""));
     assert_eq!(out.client.len(), 1, "{:?}", decoded(&out));

@@ -106,7 +106,7 @@ fn a_local_connect_rejected_carries_the_reject_payload() {
     // The connection is gone: a Signal on it is refused.
     let s = a.next_rid();
     let out = sim.recv(a.addr, &a.signal(s, conn, b"x"));
-    assert_client(&out, &[(a.addr, error(s, ErrorCode::UnknownConnection))]);
+    assert_client(&out, &[(a.addr, a.error(s, ErrorCode::UnknownConnection))]);
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn a_connect_to_oneself_is_a_bad_request() {
     let mut a = sim.register(v4(1, 1), vec![]);
     let rid = a.next_rid();
     let out = sim.recv(a.addr, &a.connect(rid, a.uuid, b""));
-    assert_client(&out, &[(a.addr, error(rid, ErrorCode::BadRequest))]);
+    assert_client(&out, &[(a.addr, a.error(rid, ErrorCode::BadRequest))]);
 }
 
 #[test]
@@ -163,7 +163,10 @@ fn an_accept_for_an_unknown_connection_is_refused() {
     let mut b = sim.register(v4(1, 1), vec![]);
     let rid = b.next_rid();
     let out = sim.recv(b.addr, &b.accept(rid, Uuid::from_u128(9), b""));
-    assert_client(&out, &[(b.addr, error(rid, ErrorCode::UnknownConnection))]);
+    assert_client(
+        &out,
+        &[(b.addr, b.error(rid, ErrorCode::UnknownConnection))],
+    );
 }
 
 #[test]
@@ -176,11 +179,14 @@ fn only_the_target_may_answer() {
     let out = sim.recv(eve.addr, &eve.accept(rid, conn, b""));
     assert_client(
         &out,
-        &[(eve.addr, error(rid, ErrorCode::UnknownConnection))],
+        &[(eve.addr, eve.error(rid, ErrorCode::UnknownConnection))],
     );
     let rid = a.next_rid();
     let out = sim.recv(a.addr, &a.accept(rid, conn, b""));
-    assert_client(&out, &[(a.addr, error(rid, ErrorCode::UnknownConnection))]);
+    assert_client(
+        &out,
+        &[(a.addr, a.error(rid, ErrorCode::UnknownConnection))],
+    );
 }
 
 #[test]

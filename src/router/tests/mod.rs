@@ -12,6 +12,7 @@ mod abuse;
 mod connect;
 mod dedup;
 mod hello;
+mod limits;
 mod moves;
 mod peer;
 mod pushes;
@@ -289,6 +290,11 @@ impl Client {
         self.sign(m)
     }
 
+    /// The exact `SessionError` this client should receive for request `rid`.
+    pub(super) fn error(&self, rid: u64, code: proto::ErrorCode) -> Vec<u8> {
+        self.expect(&Message::SessionError(proto::ErrorMsg::new(rid, code)))
+    }
+
     pub(super) fn heartbeat(&self, rid: u64) -> Vec<u8> {
         self.sign(&Message::Heartbeat(proto::Heartbeat {
             rid,
@@ -405,9 +411,10 @@ pub(super) fn msg(t: &Transmit) -> Message {
     proto::decode(&t.bytes).expect("the router sends only valid datagrams")
 }
 
-/// An unauthenticated Error.
+/// An unauthenticated Error (the answer to Register, Resume, or a request from an unknown
+/// session).
 pub(super) fn error(rid: u64, code: proto::ErrorCode) -> Vec<u8> {
-    proto::encode(&Message::Error(proto::ErrorMsg { rid, code }), None).unwrap()
+    proto::encode(&Message::Error(proto::ErrorMsg::new(rid, code)), None).unwrap()
 }
 
 /// Opens a node-to-node datagram addressed to node `to`.

@@ -280,9 +280,15 @@ fn a_signal_to_a_peer_whose_node_does_not_answer_gets_retry_later() {
     assert_eq!(out.cluster.len(), 1);
     t.a.advance(Duration::from_secs(2));
     let out = t.a.tick();
-    assert_client(&out, &[(t.ca.addr, error(srid, ErrorCode::RetryLater))]);
+    assert_client(
+        &out,
+        &[(t.ca.addr, t.ca.error(srid, ErrorCode::RetryLater))],
+    );
     // The failure is remembered: a retransmission gets the same answer.
     let out = t.a.recv(t.ca.addr, &t.ca.signal(srid, conn, b"x"));
-    assert_client(&out, &[(t.ca.addr, error(srid, ErrorCode::RetryLater))]);
+    assert_client(
+        &out,
+        &[(t.ca.addr, t.ca.error(srid, ErrorCode::RetryLater))],
+    );
     let _ = Uuid::nil();
 }
