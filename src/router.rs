@@ -348,7 +348,7 @@ impl Router {
             return false;
         }
         if self.register_limiter.check_key(&src.ip()).is_err() {
-            self.metrics.rate_limited.increment(1);
+            self.metrics.rate_limited_source.increment(1);
             self.error(src, req_len, rid, ErrorCode::RateLimited, out);
             return false;
         }
