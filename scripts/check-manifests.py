@@ -23,7 +23,8 @@ Renders every kustomize overlay under k8s/overlays/ and k8s/monitoring with `kub
   PrometheusRule's groups are exactly those of k8s/monitoring/sigrouter.rules.yaml;
 - the Grafana dashboard uses a ${datasource} Prometheus variable, names only metrics that
   src/metrics.rs defines, and has a panel for every metric src/metrics.rs defines;
-- the alert rules name only sigrouter metrics that src/metrics.rs defines;
+- the alert rules name only sigrouter metrics that src/metrics.rs defines, depend on no job
+  name, and each has a promtool unit test under k8s/monitoring/tests/ that makes it fire;
 - with promtool on PATH: every alert and every dashboard query parses as PromQL;
 - no file in the repository refers to files outside it.
 
@@ -401,6 +402,16 @@ if rules_file:
                 check(m in known_metrics, f"alert {r.get('alert')}: {m} is not defined in src/metrics.rs")
             check(not re.search(r'job\s*=~?\s*"', r["expr"]),
                   f"alert {r.get('alert')}: must not depend on the scrape job's name")
+# Every alert has a promtool unit test that expects it to fire.
+tested = set()
+for path in files_under("k8s/monitoring/tests", (".yaml", ".yml")):
+    with open(path, encoding="utf-8") as f:
+        for t in (yaml.safe_load(f) or {}).get("tests", []):
+            for a in t.get("alert_rule_test", []):
+                if a.get("exp_alerts"):
+                    tested.add(a["alertname"])
+for name, _ in rule_exprs:
+    check(name in tested, f"alert {name}: no promtool test in k8s/monitoring/tests/ expects it to fire")
 mon = renders.get("monitoring", [])
 sms, prs = find(mon, "ServiceMonitor"), find(mon, "PrometheusRule")
 check(len(sms) == 1 and len(prs) == 1, "k8s/monitoring: expected one ServiceMonitor and one PrometheusRule")
