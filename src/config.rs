@@ -315,13 +315,19 @@ impl fmt::Debug for ClusterConfig {
             .field("redis_url", &redact_url(redis_url))
             .field("redis_username", redis_username)
             .field("redis_password", redis_password)
-            .field("redis_ca", &redis_ca.as_ref().map(|c| format!("{} bytes", c.len())))
+            .field(
+                "redis_ca",
+                &redis_ca.as_ref().map(|c| format!("{} bytes", c.len())),
+            )
             .field("node_id", node_id)
             .field("cluster_listen", cluster_listen)
             .field("advertise", advertise)
             .field("public_addr", public_addr)
             .field("cluster_key", &KeyName(cluster_key))
-            .field("cluster_next_key", &cluster_next_key.as_deref().map(KeyName))
+            .field(
+                "cluster_next_key",
+                &cluster_next_key.as_deref().map(KeyName),
+            )
             .field("drain", drain)
             .field("registry_period", registry_period)
             .field("table_period", table_period)
@@ -424,10 +430,7 @@ impl Config {
                     (None, None) => None,
                 };
                 if let Some(p) = &redis_password {
-                    anyhow::ensure!(
-                        !p.expose().is_empty(),
-                        "the Redis password is empty"
-                    );
+                    anyhow::ensure!(!p.expose().is_empty(), "the Redis password is empty");
                     anyhow::ensure!(
                         !url_has_password(url),
                         "--redis-url carries a password and a separate Redis password is set too; keep only one"
@@ -511,9 +514,8 @@ fn read_key(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
 
 /// Reads a password file; one trailing newline (CR LF too) is not part of the password.
 fn read_password(path: &Path) -> anyhow::Result<Sensitive> {
-    let raw = std::fs::read_to_string(path).map_err(|e| {
-        anyhow::anyhow!("reading --redis-password-file {}: {e}", path.display())
-    })?;
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading --redis-password-file {}: {e}", path.display()))?;
     let p = raw
         .strip_suffix('\n')
         .map(|p| p.strip_suffix('\r').unwrap_or(p))
@@ -634,12 +636,18 @@ mod tests {
                 key.to_str().unwrap(),
             ];
             v.extend_from_slice(extra);
-            Config::from_args(&args(&v)).map(|_| ()).unwrap_err().to_string()
+            Config::from_args(&args(&v))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
         };
         let e = base(&["--redis-password-file", pw.to_str().unwrap()]);
         assert!(e.contains("keep only one"), "{e}");
         let e = base(&["--cluster-next-key-file", short.to_str().unwrap()]);
-        assert!(e.contains("--cluster-next-key-file") && e.contains("32 bytes"), "{e}");
+        assert!(
+            e.contains("--cluster-next-key-file") && e.contains("32 bytes"),
+            "{e}"
+        );
         let e = base(&["--redis-ca-file", pw.to_str().unwrap()]);
         assert!(e.contains("rediss://"), "{e}");
     }

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a router node (single-node by default; cluster mode with --redis-url).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a router as a client (prints JSON lines).
     #[command(subcommand)]
     Client(sigrouter::cli::ClientCommand),
@@ -85,7 +85,7 @@ async fn main() -> ExitCode {
     match cli.cmd {
         Command::Serve(args) => {
             init_tracing(args.log_json);
-            match serve(args).await {
+            match serve(*args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // Once: in the log format the operator chose. Only when logging is off

@@ -19,6 +19,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use sigrouter_proto::{DecodeError, FailReason, MsgType};
+
+use crate::cluster::wire::WireError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -103,6 +105,13 @@ const REQ_TYPES: [MsgType; 10] = [
     MsgType::PushAck,
 ];
 
+const WIRE_ERRORS: [WireError; 4] = [
+    WireError::BadMac,
+    WireError::Stale,
+    WireError::Misaddressed,
+    WireError::Malformed,
+];
+
 /// Outcomes of Connect, as seen by the initiator.
 const OUTCOMES: [&str; 5] = ["connected", "offline", "rejected", "timeout", "retry-later"];
 
@@ -127,6 +136,7 @@ pub struct Metrics {
     process: metrics_process::Collector,
     requests: [Counter; 10],
     dropped: [Counter; 14],
+    cluster_refused: [Counter; 4],
     outcomes: [Counter; 5],
     /// Datagrams received on the client port.
     pub rx_datagrams: Counter,
@@ -283,6 +293,18 @@ impl Metrics {
                 vec![Label::from_static_parts("limit", limit)],
             )
         };
+        let cluster_refused = WIRE_ERRORS.map(|e| {
+            if cluster {
+                counter(
+                    "sigrouter_cluster_refused_total",
+                    Some(Unit::Count),
+                    "Node-to-node datagrams refused, by reason: bad_mac (another cluster key), stale (clock skew or replay), misaddressed (meant for another node id), malformed.",
+                    vec![Label::from_static_parts("reason", e.name())],
+                )
+            } else {
+                Counter::noop()
+            }
+        });
         let process = metrics_process::Collector::new("");
         metrics::with_local_recorder(r, || process.describe());
         let c = |n, d| counter(n, Some(Unit::Count), d, vec![]);
@@ -298,6 +320,7 @@ impl Metrics {
         Self {
             requests,
             dropped,
+            cluster_refused,
             outcomes,
             rx_datagrams: c(
                 "sigrouter_rx_datagrams_total",
@@ -457,6 +480,14 @@ impl Metrics {
     /// Counts a drop.
     pub fn drop(&self, d: DropReason) {
         self.dropped[d.index()].increment(1);
+    }
+
+    /// Counts a refused node-to-node datagram by reason (they are also counted in
+    /// `sigrouter_dropped_total{reason="cluster_auth"}`).
+    pub fn cluster_refused(&self, e: WireError) {
+        if let Some(i) = WIRE_ERRORS.iter().position(|x| *x == e) {
+            self.cluster_refused[i].increment(1);
+        }
     }
 
     /// Counts a Connect outcome.

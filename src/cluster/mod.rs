@@ -245,9 +245,7 @@ impl Cluster {
         let weak = Arc::downgrade(&c);
         metrics.on_render(move || {
             if let Some(c) = weak.upgrade() {
-                c.metrics
-                    .table_age_seconds
-                    .set(c.table_age().as_secs_f64());
+                c.metrics.table_age_seconds.set(c.table_age().as_secs_f64());
                 c.metrics
                     .oldest_waiting_seconds
                     .set(c.oldest_wait().as_secs_f64());
@@ -463,6 +461,7 @@ impl Cluster {
 
     /// Counts a refused datagram; writes the rate-limited log line.
     fn refused(&self, e: wire::WireError, buf: &[u8]) {
+        self.metrics.cluster_refused(e);
         self.refused.fetch_add(1, Ordering::Relaxed);
         let now = self.clock_ms();
         let last = self.refused_logged_ms.load(Ordering::Relaxed);
@@ -492,7 +491,7 @@ impl Cluster {
             claimed_from = %claimed_from,
             refused_since_last_line = refused,
             hint,
-            "refused node-to-node datagrams (counted in sigrouter_dropped_total{{reason=\"cluster_auth\"}}; at most one line per 10 s)"
+            "refused node-to-node datagrams (counted in sigrouter_cluster_refused_total by reason; at most one line per 10 s)"
         );
     }
 

@@ -245,10 +245,7 @@ mod tests {
         assert_eq!(decode_any(&by_old, &[&old, &new]), Ok((env(), 0)));
         assert_eq!(decode_any(&by_new, &[&old, &new]), Ok((env(), 1)));
         assert_eq!(decode_any(&by_new, &[&old]), Err(WireError::BadMac));
-        assert_eq!(
-            decode_any(&by_new, &[&old, &other]),
-            Err(WireError::BadMac)
-        );
+        assert_eq!(decode_any(&by_new, &[&old, &other]), Err(WireError::BadMac));
         // A forged sender name is still readable for the log line, and still refused.
         assert_eq!(claimed_sender(&by_new).as_deref(), Some("a"));
     }
