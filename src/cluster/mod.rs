@@ -475,20 +475,25 @@ impl Cluster {
             return;
         }
         let refused = self.refused.swap(0, Ordering::Relaxed);
-        let claimed_from = wire::claimed_sender(buf).unwrap_or_default();
+        // Unauthenticated text: bounded, and logged escaped (Debug) so it cannot forge lines.
+        let claimed_from: String = wire::claimed_sender(buf)
+            .unwrap_or_default()
+            .chars()
+            .take(64)
+            .collect();
         let hint = match e {
             wire::WireError::BadMac => {
                 "the sender uses another cluster key: check SIGROUTER_CLUSTER_KEY_FILE (and SIGROUTER_CLUSTER_NEXT_KEY_FILE during a rotation) on every node"
             }
             wire::WireError::Stale => "clocks apart by more than 30 s, or a replay",
             wire::WireError::Misaddressed => {
-                "sent to the wrong node: two nodes share a node id or an address"
+                "meant for another node id: briefly after a restart at a reused address, or two nodes share a node id"
             }
             wire::WireError::Malformed => "not sigrouter node traffic",
         };
         tracing::warn!(
             reason = e.name(),
-            claimed_from = %claimed_from,
+            claimed_from = ?claimed_from,
             refused_since_last_line = refused,
             hint,
             "refused node-to-node datagrams (counted in sigrouter_cluster_refused_total by reason; at most one line per 10 s)"
