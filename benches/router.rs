@@ -8,7 +8,7 @@
 //!   nothing due (the fixed cost the timer task pays every 25 ms).
 //! - `snapshot_read`: the baseline for the cluster node table: `arc_swap::ArcSwap::load`
 //!   against `tokio::sync::RwLock::read` (and std's), alone and with a second thread reading
-//!   the same value. LESSONS.md claims arc-swap is orders of magnitude faster; this measures it.
+//!   the same value. arc-swap is often said to be orders of magnitude faster; this measures it.
 //!
 //! Run: `cargo bench --bench router` (about two minutes on 2 cores), or a filter such as
 //! `cargo bench --bench router -- snapshot_read`. Sessions register from distinct source

@@ -1,11 +1,94 @@
 //! One validated, immutable configuration for a node, read from flags and `SIGROUTER_*`
 //! environment variables.
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// A secret string (a password): `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sensitive(String);
+
+impl Sensitive {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Sensitive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Sensitive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl FromStr for Sensitive {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+/// A short, non-reversible name for a cluster key (8 hex digits of an HMAC keyed with it), so
+/// logs and metrics can say which key a node uses without showing it.
+pub fn key_fingerprint(key: &[u8]) -> String {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("hmac takes any key length");
+    m.update(b"sigrouter cluster key fingerprint");
+    m.finalize().into_bytes()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A Redis URL (or comma-separated list of them) with any password replaced by `<redacted>`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let (scheme, rest) = match u.find("://") {
+                Some(i) => u.split_at(i + 3),
+                None => ("", u),
+            };
+            let auth_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(auth_end);
+            match authority.rfind('@') {
+                Some(at) => {
+                    let (userinfo, host) = authority.split_at(at);
+                    let user = userinfo.split(':').next().unwrap_or("");
+                    if userinfo.contains(':') {
+                        format!("{scheme}{user}:<redacted>{host}{path}")
+                    } else {
+                        // A bare userinfo is a password to the redis crate (redis://pw@host).
+                        format!("{scheme}<redacted>{host}{path}")
+                    }
+                }
+                None => u.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether a Redis URL carries a password of its own.
+fn url_has_password(url: &str) -> bool {
+    redact_url(url) != url
+}
 
 /// Flags of `sigrouter serve`. Every flag can also be set as an environment variable.
 #[derive(Args, Clone, Debug)]
@@ -89,8 +172,27 @@ pub struct ServeArgs {
     #[arg(long, env = "SIGROUTER_PUBLIC_ADDR")]
     pub public_addr: Option<SocketAddr>,
     /// File holding the shared cluster key (at least 32 bytes) that authenticates node traffic.
+    /// The node signs with this key.
     #[arg(long, env = "SIGROUTER_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// File holding a second cluster key that is accepted but never used to sign: the next key
+    /// during a key rotation, then the previous one (docs/OPERATIONS.md, key rotation).
+    #[arg(long, env = "SIGROUTER_CLUSTER_NEXT_KEY_FILE")]
+    pub cluster_next_key_file: Option<PathBuf>,
+    /// Redis ACL user name (with a password; default: the `default` user).
+    #[arg(long, env = "SIGROUTER_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// Redis password (AUTH). Set it from a Secret as the environment variable, or use
+    /// --redis-password-file: a command line is visible to every local user.
+    #[arg(long, env = "SIGROUTER_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<Sensitive>,
+    /// File holding the Redis password (AUTH); a trailing newline is ignored.
+    #[arg(long, env = "SIGROUTER_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign the Redis server's certificate, for a `rediss://` URL
+    /// (default: the system's trusted roots).
+    #[arg(long, env = "SIGROUTER_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// How long a draining node waits for its clients to move before it exits, in seconds.
     #[arg(long, env = "SIGROUTER_DRAIN_SECS", default_value_t = 20.0)]
     pub drain_secs: f64,
@@ -162,11 +264,18 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
 }
 
-/// Cluster-mode settings.
-#[derive(Clone, Debug)]
+/// Cluster-mode settings. `Debug` redacts the keys and any Redis password.
+#[derive(Clone)]
 pub struct ClusterConfig {
-    /// Redis URL (a `redis+cluster://` or comma-separated list selects Redis Cluster).
+    /// Redis URL (a `redis+cluster://` or comma-separated list selects Redis Cluster;
+    /// `rediss://` and `rediss+cluster://` use TLS).
     pub redis_url: String,
+    /// Redis ACL user name.
+    pub redis_username: Option<String>,
+    /// Redis password (AUTH), when not in the URL.
+    pub redis_password: Option<Sensitive>,
+    /// PEM CA certificates for a TLS (`rediss://`) Redis; `None`: the system's roots.
+    pub redis_ca: Option<Vec<u8>>,
     /// This node's id.
     pub node_id: String,
     /// UDP address for node-to-node traffic.
@@ -175,8 +284,10 @@ pub struct ClusterConfig {
     pub advertise: SocketAddr,
     /// Client-facing address published in the registry.
     pub public_addr: SocketAddr,
-    /// Shared key authenticating node-to-node datagrams.
+    /// Shared key authenticating node-to-node datagrams; this node signs with it.
     pub cluster_key: Vec<u8>,
+    /// A second key accepted on receive, never used to sign (key rotation).
+    pub cluster_next_key: Option<Vec<u8>>,
     /// Drain deadline.
     pub drain: Duration,
     /// Registry renewal period.
@@ -199,17 +310,76 @@ impl ClusterConfig {
     ) -> Self {
         Self {
             redis_url: redis_url.to_string(),
+            redis_username: None,
+            redis_password: None,
+            redis_ca: None,
             node_id: node_id.to_string(),
             cluster_listen,
             advertise: cluster_listen,
             public_addr: cluster_listen,
             cluster_key,
+            cluster_next_key: None,
             drain: Duration::from_secs(20),
             registry_period: Duration::from_secs(2),
             table_period: Duration::from_secs(5),
             presence_ttl: Duration::from_secs(300),
             redis_timeout: Duration::from_millis(500),
         }
+    }
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be added without deciding how it prints.
+        let Self {
+            redis_url,
+            redis_username,
+            redis_password,
+            redis_ca,
+            node_id,
+            cluster_listen,
+            advertise,
+            public_addr,
+            cluster_key,
+            cluster_next_key,
+            drain,
+            registry_period,
+            table_period,
+            presence_ttl,
+            redis_timeout,
+        } = self;
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &redact_url(redis_url))
+            .field("redis_username", redis_username)
+            .field("redis_password", redis_password)
+            .field(
+                "redis_ca",
+                &redis_ca.as_ref().map(|c| format!("{} bytes", c.len())),
+            )
+            .field("node_id", node_id)
+            .field("cluster_listen", cluster_listen)
+            .field("advertise", advertise)
+            .field("public_addr", public_addr)
+            .field("cluster_key", &KeyName(cluster_key))
+            .field(
+                "cluster_next_key",
+                &cluster_next_key.as_deref().map(KeyName),
+            )
+            .field("drain", drain)
+            .field("registry_period", registry_period)
+            .field("table_period", table_period)
+            .field("presence_ttl", presence_ttl)
+            .field("redis_timeout", redis_timeout)
+            .finish()
+    }
+}
+
+/// Prints a key as its fingerprint.
+struct KeyName<'a>(&'a [u8]);
+
+impl fmt::Debug for KeyName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<redacted, fingerprint {}>", key_fingerprint(self.0))
     }
 }
 
@@ -300,14 +470,39 @@ impl Config {
                 let key_file = a.cluster_key_file.as_ref().ok_or_else(|| {
                     anyhow::anyhow!("--cluster-key-file is required with --redis-url")
                 })?;
-                let cluster_key = std::fs::read(key_file).map_err(|e| {
-                    anyhow::anyhow!("reading --cluster-key-file {}: {e}", key_file.display())
-                })?;
-                let cluster_key = trim_key(cluster_key);
-                anyhow::ensure!(
-                    cluster_key.len() >= 32,
-                    "the cluster key must be at least 32 bytes"
-                );
+                let cluster_key = read_key("cluster-key-file", key_file)?;
+                let cluster_next_key = a
+                    .cluster_next_key_file
+                    .as_deref()
+                    .map(|f| read_key("cluster-next-key-file", f))
+                    .transpose()?;
+                let redis_password = match (&a.redis_password, &a.redis_password_file) {
+                    (Some(_), Some(_)) => anyhow::bail!(
+                        "set either SIGROUTER_REDIS_PASSWORD or --redis-password-file, not both"
+                    ),
+                    (Some(p), None) => Some(p.clone()),
+                    (None, Some(f)) => Some(read_password(f)?),
+                    (None, None) => None,
+                };
+                if let Some(p) = &redis_password {
+                    anyhow::ensure!(!p.expose().is_empty(), "the Redis password is empty");
+                    anyhow::ensure!(
+                        !url_has_password(url),
+                        "--redis-url carries a password and a separate Redis password is set too; keep only one"
+                    );
+                }
+                let redis_ca = match &a.redis_ca_file {
+                    Some(f) => {
+                        anyhow::ensure!(
+                            url.starts_with("rediss://") || url.starts_with("rediss+cluster://"),
+                            "--redis-ca-file needs a TLS URL (rediss:// or rediss+cluster://)"
+                        );
+                        Some(std::fs::read(f).map_err(|e| {
+                            anyhow::anyhow!("reading --redis-ca-file {}: {e}", f.display())
+                        })?)
+                    }
+                    None => None,
+                };
                 let advertise = a.advertise.unwrap_or(cluster_listen);
                 anyhow::ensure!(
                     !advertise.ip().is_unspecified(),
@@ -316,11 +511,15 @@ impl Config {
                 let public_addr = a.public_addr.unwrap_or(a.listen);
                 Some(ClusterConfig {
                     redis_url: url.clone(),
+                    redis_username: a.redis_username.clone().filter(|u| !u.is_empty()),
+                    redis_password,
+                    redis_ca,
                     node_id,
                     cluster_listen,
                     advertise,
                     public_addr,
                     cluster_key,
+                    cluster_next_key,
                     drain: secs("drain-secs", a.drain_secs)?,
                     registry_period: secs("registry-period-secs", a.registry_period_secs)?,
                     table_period: secs("table-refresh-secs", a.table_refresh_secs)?,
@@ -360,4 +559,158 @@ fn trim_key(mut k: Vec<u8>) -> Vec<u8> {
         k.pop();
     }
     k
+}
+
+/// Reads a cluster key file: at least 32 bytes once trailing whitespace is removed.
+fn read_key(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    let key = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("reading --{flag} {}: {e}", path.display()))?;
+    let key = trim_key(key);
+    anyhow::ensure!(
+        key.len() >= 32,
+        "the key in --{flag} {} must be at least 32 bytes",
+        path.display()
+    );
+    Ok(key)
+}
+
+/// Reads a password file; one trailing newline (CR LF too) is not part of the password.
+fn read_password(path: &Path) -> anyhow::Result<Sensitive> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading --redis-password-file {}: {e}", path.display()))?;
+    let p = raw
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&raw);
+    Ok(Sensitive::new(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut v = vec!["sigrouter"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).unwrap().serve
+    }
+
+    fn tmp(name: &str, content: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sigrouter-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    const KEY: &str = "cluster-key-ABCDEFGHIJKLMNOPQRSTUVWXYZ-0123456789";
+    const NEXT: &str = "next-key-abcdefghijklmnopqrstuvwxyz-9876543210";
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let key = tmp("k1", format!("{KEY}\n").as_bytes());
+        let next = tmp("k2", NEXT.as_bytes());
+        let pw = tmp("pw", b"hunter2-password\n");
+        let a = args(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379/",
+            "--cluster-listen",
+            "127.0.0.1:7401",
+            "--cluster-key-file",
+            key.to_str().unwrap(),
+            "--cluster-next-key-file",
+            next.to_str().unwrap(),
+            "--redis-password-file",
+            pw.to_str().unwrap(),
+        ]);
+        let cfg = Config::from_args(&a).unwrap();
+        let cc = cfg.cluster.as_ref().unwrap();
+        assert_eq!(cc.cluster_key, KEY.as_bytes());
+        assert_eq!(cc.cluster_next_key.as_deref(), Some(NEXT.as_bytes()));
+        assert_eq!(
+            cc.redis_password.as_ref().map(Sensitive::expose),
+            Some("hunter2-password")
+        );
+        for shown in [format!("{cfg:?}"), format!("{cfg:#?}"), format!("{a:?}")] {
+            for secret in [KEY, NEXT, "hunter2"] {
+                assert!(!shown.contains(secret), "{secret} printed in {shown}");
+            }
+        }
+        let shown = format!("{cfg:?}");
+        assert!(shown.contains(&key_fingerprint(KEY.as_bytes())), "{shown}");
+        assert!(shown.contains(&key_fingerprint(NEXT.as_bytes())), "{shown}");
+
+        // The password from the environment-variable form (a Secret in Kubernetes).
+        let a = args(&[
+            "--redis-url",
+            "rediss://user:inline-secret@redis.example:6380/0",
+            "--cluster-listen",
+            "127.0.0.1:7401",
+            "--cluster-key-file",
+            key.to_str().unwrap(),
+        ]);
+        let cfg = Config::from_args(&a).unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("inline-secret"), "{shown}");
+        assert!(
+            shown.contains("rediss://user:<redacted>@redis.example:6380/0"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn redacts_every_url_form() {
+        assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:<redacted>@h:1/0");
+        assert_eq!(redact_url("redis://u:pw@h"), "redis://u:<redacted>@h");
+        assert_eq!(redact_url("redis://pw@h"), "redis://<redacted>@h");
+        assert_eq!(
+            redact_url("redis://:a@h1:1,redis://:b@h2:2"),
+            "redis://:<redacted>@h1:1,redis://:<redacted>@h2:2"
+        );
+        assert_eq!(
+            redact_url("redis+cluster://:p@h1:1,h2:2"),
+            "redis+cluster://:<redacted>@h1:1,h2:2"
+        );
+        assert_eq!(format!("{:?}", Sensitive::new("x")), "<redacted>");
+        assert_eq!(Sensitive::new("x").to_string(), "<redacted>");
+    }
+
+    #[test]
+    fn refuses_ambiguous_or_bad_secrets() {
+        let key = tmp("k3", KEY.as_bytes());
+        let short = tmp("k4", b"too-short\n");
+        let pw = tmp("pw2", b"pw\n");
+        let base = |extra: &[&str]| {
+            let mut v = vec![
+                "--redis-url",
+                "redis://:inline@127.0.0.1:6379/",
+                "--cluster-listen",
+                "127.0.0.1:7401",
+                "--cluster-key-file",
+                key.to_str().unwrap(),
+            ];
+            v.extend_from_slice(extra);
+            Config::from_args(&args(&v))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = base(&["--redis-password-file", pw.to_str().unwrap()]);
+        assert!(e.contains("keep only one"), "{e}");
+        let e = base(&["--cluster-next-key-file", short.to_str().unwrap()]);
+        assert!(
+            e.contains("--cluster-next-key-file") && e.contains("32 bytes"),
+            "{e}"
+        );
+        let e = base(&["--redis-ca-file", pw.to_str().unwrap()]);
+        assert!(e.contains("rediss://"), "{e}");
+    }
 }

@@ -4,10 +4,14 @@
 //! Each node owns its own Prometheus recorder (no global state), so several nodes in one test
 //! process keep separate figures. Handles are registered once at start; the packet path only
 //! increments them. Label values come from small enums, never from a UUID or an address.
+//!
+//! Figures that are ages or read from the OS (process CPU, memory, open files; the age of the
+//! node table and of the oldest waiting request) are computed when `/metrics` is scraped, by
+//! collectors registered with [`Metrics::on_render`]: a stuck task cannot freeze them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{
@@ -15,6 +19,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use sigrouter_proto::{DecodeError, FailReason, MsgType};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -105,15 +110,63 @@ const REQ_TYPES: [MsgType; 10] = [
     MsgType::PushAck,
 ];
 
+/// Why a node-to-node datagram was refused. Bounded: used as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterRefusal {
+    /// Missing or wrong MAC (another cluster key, or a forgery).
+    BadMac,
+    /// Timestamp outside the freshness window (a replay, or clock skew).
+    Stale,
+    /// Addressed to another node, or claiming to come from this one.
+    Misaddressed,
+    /// Not our format.
+    Malformed,
+}
+
+impl ClusterRefusal {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::BadMac => "bad_mac",
+            Self::Misaddressed => "misaddressed",
+            Self::Stale => "stale",
+        }
+    }
+}
+
+const WIRE_ERRORS: [ClusterRefusal; 4] = [
+    ClusterRefusal::BadMac,
+    ClusterRefusal::Stale,
+    ClusterRefusal::Misaddressed,
+    ClusterRefusal::Malformed,
+];
+
 /// Outcomes of Connect, as seen by the initiator.
 const OUTCOMES: [&str; 5] = ["connected", "offline", "rejected", "timeout", "retry-later"];
+
+/// The version of this build.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit this binary was built from (`SIGROUTER_COMMIT` at build time, else the
+/// repository's HEAD, else `unknown`).
+pub const COMMIT: &str = match option_env!("SIGROUTER_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+type Collector = Box<dyn Fn() + Send + Sync>;
 
 /// Every metric handle a node uses.
 #[derive(Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
+    recorder: Arc<PrometheusRecorder>,
+    collectors: Arc<Mutex<Vec<Collector>>>,
+    process: metrics_process::Collector,
     requests: [Counter; 10],
     dropped: [Counter; 15],
+    cluster_refused: [Counter; 4],
     outcomes: [Counter; 5],
     /// Datagrams received on the client port.
     pub rx_datagrams: Counter,
@@ -135,8 +188,14 @@ pub struct Metrics {
     pub rebinds: Counter,
     /// Retransmitted requests answered from memory.
     pub duplicates: Counter,
-    /// Requests refused by a rate limit.
+    /// Requests refused by a per-session rate limit.
     pub rate_limited: Counter,
+    /// Register/Resume refused by the per-source rate limit.
+    pub rate_limited_source: Counter,
+    /// Register/Resume refused by the node-wide budget of new sessions.
+    pub rate_limited_new_sessions: Counter,
+    /// Requests refused because their session has too many lookups in flight.
+    pub rate_limited_jobs: Counter,
     /// Register refused by the session cap.
     pub capacity_refused: Counter,
     /// Server pushes sent the first time.
@@ -153,6 +212,10 @@ pub struct Metrics {
     pub table_wait_seconds: Histogram,
     /// Requests waiting on cluster state right now.
     pub waiting_requests: Gauge,
+    /// Age of the oldest request waiting on cluster state (0 when none waits).
+    pub oldest_waiting_seconds: Gauge,
+    /// Age of the node table's last successful refresh.
+    pub table_age_seconds: Gauge,
     /// Redis commands sent.
     pub redis_commands: Counter,
     /// Redis errors and timeouts.
@@ -196,7 +259,8 @@ impl Metrics {
             .expect("static non-empty buckets")
             .build_recorder();
         let handle = recorder.handle();
-        let r = &recorder;
+        let recorder = Arc::new(recorder);
+        let r = &*recorder;
         let md = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
         let counter = |n: &'static str, unit: Option<Unit>, d: &'static str, labels: Vec<Label>| {
             r.describe_counter(name(n), unit, SharedString::const_str(d));
@@ -236,6 +300,47 @@ impl Metrics {
                 vec![Label::from_static_parts("outcome", o)],
             )
         });
+        let build_info = {
+            let n = "sigrouter_build_info";
+            r.describe_gauge(
+                name(n),
+                None,
+                SharedString::const_str("Always 1; the labels say which build runs."),
+            );
+            r.register_gauge(
+                &Key::from_parts(
+                    n,
+                    vec![
+                        Label::from_static_parts("version", VERSION),
+                        Label::from_static_parts("commit", COMMIT),
+                    ],
+                ),
+                &md,
+            )
+        };
+        build_info.set(1.0);
+        let limited = |limit: &'static str| {
+            counter(
+                "sigrouter_rate_limited_total",
+                Some(Unit::Count),
+                "Requests refused by a rate limit: limit=source (Register/Resume per source) or session.",
+                vec![Label::from_static_parts("limit", limit)],
+            )
+        };
+        let cluster_refused = WIRE_ERRORS.map(|e| {
+            if cluster {
+                counter(
+                    "sigrouter_cluster_refused_total",
+                    Some(Unit::Count),
+                    "Node-to-node datagrams refused, by reason: bad_mac (another cluster key), stale (clock skew or replay), misaddressed (meant for another node id), malformed.",
+                    vec![Label::from_static_parts("reason", e.name())],
+                )
+            } else {
+                Counter::noop()
+            }
+        });
+        let process = metrics_process::Collector::new("");
+        metrics::with_local_recorder(r, || process.describe());
         let c = |n, d| counter(n, Some(Unit::Count), d, vec![]);
         let cc = |n, d| if cluster { c(n, d) } else { Counter::noop() };
         let cgauge = |n, d| if cluster { gauge(n, d) } else { Gauge::noop() };
@@ -249,6 +354,7 @@ impl Metrics {
         Self {
             requests,
             dropped,
+            cluster_refused,
             outcomes,
             rx_datagrams: c(
                 "sigrouter_rx_datagrams_total",
@@ -287,10 +393,10 @@ impl Metrics {
                 "sigrouter_duplicate_requests_total",
                 "Retransmitted requests answered from memory.",
             ),
-            rate_limited: c(
-                "sigrouter_rate_limited_total",
-                "Requests refused by a rate limit.",
-            ),
+            rate_limited: limited("session"),
+            rate_limited_source: limited("source"),
+            rate_limited_new_sessions: limited("new_sessions"),
+            rate_limited_jobs: limited("jobs"),
             capacity_refused: c(
                 "sigrouter_capacity_refused_total",
                 "Registers refused by the session cap.",
@@ -319,6 +425,14 @@ impl Metrics {
             waiting_requests: cgauge(
                 "sigrouter_waiting_requests",
                 "Requests waiting on cluster state now (stuck requests show here).",
+            ),
+            oldest_waiting_seconds: cgauge(
+                "sigrouter_oldest_waiting_request_seconds",
+                "Age of the oldest request waiting on cluster state; 0 when none waits.",
+            ),
+            table_age_seconds: cgauge(
+                "sigrouter_node_table_age_seconds",
+                "Seconds since the node table was last refreshed from Redis successfully.",
             ),
             redis_commands: cc("sigrouter_redis_commands_total", "Redis commands sent."),
             redis_errors: cc("sigrouter_redis_errors_total", "Redis errors and timeouts."),
@@ -351,6 +465,44 @@ impl Metrics {
                 "Connect, Accept, Reject, Signal and Query requests.",
             ),
             handle,
+            recorder,
+            collectors: Arc::default(),
+            process,
+        }
+    }
+
+    /// Registers a function that updates gauges just before each render (ages, OS figures).
+    /// It must be quick and must not block.
+    pub fn on_render(&self, f: impl Fn() + Send + Sync + 'static) {
+        self.collectors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(f));
+    }
+
+    /// Exports which cluster keys this node uses, by fingerprint
+    /// (`sigrouter_cluster_key_info{role="sign"|"accept",fingerprint}`), so a key rotation can
+    /// be checked node by node without showing a key.
+    pub fn set_cluster_keys(&self, sign: &str, accept: Option<&str>) {
+        let n = "sigrouter_cluster_key_info";
+        self.recorder.describe_gauge(
+            name(n),
+            None,
+            SharedString::const_str(
+                "Always 1: the fingerprints of the cluster keys this node signs with (role=sign) and also accepts (role=accept).",
+            ),
+        );
+        let md = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        let mut keys = vec![("sign", sign)];
+        keys.extend(accept.map(|a| ("accept", a)));
+        for (role, fp) in keys {
+            let labels = vec![
+                Label::from_static_parts("role", role),
+                Label::new("fingerprint", fp.to_string()),
+            ];
+            self.recorder
+                .register_gauge(&Key::from_parts(n, labels), &md)
+                .set(1.0);
         }
     }
 
@@ -364,6 +516,14 @@ impl Metrics {
     /// Counts a drop.
     pub fn drop(&self, d: DropReason) {
         self.dropped[d.index()].increment(1);
+    }
+
+    /// Counts a refused node-to-node datagram by reason (they are also counted in
+    /// `sigrouter_dropped_total{reason="cluster_auth"}`).
+    pub fn cluster_refused(&self, e: ClusterRefusal) {
+        if let Some(i) = WIRE_ERRORS.iter().position(|x| *x == e) {
+            self.cluster_refused[i].increment(1);
+        }
     }
 
     /// Counts a Connect outcome.
@@ -382,6 +542,15 @@ impl Metrics {
 
     /// The Prometheus text exposition of this node's metrics.
     pub fn render(&self) -> String {
+        metrics::with_local_recorder(&*self.recorder, || self.process.collect());
+        for f in self
+            .collectors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            f();
+        }
         self.handle.render()
     }
 }

@@ -76,11 +76,7 @@ impl Server {
         let cluster = match &cfg.cluster {
             None => None,
             Some(cc) => {
-                let store = Arc::new(Store::open(
-                    &cc.redis_url,
-                    cc.redis_timeout,
-                    metrics.clone(),
-                )?);
+                let store = Arc::new(Store::open_cluster(cc, metrics.clone())?);
                 let socket = net::bind_udp(cc.cluster_listen, 1)
                     .with_context(|| format!("binding cluster UDP {}", cc.cluster_listen))?
                     .remove(0);

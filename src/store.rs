@@ -3,7 +3,9 @@
 //! Every call has a deadline ([`Store::timeout`]); an error or a timeout is counted, marks Redis
 //! down and is returned, never waited out. The redis crate's `ConnectionManager` reconnects with
 //! backoff by itself; a `redis+cluster://` URL (or a comma-separated list of `redis://` URLs)
-//! selects Redis Cluster.
+//! selects Redis Cluster. `rediss://` (and `rediss+cluster://`) connect over TLS (rustls),
+//! checking the server certificate against the system's roots or a CA file; a password
+//! (AUTH, optionally with an ACL user name) comes from [`ClusterConfig`], never from a log.
 //!
 //! # Key layout (Redis Cluster safe: every command names one key)
 //! - `sigrouter:{nodes}` — a hash: field = node id, value = JSON [`crate::cluster::NodeInfo`]
@@ -19,9 +21,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisError, Value};
+use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, Value};
 use tokio::sync::OnceCell;
 
+use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
 /// The node registry key.
@@ -69,24 +72,80 @@ impl Store {
     /// Prepares a connection without waiting for Redis: a node starts (and serves local
     /// traffic) while Redis is away.
     pub fn open(url: &str, timeout: Duration, metrics: Metrics) -> anyhow::Result<Self> {
+        Self::open_with(url, &Auth::default(), timeout, metrics)
+    }
+
+    /// Like [`Store::open`], with the Redis settings of a cluster config: URL, deadline,
+    /// credentials and TLS roots.
+    pub fn open_cluster(cfg: &ClusterConfig, metrics: Metrics) -> anyhow::Result<Self> {
+        let auth = Auth {
+            username: cfg.redis_username.clone(),
+            password: cfg.redis_password.as_ref().map(|p| p.expose().to_string()),
+            ca: cfg.redis_ca.clone(),
+        };
+        Self::open_with(&cfg.redis_url, &auth, cfg.redis_timeout, metrics)
+    }
+
+    fn open_with(
+        url: &str,
+        auth: &Auth,
+        timeout: Duration,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        let tls = url.starts_with("rediss://") || url.starts_with("rediss+cluster://");
+        if tls {
+            // rustls needs one process-wide crypto provider; ours is ring. Installing it again
+            // (a second node in one process) is a harmless no-op.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: auth.ca.clone(),
+        };
         let cluster_urls: Option<Vec<String>> =
             if let Some(rest) = url.strip_prefix("redis+cluster://") {
                 Some(rest.split(',').map(|h| format!("redis://{h}")).collect())
+            } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+                Some(rest.split(',').map(|h| format!("rediss://{h}")).collect())
             } else if url.contains(',') {
                 Some(url.split(',').map(str::to_string).collect())
             } else {
                 None
             };
         let backend = match cluster_urls {
-            Some(urls) => Backend::Cluster(Box::new(ClusterBackend {
-                client: ClusterClient::builder(urls)
+            Some(urls) => {
+                let mut b = ClusterClient::builder(urls)
                     .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .build()?,
-                conn: OnceCell::new(),
-            })),
+                    .response_timeout(timeout);
+                if let Some(u) = &auth.username {
+                    b = b.username(u);
+                }
+                if let Some(p) = &auth.password {
+                    b = b.password(p);
+                }
+                if tls && auth.ca.is_some() {
+                    b = b.certs(certs());
+                }
+                Backend::Cluster(Box::new(ClusterBackend {
+                    client: b.build()?,
+                    conn: OnceCell::new(),
+                }))
+            }
             None => {
-                let client = redis::Client::open(url)?;
+                let mut info = url.into_connection_info()?;
+                let mut settings = info.redis_settings().clone();
+                if let Some(u) = &auth.username {
+                    settings = settings.set_username(u);
+                }
+                if let Some(p) = &auth.password {
+                    settings = settings.set_password(p);
+                }
+                info = info.set_redis_settings(settings);
+                let client = if tls && auth.ca.is_some() {
+                    redis::Client::build_with_tls(info, certs())?
+                } else {
+                    redis::Client::open(info)?
+                };
                 let cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
@@ -134,7 +193,8 @@ impl Store {
         self.up.load(Ordering::Relaxed)
     }
 
-    fn mark(&self, ok: bool) {
+    fn mark(&self, err: Option<&StoreError>) {
+        let ok = err.is_none();
         let was = self.up.swap(ok, Ordering::Relaxed);
         if was != ok {
             if ok {
@@ -143,7 +203,8 @@ impl Store {
                 self.recovered_at.store(at.max(1), Ordering::Relaxed);
                 tracing::info!("redis reachable again");
             } else {
-                tracing::warn!("redis unreachable; local routing continues, cross-node requests get retry-later");
+                let error = err.map(ToString::to_string).unwrap_or_default();
+                tracing::warn!(%error, "redis unreachable; local routing continues, cross-node requests get retry-later");
             }
         }
         self.metrics.redis_up.set(if ok { 1.0 } else { 0.0 });
@@ -171,7 +232,7 @@ impl Store {
             Ok(Err(e)) => Err(StoreError::Redis(e)),
             Err(_) => Err(StoreError::Timeout),
         };
-        self.mark(r.is_ok());
+        self.mark(r.as_ref().err());
         r
     }
 
@@ -198,6 +259,14 @@ impl Store {
         let _: String = self.query(&redis::cmd("PING")).await?;
         Ok(())
     }
+}
+
+/// Credentials and TLS roots for Redis.
+#[derive(Default)]
+struct Auth {
+    username: Option<String>,
+    password: Option<String>,
+    ca: Option<Vec<u8>>,
 }
 
 enum Packed<'a> {

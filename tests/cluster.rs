@@ -230,7 +230,7 @@ async fn forged_internal_datagrams_are_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_scenario_new_node_while_redis_is_slow() {
+async fn postmortem_scenario_new_node_while_redis_is_slow() {
     let redis = Redis::start();
     // Tables refresh only when nudged (the period is far longer than the test).
     let slow = |id: &str| {

@@ -1,6 +1,6 @@
 //! A minimal tokio UDP echo server: the ceiling a router on the same machine is compared with.
 //!
-//! Deliberately plain, like the "bare tokio UDP echo" in LESSONS.md: `--workers` sockets share
+//! Deliberately plain, a bare tokio UDP echo: `--workers` sockets share
 //! the port with `SO_REUSEPORT` (as the router's do), each owned by one task doing
 //! `recv_from().await` then `send_to().await`.
 

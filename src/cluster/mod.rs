@@ -4,8 +4,10 @@
 //!   the refresher in [`tasks`], builds and stores new snapshots; everything else only loads.
 //!   A request that misses a node calls [`Cluster::wait_for_node`]: it nudges the refresher
 //!   (nudges coalesce into one Redis read) and waits for a newer generation with a deadline,
-//!   holding nothing, then gives up with retry-later. The seed's deadlock (a read guard held
-//!   while asking for the write guard) has no place to happen: there is no guard to hold.
+//!   holding nothing, then gives up with retry-later. The post-mortem's deadlock (a read guard
+//!   held while asking for the write guard) has no place to happen: there is no guard to hold.
+//!   `/metrics` shows the table's age and the age of the oldest waiting request, computed at
+//!   scrape time, so a stuck refresher or a wait without an end shows even if every task hangs.
 //! - Presence: where each client is. Writes go through a channel to one batching writer task;
 //!   reads hit a short-lived local cache first, Redis on a miss (only from deferred jobs, never
 //!   from a socket loop).
@@ -15,10 +17,10 @@ pub mod lookup;
 pub mod tasks;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -38,6 +40,8 @@ const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(1);
 /// Node-to-node datagrams older or newer than this are refused as replays.
 const FRESHNESS_MS: u64 = 30_000;
+/// At most one log line per this many milliseconds about refused node-to-node datagrams.
+const REFUSED_LOG_EVERY_MS: u64 = 10_000;
 
 /// A node's lifecycle state in the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +179,33 @@ pub struct Cluster {
     /// When this node started, ms since the Unix epoch.
     pub started_ms: u64,
     metrics: Metrics,
+    /// Start times of the requests waiting in [`Cluster::wait_for_node`] (with a unique id).
+    waiters: Mutex<BTreeSet<(Instant, u64)>>,
+    waiter_ids: AtomicU64,
+    /// When the node table was last refreshed successfully, ms since `clock`.
+    refreshed_ms: AtomicU64,
+    clock: Instant,
+    /// Refused node-to-node datagrams since the last log line, and when that line was written
+    /// (ms since `clock`, `u64::MAX`: never).
+    refused: AtomicU64,
+    refused_logged_ms: AtomicU64,
+}
+
+/// Removes its request from the waiting set when the wait ends (or its future is dropped).
+struct Waiting<'a> {
+    cluster: &'a Cluster,
+    entry: (Instant, u64),
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.cluster
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.entry);
+        self.cluster.metrics.waiting_requests.decrement(1.0);
+    }
 }
 
 impl Cluster {
@@ -187,6 +218,13 @@ impl Cluster {
     ) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
         let (presence_tx, rx) = mpsc::channel(65_536);
         let (generation, _) = watch::channel(0);
+        metrics.set_cluster_keys(
+            &crate::config::key_fingerprint(&cfg.cluster_key),
+            cfg.cluster_next_key
+                .as_deref()
+                .map(crate::config::key_fingerprint)
+                .as_deref(),
+        );
         let c = Arc::new(Self {
             id: cfg.node_id.as_str().into(),
             cfg,
@@ -205,9 +243,64 @@ impl Cluster {
             seen: DashMap::new(),
             draining: AtomicBool::new(false),
             started_ms: now_ms(),
-            metrics,
+            metrics: metrics.clone(),
+            waiters: Mutex::default(),
+            waiter_ids: AtomicU64::new(0),
+            refreshed_ms: AtomicU64::new(0),
+            clock: Instant::now(),
+            refused: AtomicU64::new(0),
+            refused_logged_ms: AtomicU64::new(u64::MAX),
+        });
+        let weak = Arc::downgrade(&c);
+        metrics.on_render(move || {
+            if let Some(c) = weak.upgrade() {
+                c.metrics.table_age_seconds.set(c.table_age().as_secs_f64());
+                c.metrics
+                    .oldest_waiting_seconds
+                    .set(c.oldest_wait().as_secs_f64());
+            }
         });
         (c, rx)
+    }
+
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Time since the node table was last refreshed from Redis successfully (since the node
+    /// started, before the first refresh).
+    pub fn table_age(&self) -> Duration {
+        Duration::from_millis(
+            self.clock_ms()
+                .saturating_sub(self.refreshed_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// How long the oldest request waiting on cluster state has waited (zero when none).
+    pub fn oldest_wait(&self) -> Duration {
+        let oldest = self
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first()
+            .map(|(t, _)| *t);
+        oldest.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    fn start_waiting(&self) -> Waiting<'_> {
+        let entry = (
+            Instant::now(),
+            self.waiter_ids.fetch_add(1, Ordering::Relaxed),
+        );
+        self.waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(entry);
+        self.metrics.waiting_requests.increment(1.0);
+        Waiting {
+            cluster: self,
+            entry,
+        }
     }
 
     /// The current snapshot (a cheap `Arc` clone; nothing is held).
@@ -228,6 +321,7 @@ impl Cluster {
         self.table
             .store(Arc::new(NodeTable::new(generation, nodes)));
         self.metrics.table_refreshes.increment(1);
+        self.refreshed_ms.store(self.clock_ms(), Ordering::Relaxed);
         self.generation.send_replace(generation);
     }
 
@@ -268,7 +362,7 @@ impl Cluster {
         let mut rx = self.generation.subscribe();
         let start_gen = *rx.borrow_and_update();
         self.nudge();
-        self.metrics.waiting_requests.increment(1.0);
+        let waiting = self.start_waiting();
         let started = Instant::now();
         let found = tokio::time::timeout(deadline, async {
             loop {
@@ -284,7 +378,7 @@ impl Cluster {
         .await
         .ok()
         .flatten();
-        self.metrics.waiting_requests.decrement(1.0);
+        drop(waiting);
         self.metrics
             .table_wait_seconds
             .record(started.elapsed().as_secs_f64());
@@ -346,19 +440,73 @@ impl Cluster {
             seq,
             body,
         };
+        // Always the first key: the second one is only ever accepted (key rotation).
         wire::encode(&env, &self.cfg.cluster_key).map(|b| (seq, b))
     }
 
-    /// Authenticates an internal datagram: MAC, addressed to us, fresh. `Err` is a counted drop.
+    /// Authenticates an internal datagram: MAC (by this node's key, or its second, accepted
+    /// key), addressed to us, fresh. `Err` is a counted drop, and logged at most once per
+    /// 10 s with the number refused since the last line.
     pub fn open(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
-        let env = wire::decode(buf, &self.cfg.cluster_key)?;
+        let r = self.authenticate(buf);
+        if let Err(e) = r {
+            self.refused(e, buf);
+        }
+        r
+    }
+
+    fn authenticate(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
+        let mut keys: Vec<&[u8]> = vec![&self.cfg.cluster_key];
+        keys.extend(self.cfg.cluster_next_key.as_deref());
+        let (env, _) = wire::decode_any(buf, &keys)?;
         if env.to != *self.id || env.from == *self.id {
-            return Err(wire::WireError::BadMac);
+            return Err(wire::WireError::Misaddressed);
         }
         if now_ms().abs_diff(env.ts) > FRESHNESS_MS {
-            return Err(wire::WireError::BadMac);
+            return Err(wire::WireError::Stale);
         }
         Ok(env)
+    }
+
+    /// Counts a refused datagram; writes the rate-limited log line.
+    fn refused(&self, e: wire::WireError, buf: &[u8]) {
+        self.metrics.cluster_refused(e.into());
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let now = self.clock_ms();
+        let last = self.refused_logged_ms.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= REFUSED_LOG_EVERY_MS;
+        if !due
+            || self
+                .refused_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let refused = self.refused.swap(0, Ordering::Relaxed);
+        // Unauthenticated text: bounded, and logged escaped (Debug) so it cannot forge lines.
+        let claimed_from: String = wire::claimed_sender(buf)
+            .unwrap_or_default()
+            .chars()
+            .take(64)
+            .collect();
+        let hint = match e {
+            wire::WireError::BadMac => {
+                "the sender uses another cluster key: check SIGROUTER_CLUSTER_KEY_FILE (and SIGROUTER_CLUSTER_NEXT_KEY_FILE during a rotation) on every node"
+            }
+            wire::WireError::Stale => "clocks apart by more than 30 s, or a replay",
+            wire::WireError::Misaddressed => {
+                "meant for another node id: briefly after a restart at a reused address, or two nodes share a node id"
+            }
+            wire::WireError::Malformed => "not sigrouter node traffic",
+        };
+        tracing::warn!(
+            reason = e.name(),
+            claimed_from = ?claimed_from,
+            refused_since_last_line = refused,
+            hint,
+            "refused node-to-node datagrams (counted in sigrouter_cluster_refused_total by reason; at most one line per 10 s)"
+        );
     }
 
     /// The reply already given to request (`from`, `seq`), if it is a repeat.

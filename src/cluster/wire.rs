@@ -8,6 +8,9 @@
 //! number, so a datagram cannot be sent on to another node, re-labelled with another node id,
 //! or replayed once outside a short window (the receiver also remembers recent sequence numbers
 //! per sender and answers a repeat with the reply it already gave, doing nothing twice).
+//!
+//! Key rotation: a node signs with one key and may accept a second ([`decode_any`]), so a
+//! fleet moves to a new key in steps without refusing a datagram (docs/OPERATIONS.md).
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -147,9 +150,39 @@ pub enum WireError {
     /// Not our format.
     #[error("malformed cluster datagram")]
     Malformed,
-    /// Missing or wrong MAC.
+    /// Missing or wrong MAC (a node with another cluster key, or a forgery).
     #[error("bad cluster MAC")]
     BadMac,
+    /// Authentic, but addressed to another node (or claiming to come from this one).
+    #[error("cluster datagram addressed to another node")]
+    Misaddressed,
+    /// Authentic, but its timestamp is outside the freshness window (a replay, or clocks
+    /// apart by more than the window).
+    #[error("stale cluster datagram (replay or clock skew)")]
+    Stale,
+}
+
+impl From<WireError> for crate::metrics::ClusterRefusal {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Malformed => Self::Malformed,
+            WireError::BadMac => Self::BadMac,
+            WireError::Misaddressed => Self::Misaddressed,
+            WireError::Stale => Self::Stale,
+        }
+    }
+}
+
+impl WireError {
+    /// A short label for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::BadMac => "bad_mac",
+            Self::Misaddressed => "misaddressed",
+            Self::Stale => "stale",
+        }
+    }
 }
 
 fn tag(key: &[u8], data: &[u8]) -> [u8; MAC_LEN] {
@@ -175,16 +208,39 @@ pub fn encode(env: &Envelope, key: &[u8]) -> Option<Vec<u8>> {
 
 /// Checks the MAC, then decodes. Freshness and addressing are checked by the caller.
 pub fn decode(buf: &[u8], key: &[u8]) -> Result<Envelope, WireError> {
+    decode_any(buf, &[key]).map(|(env, _)| env)
+}
+
+/// Like [`decode`], accepting a MAC made with any of `keys`; also returns the index of the key
+/// that matched.
+pub fn decode_any(buf: &[u8], keys: &[&[u8]]) -> Result<(Envelope, usize), WireError> {
+    let data = framed(buf)?;
+    let (data, t) = data.split_at(data.len() - MAC_LEN);
+    let which = keys
+        .iter()
+        .position(|k| bool::from(tag(k, data).ct_eq(t)))
+        .ok_or(WireError::BadMac)?;
+    Ok((body(data)?, which))
+}
+
+/// The sender a datagram claims, read WITHOUT checking its MAC: for log lines about refused
+/// datagrams only, never for a decision.
+pub fn claimed_sender(buf: &[u8]) -> Option<String> {
+    let data = framed(buf).ok()?;
+    body(&data[..data.len() - MAC_LEN]).ok().map(|e| e.from)
+}
+
+fn framed(buf: &[u8]) -> Result<&[u8], WireError> {
     if buf.len() < HEADER + MAC_LEN + 1 || buf.len() > MAX_DATAGRAM + 256 {
         return Err(WireError::Malformed);
     }
     if buf[..2] != MAGIC || buf[2] != VERSION {
         return Err(WireError::Malformed);
     }
-    let (data, t) = buf.split_at(buf.len() - MAC_LEN);
-    if !bool::from(tag(key, data).ct_eq(t)) {
-        return Err(WireError::BadMac);
-    }
+    Ok(buf)
+}
+
+fn body(data: &[u8]) -> Result<Envelope, WireError> {
     let mut rest = &data[HEADER..];
     let env: Envelope = rmp_serde::from_read(&mut rest).map_err(|_| WireError::Malformed)?;
     if !rest.is_empty() {
@@ -222,5 +278,19 @@ mod tests {
             Err(WireError::BadMac)
         );
         assert_eq!(decode(b"SN", &key), Err(WireError::Malformed));
+        assert_eq!(claimed_sender(&b).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_second_key_is_accepted_and_named() {
+        let (old, new, other) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let by_old = encode(&env(), &old).unwrap();
+        let by_new = encode(&env(), &new).unwrap();
+        assert_eq!(decode_any(&by_old, &[&old, &new]), Ok((env(), 0)));
+        assert_eq!(decode_any(&by_new, &[&old, &new]), Ok((env(), 1)));
+        assert_eq!(decode_any(&by_new, &[&old]), Err(WireError::BadMac));
+        assert_eq!(decode_any(&by_new, &[&old, &other]), Err(WireError::BadMac));
+        // A forged sender name is still readable for the log line, and still refused.
+        assert_eq!(claimed_sender(&by_new).as_deref(), Some("a"));
     }
 }

@@ -115,7 +115,7 @@ pub(crate) fn connect(
         }
     }
     if !st.job_start(uuid) {
-        st.metrics.rate_limited.increment(1);
+        st.metrics.rate_limited_jobs.increment(1);
         fail_pending(st, now, id, FailReason::RetryLater, out);
         return;
     }

@@ -47,7 +47,7 @@ fn allowed(st: &State, now: Instant, h: Hello, out: &mut Outbox) -> bool {
         return false;
     }
     if !st.register_limiter.check(st.sources.key(h.src), st.ns(now)) {
-        st.metrics.rate_limited.increment(1);
+        st.metrics.rate_limited_source.increment(1);
         st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
         return false;
     }
@@ -85,7 +85,7 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
         return;
     }
     if !st.new_sessions.check(st.ns(now)) {
-        st.metrics.rate_limited.increment(1);
+        st.metrics.rate_limited_new_sessions.increment(1);
         st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
         return;
     }
@@ -182,7 +182,7 @@ pub(crate) fn complete_resume(
         return st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
     }
     if !st.new_sessions.check(st.ns(now)) {
-        st.metrics.rate_limited.increment(1);
+        st.metrics.rate_limited_new_sessions.increment(1);
         return st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
     }
     let session = NewSession {

@@ -40,7 +40,7 @@ pub(crate) fn query(
     }
     if unknown {
         if !st.job_start(uuid) {
-            st.metrics.rate_limited.increment(1);
+            st.metrics.rate_limited_jobs.increment(1);
             st.error(
                 now,
                 ErrorTo::Sender(view),

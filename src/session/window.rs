@@ -5,8 +5,11 @@
 //! this window can still call duplicates, so the window we accept and the memory that
 //! deduplicates are the same size.
 
-/// How many request ids below the newest are still accepted (once each).
-pub(crate) const WINDOW: u64 = 128;
+/// How many request ids below the newest are still accepted (once each). A client may have a
+/// burst of requests in flight (the session rate limit's burst is 200) and retransmits each
+/// with its id: the window covers them all.
+pub(crate) const WINDOW: u64 = 256;
+const WORDS: usize = (WINDOW / 64) as usize;
 
 /// What a request id is, seen by the window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,16 +30,15 @@ pub(crate) enum Seen {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ReplayWindow {
     top: u64,
-    bits: [u64; 2],
+    bits: [u64; WORDS],
 }
 
 impl ReplayWindow {
     /// A window whose only id seen is `rid` (the Register or Resume that opened the session).
     pub(crate) fn starting_at(rid: u64) -> Self {
-        Self {
-            top: rid,
-            bits: [1, 0],
-        }
+        let mut bits = [0; WORDS];
+        bits[0] = 1;
+        Self { top: rid, bits }
     }
 
     /// The highest id seen.
@@ -58,29 +60,55 @@ impl ReplayWindow {
         self.bits[(i / 64) as usize] |= 1 << (i % 64);
     }
 
+    /// Shifts the bitmap towards older ids by `by` (bits past the window fall off).
     fn slide(&mut self, by: u64) {
-        let v = (u128::from(self.bits[1]) << 64) | u128::from(self.bits[0]);
-        let v = if by >= WINDOW { 0 } else { v << by };
-        self.bits = [v as u64, (v >> 64) as u64];
+        if by >= WINDOW {
+            self.bits = [0; WORDS];
+            return;
+        }
+        let (words, shift) = ((by / 64) as usize, (by % 64) as u32);
+        for i in (0..WORDS).rev() {
+            let lo = i.checked_sub(words).map_or(0, |j| self.bits[j]);
+            let carry = match (shift, i.checked_sub(words + 1)) {
+                (0, _) | (_, None) => 0,
+                (s, Some(j)) => self.bits[j] >> (64 - s),
+            };
+            self.bits[i] = lo.checked_shl(shift).unwrap_or(0) | carry;
+        }
     }
 
-    /// Classifies `rid` and records it as seen.
-    pub(crate) fn check(&mut self, rid: u64) -> Seen {
+    /// Classifies `rid` without recording it.
+    pub(crate) fn peek(&self, rid: u64) -> Seen {
         if rid > self.top {
-            self.slide(rid - self.top);
-            self.top = rid;
-            self.set(0);
             return Seen::New { newest: true };
         }
         let back = self.top - rid;
         if back >= WINDOW {
-            return Seen::Stale;
+            Seen::Stale
+        } else if self.bit(back) {
+            Seen::Duplicate
+        } else {
+            Seen::New { newest: false }
         }
-        if self.bit(back) {
-            return Seen::Duplicate;
+    }
+
+    /// Records `rid` as seen (a no-op for a stale one).
+    pub(crate) fn mark(&mut self, rid: u64) {
+        if rid > self.top {
+            self.slide(rid - self.top);
+            self.top = rid;
+            self.set(0);
+        } else if self.top - rid < WINDOW {
+            self.set(self.top - rid);
         }
-        self.set(back);
-        Seen::New { newest: false }
+    }
+
+    /// Classifies `rid` and records it as seen.
+    #[cfg(test)]
+    pub(crate) fn check(&mut self, rid: u64) -> Seen {
+        let seen = self.peek(rid);
+        self.mark(rid);
+        seen
     }
 }
 
@@ -113,17 +141,36 @@ mod tests {
     }
 
     #[test]
-    fn the_bitmap_crosses_its_word_boundary() {
-        let mut w = ReplayWindow::starting_at(100);
-        for rid in 101..=200 {
+    fn the_bitmap_crosses_its_word_boundaries() {
+        let mut w = ReplayWindow::starting_at(1000);
+        for rid in 1001..=1100 {
             assert_eq!(w.check(rid), Seen::New { newest: true });
         }
-        for rid in 100..=200 {
+        for rid in 1000..=1100 {
             assert_eq!(w.check(rid), Seen::Duplicate, "{rid}");
         }
-        // Never seen, still inside the window (128 ids: 73..=200): new once.
-        assert_eq!(w.check(73), Seen::New { newest: false });
-        assert_eq!(w.check(73), Seen::Duplicate);
-        assert_eq!(w.check(72), Seen::Stale);
+        // Never seen, still inside the window: new once.
+        let oldest = 1100 - (WINDOW - 1);
+        assert_eq!(w.check(oldest), Seen::New { newest: false });
+        assert_eq!(w.check(oldest), Seen::Duplicate);
+        assert_eq!(w.check(oldest - 1), Seen::Stale);
+        // Every bit survives a slide by any amount, across every word boundary.
+        for by in 1..WINDOW + 2 {
+            let mut w = ReplayWindow::starting_at(1000);
+            for rid in 1000 - (WINDOW - 1)..=1000 {
+                w.check(rid);
+            }
+            w.check(1000 + by);
+            for rid in 1000 + by - (WINDOW - 1)..=1000 {
+                assert_eq!(w.peek(rid), Seen::Duplicate, "slide {by}, rid {rid}");
+            }
+            for rid in (1001..1000 + by).filter(|r| 1000 + by - r < WINDOW) {
+                assert_eq!(
+                    w.peek(rid),
+                    Seen::New { newest: false },
+                    "slide {by}, rid {rid}"
+                );
+            }
+        }
     }
 }

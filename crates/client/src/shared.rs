@@ -327,12 +327,10 @@ impl Shared {
     /// An authenticated request: `build(rid, our_uuid)` makes the message. Retransmits with the
     /// same rid (the router deduplicates). Refusals are retried after a capped, jittered pause
     /// until the deadline ([`Shared::pause`]):
-    /// - `RateLimited`: the same rid again. The request may be one the router is still working
-    ///   on (a `Connect` awaiting its target) and only this retransmission was refused; a new
-    ///   rid would start a second attempt. The router does not remember this refusal.
-    /// - `RetryLater`, `Draining`, and a `ConnectFailed` whose reason is `RetryLater`: a new
-    ///   rid. The router did not carry the request out and remembers the refusal as the answer
-    ///   to the old rid (a retransmission would only get it again).
+    /// - `RateLimited`, `RetryLater`, `Draining`, and a `ConnectFailed` whose reason is
+    ///   `RetryLater`: a new rid. The router did not carry the request out (it rate-limits only
+    ///   new requests: a retransmission of one it is working on is never refused), and it may
+    ///   remember the refusal as the answer to the old rid.
     /// - `UnknownSession` (when `resume_on_unknown`): the supervisor resumes, then a new rid,
     ///   a new request for the node now holding the session.
     ///
@@ -364,7 +362,7 @@ impl Shared {
                 }
                 r => r?,
             };
-            let renew = match msg {
+            match msg {
                 Message::Error(e) => match e.code {
                     ErrorCode::UnknownSession
                         if resume_on_unknown && resumes < MAX_RESUMES_PER_REQUEST =>
@@ -374,28 +372,20 @@ impl Shared {
                         rid = self.next_rid();
                         continue;
                     }
-                    ErrorCode::RateLimited => {
+                    ErrorCode::RateLimited | ErrorCode::RetryLater | ErrorCode::Draining => {
                         refused = Some(Refusal::Error(e.code));
-                        false
-                    }
-                    ErrorCode::RetryLater | ErrorCode::Draining => {
-                        refused = Some(Refusal::Error(e.code));
-                        true
                     }
                     code => return Err(ClientError::Server(code)),
                 },
                 Message::ConnectFailed(ref f) if f.reason == FailReason::RetryLater => {
                     refused = Some(Refusal::Answer(msg));
-                    true
                 }
                 msg => return Ok(msg),
-            };
+            }
             if !self.pause(&mut pause, deadline).await {
                 return refused.map_or(Err(ClientError::Timeout), Refusal::into_result);
             }
-            if renew {
-                rid = self.next_rid();
-            }
+            rid = self.next_rid();
         }
     }
 

@@ -27,13 +27,16 @@ enum Command {
     Client(cli::ClientCommand),
 }
 
+/// Logs to stderr: text (with colours only when stderr is a terminal) or JSON lines.
 fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("SIGROUTER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(!json && std::io::stderr().is_terminal());
     if json {
         b.json().init();
     } else {
@@ -66,6 +69,14 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = Config::from_args(&args)?;
+    // One line that says what runs: the build and the effective configuration (secrets are
+    // redacted by Config's Debug: keys show as fingerprints, passwords not at all).
+    tracing::info!(
+        version = sigrouter::metrics::VERSION,
+        commit = sigrouter::metrics::COMMIT,
+        config = ?cfg,
+        "sigrouter starting"
+    );
     let server = sigrouter::server::Server::bind(cfg).await?;
     server.run(shutdown_signal()).await
 }
@@ -79,8 +90,13 @@ async fn main() -> ExitCode {
             match serve(*args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "sigrouter failed");
-                    eprintln!("error: {e:#}");
+                    // Once: in the log format the operator chose. Only when logging is off
+                    // (SIGROUTER_LOG=off) does it go to stderr as plain text instead.
+                    if tracing::enabled!(tracing::Level::ERROR) {
+                        tracing::error!(error = format!("{e:#}"), "sigrouter failed");
+                    } else {
+                        eprintln!("error: {e:#}");
+                    }
                     ExitCode::FAILURE
                 }
             }

@@ -2,6 +2,7 @@
 //! behind a UDP proxy, Resume of unknown UUIDs, sessions hoarding lookups, STUN floods.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use sigrouter_proto::{ErrorCode, Message, Secret};
 use uuid::Uuid;
@@ -165,4 +166,42 @@ fn stun_answers_are_rate_limited_per_source_prefix() {
     for t in sim.recv(v4(9, 1), &req).client {
         assert!(t.bytes.len() <= req.len() + crate::stun::MAX_GROWTH);
     }
+}
+
+#[test]
+fn only_new_requests_are_rate_limited_and_a_refused_one_was_not_carried_out() {
+    let sim = Sim::with(Config {
+        session_rate: 1,
+        session_burst: 2,
+        ..config()
+    });
+    let mut a = sim.register(v4(1, 1), vec![]);
+    let b = sim.register(v4(2, 2), vec![]);
+    // One cell: a Connect, pending while b decides.
+    let rid = a.next_rid();
+    assert_eq!(
+        sim.recv(a.addr, &a.connect(rid, b.uuid, b"")).client.len(),
+        1
+    );
+    // Its retransmissions cost nothing and are never refused.
+    for _ in 0..10 {
+        assert!(sim.recv(a.addr, &a.connect(rid, b.uuid, b"")).is_empty());
+    }
+    // The second cell, then a refusal: a new request beyond the burst.
+    let r2 = a.next_rid();
+    assert_eq!(sim.recv(a.addr, &a.heartbeat(r2)).client.len(), 1);
+    let r3 = a.next_rid();
+    let out = sim.recv(a.addr, &a.connect(r3, b.uuid, b""));
+    assert_client(&out, &[(a.addr, error(r3, ErrorCode::RateLimited))]);
+    assert_eq!(
+        sim.metric("sigrouter_rate_limited_total{limit=\"session\"}"),
+        1.0
+    );
+    // Not carried out: no second Incoming, and the id is still free once a cell is back.
+    assert_eq!(sim.metric("sigrouter_pushes_total"), 1.0);
+    let mut sim = sim;
+    sim.advance(Duration::from_secs(1));
+    let out = sim.recv(a.addr, &a.connect(r3, b.uuid, b""));
+    assert_eq!(out.client.len(), 1, "carried out now: {:?}", decoded(&out));
+    assert_eq!(out.client[0].to, b.addr);
 }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::connect::{pair, start_local};
 use super::*;
+use crate::session::WINDOW;
 
 #[test]
 fn a_connect_retransmitted_while_pending_waits_and_then_gets_the_outcome() {
@@ -150,12 +151,17 @@ fn a_request_far_below_the_newest_id_is_a_stale_replay_and_dropped() {
     let (a, b) = pair(&sim);
     let top = 5000;
     sim.recv(a.addr, &a.heartbeat(top));
-    // Within the window (128 ids): answered.
-    assert_eq!(sim.recv(a.addr, &a.heartbeat(top - 127)).client.len(), 1);
+    // Within the window: answered.
+    assert_eq!(
+        sim.recv(a.addr, &a.heartbeat(top - (WINDOW - 1)))
+            .client
+            .len(),
+        1
+    );
     // Below it: dropped and counted, whatever the type.
-    assert!(sim.recv(a.addr, &a.heartbeat(top - 128)).is_empty());
+    assert!(sim.recv(a.addr, &a.heartbeat(top - WINDOW)).is_empty());
     assert!(sim
-        .recv(a.addr, &a.connect(top - 200, b.uuid, b""))
+        .recv(a.addr, &a.connect(top - WINDOW - 1, b.uuid, b""))
         .is_empty());
     assert_eq!(sim.router.in_flight(), 0, "no connection was opened");
     assert_eq!(
