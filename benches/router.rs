@@ -50,6 +50,8 @@ fn router() -> Router {
         register_burst: 1_000_000,
         session_rate: 1_000_000_000,
         session_burst: 1_000_000_000,
+        new_session_rate: 1_000_000_000,
+        new_session_burst: 1_000_000_000,
         ..Config::default()
     };
     Router::new(&cfg, Metrics::new(), None)
