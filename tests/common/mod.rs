@@ -210,6 +210,23 @@ impl Raw {
         None
     }
 
+    /// Everything that arrives within `window` (the backlog first), acknowledging pushes on
+    /// the way: for checks that something did *not* arrive. The window always runs to its end.
+    pub async fn collect(&self, window: Duration) -> Vec<Message> {
+        let mut got: Vec<Message> = self.backlog.lock().unwrap().drain(..).collect();
+        let deadline = Instant::now() + window;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Some(m) = self.recv_socket(left).await else {
+                break;
+            };
+            if let Some(p) = m.push_id() {
+                self.ack(p).await;
+            }
+            got.push(m);
+        }
+        got
+    }
+
     pub async fn ack(&self, push: u64) {
         self.send(&Message::PushAck(proto::PushAck {
             uuid: self.uuid,
@@ -271,6 +288,18 @@ pub async fn recv_msg(sock: &UdpSocket, t: Duration) -> Option<Message> {
         .ok()?
         .ok()?;
     proto::decode(&buf[..n]).ok()
+}
+
+/// The sum of a node's metric lines starting with `line_prefix` (e.g.
+/// `sigrouter_dropped_total{reason="bad_mac"}`), read from its own recorder.
+pub fn metric(node: &Node, line_prefix: &str) -> f64 {
+    node.router
+        .metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(line_prefix))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Polls `f` until it is true or `t` passes; returns whether it became true.
