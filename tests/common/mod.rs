@@ -418,16 +418,29 @@ impl Redis {
         });
     }
 
-    /// Whether Redis is not answering a PING within 100 ms (blocked by DEBUG SLEEP).
-    pub fn is_blocked(&self) -> bool {
+    /// Whether Redis is not answering a new connection and a PING within `within` (blocked
+    /// by DEBUG SLEEP). Setting up a connection needs Redis's answer too (redis-rs sends
+    /// CLIENT SETINFO), so the whole exchange is bounded by `within`: a sleep shorter than the
+    /// deadline is seen while it lasts, not waited out.
+    pub fn is_blocked_for(&self, within: Duration) -> bool {
         let Ok(client) = redis::Client::open(self.url()) else {
             return false;
         };
-        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+        let start = Instant::now();
+        let Ok(mut c) = client.get_connection_with_timeout(within) else {
             return true;
         };
-        let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
+        let left = within.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return true;
+        }
+        let _ = c.set_read_timeout(Some(left));
         redis::cmd("PING").query::<String>(&mut c).is_err()
+    }
+
+    /// [`Self::is_blocked_for`] one second: only a long DEBUG SLEEP counts.
+    pub fn is_blocked(&self) -> bool {
+        self.is_blocked_for(Duration::from_secs(1))
     }
 
     /// Whether a client's presence record names `node`.
@@ -439,6 +452,26 @@ impl Redis {
             }
             _ => false,
         }
+    }
+
+    /// How many times Redis has run each command (lower-case name) since it started, from
+    /// `INFO commandstats`: what the nodes asked of it, counted by Redis itself.
+    pub fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let info = match self
+            .cmd(&["INFO", "commandstats"])
+            .expect("INFO commandstats")
+        {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("unexpected INFO reply {other:?}"),
+        };
+        info.lines()
+            .filter_map(|l| {
+                let (name, stats) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_string(), calls.parse().ok()?))
+            })
+            .collect()
     }
 
     pub fn stop(&mut self) {
