@@ -49,6 +49,10 @@ async fn resume_keeps_uuid_from_a_new_address() {
     assert_eq!(r.uuid, a.uuid);
     assert_eq!(r.observed.0, sock.local_addr().unwrap());
     let mut moved = Raw::with(sock, node.addr, a.uuid, a.secret, r.observed.0, 100);
+    // The session now lives at the new socket: a push reaches it there before it has sent
+    // anything else (a heartbeat from it would move the session there by itself).
+    let (_, inc) = connect(&mut q, &moved, "found you").await;
+    assert_eq!(inc.from, q.uuid);
     assert_eq!(
         moved.heartbeat().await.observed.0,
         moved.sock.local_addr().unwrap()
