@@ -193,11 +193,12 @@ async fn pushes_are_retransmitted_until_acked() {
     }
     // From now on the acknowledged push must stay quiet while the control keeps coming. One
     // copy of it may already have been on its way when the ack was handled; every further copy
-    // would be a retransmission after the ack. Three control copies span two more rounds of
-    // the (shared) schedule, so an ignored ack would show as two copies or more.
+    // would be a retransmission after the ack. Four control copies span three more rounds of
+    // the (shared) schedule, so an ignored ack would show as two copies or more, with a round
+    // to spare.
     let (mut acked_after, mut control_after) = (0, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while control_after < 3 {
+    while control_after < 4 {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match b.recv(left).await {
             Some(Message::Incoming(i)) if (i.push, i.connection) == acked[0] => acked_after += 1,
