@@ -5,9 +5,10 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{test_config, Node};
+use common::{eventually, metric, test_config, Node};
 use sigrouter::Config;
 use sigrouter_client::{
     Client, ClientConfig, ClientError, ConnectOutcome, ErrorCode, Event, Events, FailReason,
@@ -102,7 +103,7 @@ fn forward(mut events: Events) -> mpsc::UnboundedReceiver<Event> {
     rx
 }
 
-fn connected(o: ConnectOutcome) -> (Uuid, Uuid, std::net::SocketAddr, Vec<u8>) {
+fn connected(o: ConnectOutcome) -> (Uuid, Uuid, SocketAddr, Vec<u8>) {
     match o {
         ConnectOutcome::Connected {
             connection,
@@ -163,7 +164,8 @@ async fn resume_keeps_uuid_from_a_new_socket() {
     let (uuid, secret, port) = (a.uuid(), a.secret(), a.local_addr().port());
     a.close().await; // no Bye: the session stays
 
-    let (a2, _ea2) = Client::resume(cfg(&node), uuid, secret).await.unwrap();
+    let (a2, ea2) = Client::resume(cfg(&node), uuid, secret).await.unwrap();
+    let _a2_events = answer_all(&a2, ea2, true, b"a2 here");
     assert_eq!(a2.uuid(), uuid);
     assert_ne!(a2.local_addr().port(), port);
     assert_eq!(a2.observed().port(), a2.local_addr().port());
@@ -175,7 +177,11 @@ async fn resume_keeps_uuid_from_a_new_socket() {
         Err(ClientError::Server(ErrorCode::Unauthorized)) => {}
         other => panic!("expected Unauthorized, got {other:?}"),
     }
-    // The real owner is unaffected.
+    // The real owner is unaffected: the session lives at the new socket, the one the real
+    // Resume came from (the query above holds whether or not it moved: the old session never
+    // left). A push there is answered by `a2`, before `a2` sends anything that could move it.
+    let (_, peer, _, payload) = connected(b.connect(uuid, b"still yours?").await.unwrap());
+    assert_eq!((peer, payload), (uuid, b"a2 here".to_vec()));
     a2.heartbeat().await.unwrap();
 }
 
@@ -297,15 +303,56 @@ async fn rate_limited_registers_are_retried() {
     })
     .await;
     // Over the per-IP limit: the router answers RateLimited; the client pauses and retries.
-    let mut clients = Vec::new();
-    for _ in 0..3 {
-        clients.push(register(&node).await);
+    // Three at once from one IP with a burst of one: at least one is refused first.
+    let regs: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(Client::register(cfg(&node))))
+        .collect();
+    let mut uuids = std::collections::BTreeSet::new();
+    for r in regs {
+        let (c, _events) = r.await.unwrap().expect("register through the rate limit");
+        uuids.insert(c.uuid());
     }
+    assert_eq!(uuids.len(), 3);
+    assert!(
+        metric(&node, "sigrouter_rate_limited_total") >= 1.0,
+        "no Register was refused: the retry was not exercised"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_registers_are_retried_from_new_ports() {
     let node = Node::start(test_config()).await;
+    node.router.set_draining(true);
+    // A client on a port we know, while the node drains: refused (Draining), it pauses and
+    // moves to a new port; the port it had becomes free. Only then does draining end.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = cfg(&node);
+    c.bind = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    c.request_timeout = WAIT;
+    let reg = tokio::spawn(Client::register(c));
+    let register_requests = || metric(&node, "sigrouter_requests_total{type=\"register\"}");
+    assert!(
+        eventually(WAIT, || register_requests() >= 1.0).await,
+        "no Register arrived"
+    );
+    let moved = eventually(WAIT, || {
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    assert!(moved, "the refused client never left its port");
+    node.router.set_draining(false);
+    let (client, _events) = reg.await.unwrap().expect("register after draining");
+    assert_ne!(
+        client.local_addr().port(),
+        port,
+        "registered from the refused port"
+    );
+
+    // Draining that outlasts the request: the client gives up with Draining.
     node.router.set_draining(true);
     let mut c = cfg(&node);
     c.request_timeout = Duration::from_millis(1500);
@@ -313,15 +360,6 @@ async fn draining_registers_are_retried_from_new_ports() {
         Err(ClientError::Server(ErrorCode::Draining)) => {}
         other => panic!("expected Draining, got {other:?}"),
     }
-    // Draining ends while the client is retrying (or before it starts): it gets in.
-    let router = node.router.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        router.set_draining(false);
-    });
-    let mut c = cfg(&node);
-    c.request_timeout = WAIT;
-    Client::register(c).await.expect("register after draining");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,4 +493,11 @@ async fn lossy_links_in_both_directions_still_work() {
             assert!(!matches!(e, Event::Signal { .. }), "duplicate: {e:?}");
         }
     }
+    // The control: the loss did cause retransmitted pushes (copies the clients had to drop).
+    let retransmits = metric(&node, "sigrouter_push_retransmits_total");
+    println!("push retransmissions: {retransmits}");
+    assert!(
+        retransmits >= 1.0,
+        "no push was retransmitted: nothing was deduplicated"
+    );
 }

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    answer, assert_offline, connect, eventually, outcome, payload, recv_msg, signal, test_config,
-    Node, Raw, T,
+    answer, assert_offline, connect, eventually, metric, outcome, payload, recv_msg, signal,
+    test_config, Node, Raw, T,
 };
 use sigrouter::proto::{self, ErrorCode, FailReason, Message, Secret};
 use uuid::Uuid;
@@ -49,6 +49,10 @@ async fn resume_keeps_uuid_from_a_new_address() {
     assert_eq!(r.uuid, a.uuid);
     assert_eq!(r.observed.0, sock.local_addr().unwrap());
     let mut moved = Raw::with(sock, node.addr, a.uuid, a.secret, r.observed.0, 100);
+    // The session now lives at the new socket: a push reaches it there before it has sent
+    // anything else (a heartbeat from it would move the session there by itself).
+    let (_, inc) = connect(&mut q, &moved, "found you").await;
+    assert_eq!(inc.from, q.uuid);
     assert_eq!(
         moved.heartbeat().await.observed.0,
         moved.sock.local_addr().unwrap()
@@ -144,23 +148,74 @@ async fn connect_rejected_offline_and_timeout() {
 async fn pushes_are_retransmitted_until_acked() {
     let mut cfg = test_config();
     cfg.push_initial_rto = Duration::from_millis(50);
+    // Neither a give-up nor a connect timeout may end the retransmissions during the test:
+    // only the acknowledgement may.
+    cfg.push_deadline = Duration::from_secs(60);
+    cfg.connect_timeout = Duration::from_secs(60);
     let node = Node::start(cfg).await;
     let mut a = Raw::register(node.addr).await;
-    let b = Raw::register(node.addr).await;
+    let mut c = Raw::register(node.addr).await;
+    let mut b = Raw::register(node.addr).await;
+    // Two pushes to B at about the same time: A's, which B will acknowledge, and C's, which B
+    // never acknowledges (the control: it shows what the retransmission schedule does meanwhile).
     a.send_connect(b.uuid, "x").await;
-    // B "loses" the first two copies (reads without acking); the server sends it again.
-    let mut seen = Vec::new();
-    for _ in 0..3 {
+    c.send_connect(b.uuid, "control").await;
+    // B "loses" the first copies (reads without acking); the server sends them again.
+    let (mut acked, mut control) = (Vec::new(), Vec::new());
+    while acked.len() < 3 || control.is_empty() {
         match b.recv(T).await {
-            Some(Message::Incoming(i)) => seen.push((i.push, i.connection)),
+            Some(Message::Incoming(i)) if i.from == a.uuid => acked.push((i.push, i.connection)),
+            Some(Message::Incoming(i)) if i.from == c.uuid => control.push((i.push, i.connection)),
             other => panic!("expected Incoming, got {other:?}"),
         }
     }
+    for seen in [&acked, &control] {
+        assert!(
+            seen.windows(2).all(|w| w[0] == w[1]),
+            "retransmissions must be the same push: {seen:?}"
+        );
+    }
+    assert_ne!(acked[0], control[0]);
+    b.ack(acked[0].0).await;
+    // Barrier: B's datagrams are handled in order, so once its Heartbeat is answered the
+    // PushAck has been handled. Nothing is acknowledged on the way.
+    let rid = b.next_rid();
+    b.send(&Message::Heartbeat(proto::Heartbeat { rid, uuid: b.uuid }))
+        .await;
+    loop {
+        match b.recv(T).await {
+            Some(Message::HeartbeatAck(h)) if h.rid == rid => break,
+            // Copies sent before the ack was handled.
+            Some(Message::Incoming(i))
+                if [acked[0], control[0]].contains(&(i.push, i.connection)) => {}
+            other => panic!("expected HeartbeatAck, got {other:?}"),
+        }
+    }
+    // From now on the acknowledged push must stay quiet while the control keeps coming. One
+    // copy of it may already have been on its way when the ack was handled; every further copy
+    // would be a retransmission after the ack. Four control copies span three more rounds of
+    // the (shared) schedule, so an ignored ack would show as two copies or more, with a round
+    // to spare.
+    let (mut acked_after, mut control_after) = (0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while control_after < 4 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match b.recv(left).await {
+            Some(Message::Incoming(i)) if (i.push, i.connection) == acked[0] => acked_after += 1,
+            Some(Message::Incoming(i)) if (i.push, i.connection) == control[0] => {
+                control_after += 1
+            }
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!(
+                "the unacknowledged control push was not retransmitted ({control_after} copies)"
+            ),
+        }
+    }
     assert!(
-        seen.windows(2).all(|w| w[0] == w[1]),
-        "retransmissions must be the same push: {seen:?}"
+        acked_after <= 1,
+        "{acked_after} copies of an acknowledged push arrived after the ack was handled \
+         (the control push: {control_after})"
     );
-    b.ack(seen[0].0).await;
 }
 
 #[tokio::test]
@@ -198,6 +253,8 @@ async fn duplicate_request_ids_do_nothing_twice() {
     assert_eq!(first, again);
 
     // The same Signal twice, then a different one: the peer sees "dup" once, then "next".
+    // Pushes are told apart by their id: a copy with the same id is a retransmission (B's ack
+    // may not have been handled yet), a second id is a second delivery.
     let a_uuid = a.uuid;
     let sig = |rid, text: &str| {
         Message::Signal(proto::Signal {
@@ -211,19 +268,48 @@ async fn duplicate_request_ids_do_nothing_twice() {
     a.send(&sig(r1, "dup")).await;
     a.send(&sig(r1, "dup")).await;
     a.send(&sig(r2, "next")).await;
-    let mut got = Vec::new();
+    let mut pushes = std::collections::BTreeSet::new();
     b.recv_until(T, |m| {
         if let Message::SignalPush(s) = m {
-            got.push(String::from_utf8_lossy(&s.payload).to_string());
+            pushes.insert((s.push, String::from_utf8_lossy(&s.payload).to_string()));
             return (s.payload == payload("next")).then_some(());
         }
         None
     })
     .await
     .expect("second signal");
-    assert_eq!(got.iter().filter(|s| *s == "dup").count(), 1, "{got:?}");
-    // Incoming must not have been pushed again either (only one in flight at any time).
-    assert!(!got.is_empty());
+    // Whatever was pushed for A's requests has been sent by now (A's datagrams are handled in
+    // order, each before the next): a short window collects any copy still in flight, and
+    // whatever `recv_until` left in the backlog (the Incoming and its copies among them).
+    let rest = b.collect(Duration::from_millis(500)).await;
+    let mut incomings = std::collections::BTreeSet::new();
+    incomings.insert((inc.push, inc.connection));
+    for m in &rest {
+        match m {
+            Message::SignalPush(s) => {
+                pushes.insert((s.push, String::from_utf8_lossy(&s.payload).to_string()));
+            }
+            Message::Incoming(i) => {
+                incomings.insert((i.push, i.connection));
+            }
+            _ => {}
+        }
+    }
+    let texts: Vec<&str> = pushes.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(texts, ["dup", "next"], "one push per Signal: {pushes:?}");
+    // Incoming must not have been pushed again either: three copies of the Connect and a
+    // retransmission after its outcome made one push, one connection.
+    assert_eq!(incomings.len(), 1, "Incoming pushed again: {incomings:?}");
+    // Control: the same window does see a second Incoming when there is one. A's Heartbeat
+    // is answered only after its Connect has been handled (and the push sent).
+    let control = a.send_connect(b.uuid, "control").await;
+    a.heartbeat().await;
+    let seen = b.collect(Duration::from_millis(500)).await;
+    assert!(
+        seen.iter().any(|m| matches!(m, Message::Incoming(i)
+            if i.payload == payload("control") && i.connection != inc.connection)),
+        "the window missed the control Incoming (Connect rid {control}): {seen:?}"
+    );
 
     // A retransmitted Register gets the same session, not a second one.
     let sock = Raw::socket().await;
@@ -289,25 +375,29 @@ async fn wrong_secret_from_another_address_changes_nothing() {
         Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
         other => panic!("expected Unauthorized, got {other:?}"),
     }
-    // The session is still there, still at its own address; no Incoming reached the watcher.
-    assert_eq!(a.heartbeat().await.observed.0, a.sock.local_addr().unwrap());
-    assert_eq!(watcher.query(vec![a.uuid]).await, vec![true]);
     // Forged MACs count as bad_mac; datagrams with the MAC cut off no longer parse (malformed).
+    let count = |reason: &str| {
+        metric(
+            &node,
+            &format!("sigrouter_dropped_total{{reason=\"{reason}\"}}"),
+        )
+    };
     let ok = eventually(T, || {
-        let text = node.router.metrics().render();
-        let count = |reason: &str| -> f64 {
-            text.lines()
-                .filter(|l| {
-                    l.starts_with(&format!("sigrouter_dropped_total{{reason=\"{reason}\"}}"))
-                })
-                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-                .sum()
-        };
         count("bad_mac") >= f64::from(sent / 2)
             && count("bad_mac") + count("malformed") >= f64::from(sent)
     })
     .await;
     assert!(ok, "forged datagrams were not all counted as drops");
+    // Every forged datagram has been handled. The session is still at its own address: a push
+    // to it (the watcher's Connect) reaches A's socket before A has sent anything that could
+    // move it back (a forged request that had moved it would send the push to the attacker).
+    let (rid, inc) = connect(&mut watcher, &a, "where are you?").await;
+    assert_eq!(inc.from, watcher.uuid);
+    answer(&mut a, inc.connection, true, "here").await;
+    assert!(matches!(outcome(&watcher, rid).await, Message::Connected(c) if c.peer == a.uuid));
+    // And it is still there (no forged Bye took it); no Incoming reached the watcher.
+    assert_eq!(a.heartbeat().await.observed.0, a.sock.local_addr().unwrap());
+    assert_eq!(watcher.query(vec![a.uuid]).await, vec![true]);
     let mut got_incoming = false;
     while let Some(m) = watcher.recv(Duration::from_millis(200)).await {
         got_incoming |= matches!(m, Message::Incoming(_));
@@ -330,10 +420,8 @@ async fn unauthenticated_answers_are_never_larger_than_requests() {
     )
     .unwrap();
     sock.send_to(&small, node.addr).await.unwrap();
-    assert!(
-        recv_msg(&sock, Duration::from_millis(300)).await.is_none(),
-        "an unpadded Register was answered"
-    );
+    // Whether it was answered shows below: datagrams from one socket are handled in order, so
+    // an answer to it would arrive before the answer to the next probe.
     let mut probes: Vec<Vec<u8>> = Vec::new();
     let mut m = Message::Register(proto::Register {
         rid: 2,
@@ -359,19 +447,28 @@ async fn unauthenticated_answers_are_never_larger_than_requests() {
         )
         .unwrap(),
     );
-    for p in probes {
+    for (p, rid) in probes.into_iter().zip(2u64..) {
         sock.send_to(&p, node.addr).await.unwrap();
         let mut buf = [0u8; 2048];
         let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
             .await
             .unwrap()
             .unwrap();
+        let answer = proto::decode(&buf[..n]).expect("a valid answer");
+        assert_eq!(
+            answer.rid(),
+            Some(rid),
+            "the first datagram after probe {rid} answers something else \
+             (rid 1 is the unpadded Register): {answer:?}"
+        );
         assert!(
             n <= p.len(),
             "answered {n} bytes to a {}-byte request",
             p.len()
         );
     }
+    // Nothing else comes: no late answer to the unpadded Register either.
+    assert_eq!(recv_msg(&sock, Duration::from_millis(300)).await, None);
 }
 
 #[tokio::test]

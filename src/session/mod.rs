@@ -218,8 +218,8 @@ impl Sessions {
         self.map.get(uuid).map(|s| s.secret)
     }
 
-    /// Records an authenticated request from `src` (MAC already checked): runs the replay
-    /// window, takes a cell of the session's rate limit for a new request, refreshes liveness,
+    /// Records an authenticated request from `src` (MAC already checked): refreshes liveness,
+    /// runs the replay window, takes a cell of the session's rate limit for a new request,
     /// moves the address when the request id is the newest seen, and returns the sender's view.
     pub(crate) fn touch(&self, uuid: &Uuid, src: SocketAddr, rid: u64, now: Instant) -> Touch {
         let now_ns = self.ns(now);
@@ -229,12 +229,13 @@ impl Sessions {
         // Only a new request takes a cell: a retransmission is answered from memory (or waits
         // for its pending answer) and costs nothing, so `RateLimited` always means "not
         // carried out", and the client may retry with a new request id.
+        // A valid MAC proves the client is there, refused or not.
+        s.last_seen_ms = now_ns / NS_PER_MS;
         let seen = s.window.peek(rid);
         if matches!(seen, Seen::New { .. }) && !s.limiter.check(now_ns, self.limits.quota) {
             return Touch::RateLimited;
         }
         s.window.mark(rid);
-        s.last_seen_ms = now_ns / NS_PER_MS;
         let mut rebound = false;
         if seen == (Seen::New { newest: true }) && s.addr != src {
             s.addr = src;

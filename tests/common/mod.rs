@@ -210,6 +210,23 @@ impl Raw {
         None
     }
 
+    /// Everything that arrives within `window` (the backlog first), acknowledging pushes on
+    /// the way: for checks that something did *not* arrive. The window always runs to its end.
+    pub async fn collect(&self, window: Duration) -> Vec<Message> {
+        let mut got: Vec<Message> = self.backlog.lock().unwrap().drain(..).collect();
+        let deadline = Instant::now() + window;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Some(m) = self.recv_socket(left).await else {
+                break;
+            };
+            if let Some(p) = m.push_id() {
+                self.ack(p).await;
+            }
+            got.push(m);
+        }
+        got
+    }
+
     pub async fn ack(&self, push: u64) {
         self.send(&Message::PushAck(proto::PushAck {
             uuid: self.uuid,
@@ -271,6 +288,18 @@ pub async fn recv_msg(sock: &UdpSocket, t: Duration) -> Option<Message> {
         .ok()?
         .ok()?;
     proto::decode(&buf[..n]).ok()
+}
+
+/// The sum of a node's metric lines starting with `line_prefix` (e.g.
+/// `sigrouter_dropped_total{reason="bad_mac"}`), read from its own recorder.
+pub fn metric(node: &Node, line_prefix: &str) -> f64 {
+    node.router
+        .metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(line_prefix))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Polls `f` until it is true or `t` passes; returns whether it became true.
@@ -389,16 +418,29 @@ impl Redis {
         });
     }
 
-    /// Whether Redis is not answering a PING within 100 ms (blocked by DEBUG SLEEP).
-    pub fn is_blocked(&self) -> bool {
+    /// Whether Redis is not answering a new connection and a PING within `within` (blocked
+    /// by DEBUG SLEEP). Setting up a connection needs Redis's answer too (redis-rs sends
+    /// CLIENT SETINFO), so the whole exchange is bounded by `within`: a sleep shorter than the
+    /// deadline is seen while it lasts, not waited out.
+    pub fn is_blocked_for(&self, within: Duration) -> bool {
         let Ok(client) = redis::Client::open(self.url()) else {
             return false;
         };
-        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+        let start = Instant::now();
+        let Ok(mut c) = client.get_connection_with_timeout(within) else {
             return true;
         };
-        let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
+        let left = within.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return true;
+        }
+        let _ = c.set_read_timeout(Some(left));
         redis::cmd("PING").query::<String>(&mut c).is_err()
+    }
+
+    /// [`Self::is_blocked_for`] one second: only a long DEBUG SLEEP counts.
+    pub fn is_blocked(&self) -> bool {
+        self.is_blocked_for(Duration::from_secs(1))
     }
 
     /// Whether a client's presence record names `node`.
@@ -410,6 +452,26 @@ impl Redis {
             }
             _ => false,
         }
+    }
+
+    /// How many times Redis has run each command (lower-case name) since it started, from
+    /// `INFO commandstats`: what the nodes asked of it, counted by Redis itself.
+    pub fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let info = match self
+            .cmd(&["INFO", "commandstats"])
+            .expect("INFO commandstats")
+        {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("unexpected INFO reply {other:?}"),
+        };
+        info.lines()
+            .filter_map(|l| {
+                let (name, stats) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_string(), calls.parse().ok()?))
+            })
+            .collect()
     }
 
     pub fn stop(&mut self) {

@@ -42,17 +42,24 @@ impl Router {
 
     /// The next datagram: decoded message, raw bytes, sender.
     async fn recv(&self) -> (Message, Vec<u8>, SocketAddr) {
-        let mut buf = [0u8; 2048];
-        let (n, from) = timeout(WAIT, self.sock.recv_from(&mut buf))
+        self.recv_until(Instant::now() + WAIT)
             .await
             .expect("a datagram from the client")
+    }
+
+    /// The next datagram if one comes before `deadline`.
+    async fn recv_until(&self, deadline: Instant) -> Option<(Message, Vec<u8>, SocketAddr)> {
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf))
+            .await
+            .ok()?
             .unwrap();
         let b = buf[..n].to_vec();
         let m = decode(&b).expect("client sent a valid datagram");
         if m.ty().is_authenticated() {
             assert!(verify_mac(&b, &self.secret), "client MAC must verify");
         }
-        (m, b, from)
+        Some((m, b, from))
     }
 
     async fn send(&self, m: &Message, to: SocketAddr) {
@@ -230,7 +237,9 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
     .unwrap();
     stranger.send_to(&err, at).await.unwrap();
     // The router says slow down: it did not carry the request out (it rate-limits only new
-    // requests), so the client pauses and retries with a new rid.
+    // requests), so the client pauses and retries with a new rid. A plain retransmission of the
+    // refused copy may still be on its way first: within a second, only the old rid or a newer
+    // one may come, and a newer one must.
     r.send(
         &Message::Error(ErrorMsg {
             rid,
@@ -240,12 +249,21 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         at,
     )
     .await;
-    let (retry, _, _) = r.recv().await;
-    assert!(matches!(retry, Message::Heartbeat(_)));
-    assert!(retry.rid().unwrap() > rid);
-    let rid = retry.rid().unwrap();
+    let window = Instant::now() + Duration::from_secs(1);
+    let mut renewed = None;
+    while let Some((retry, _, _)) = r.recv_until(window).await {
+        assert!(matches!(retry, Message::Heartbeat(_)), "{retry:?}");
+        let got = retry.rid().unwrap();
+        if got > rid {
+            renewed = Some(got);
+            break;
+        }
+        assert_eq!(got, rid, "only the old rid or a newer one");
+    }
+    let rid = renewed.expect("no retry with a new rid after RateLimited");
     // RetryLater: the router did not do it and may remember the refusal under that rid, so
-    // the retry is a new request with a new rid.
+    // the retry is a new request with a new rid. A copy of the old one may already be on its
+    // way when the refusal arrives (at most one retransmission is due at a time).
     r.send(
         &Message::Error(ErrorMsg {
             rid,
@@ -255,9 +273,17 @@ async fn retransmissions_reuse_the_rid_refusals_are_retried_and_spoofed_errors_i
         at,
     )
     .await;
-    let (retry, _, _) = r.recv().await;
-    assert!(matches!(retry, Message::Heartbeat(_)));
     let old = rid;
+    let mut stale = 0;
+    let retry = loop {
+        let (retry, _, _) = r.recv().await;
+        if retry.rid() != Some(old) {
+            break retry;
+        }
+        stale += 1;
+        assert!(stale <= 1, "the old rid is still sent after RetryLater");
+    };
+    assert!(matches!(retry, Message::Heartbeat(_)));
     let rid = retry.rid().unwrap();
     assert!(rid > old);
     let observed: SocketAddr = "198.51.100.9:6000".parse().unwrap();

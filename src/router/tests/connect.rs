@@ -111,15 +111,25 @@ fn a_local_connect_rejected_carries_the_reject_payload() {
 
 #[test]
 fn an_unanswered_connect_times_out() {
-    let mut sim = Sim::new();
+    // The Incoming is retransmitted all along (its deadline is past the connect timeout).
+    let mut sim = Sim::with(Config {
+        push_deadline: Duration::from_secs(60),
+        ..config()
+    });
     let (mut a, b) = pair(&sim);
     let (_, _, rid) = start_local(&sim, &mut a, &b, b"");
-    sim.advance(sim.cfg.connect_timeout - Duration::from_millis(1));
-    let out = sim.tick();
-    assert!(
-        out.client.iter().all(|t| t.to == b.addr),
-        "only Incoming retransmissions"
-    );
+    let mut to_b = 0;
+    let until = sim.now + sim.cfg.connect_timeout - Duration::from_millis(1);
+    while sim.now < until {
+        sim.advance(Duration::from_millis(25).min(until - sim.now));
+        let out = sim.tick();
+        assert!(
+            out.client.iter().all(|t| t.to == b.addr),
+            "nothing for a yet"
+        );
+        to_b += out.client.len();
+    }
+    assert!(to_b >= 4, "Incoming retransmitted while a waits: {to_b}");
     sim.advance(Duration::from_millis(1));
     let out = sim.tick();
     let failed = Message::ConnectFailed(ConnectFailed {

@@ -143,6 +143,12 @@ fn a_push_ack_repeated_changes_nothing() {
     assert!(sim.recv(b.addr, &b.push_ack(push)).is_empty());
     assert!(sim.recv(b.addr, &b.push_ack(push)).is_empty());
     assert!(sim.router.is_local(&b.uuid));
+    // The first ack stopped the Incoming's retransmission; the second broke nothing: b still
+    // answers, and the connection still waits for it.
+    let mut sim = sim;
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.tick().is_empty());
+    assert_eq!(sim.router.in_flight(), 1);
 }
 
 #[test]

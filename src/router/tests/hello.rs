@@ -141,10 +141,13 @@ fn resume_on_the_same_node_keeps_the_uuid_and_moves_the_address() {
             proto::encode(&sim.registered(&c, 7, moved), None).unwrap(),
         )],
     );
-    // Answers now go to the new address.
-    let out = sim.recv(moved, &c.heartbeat(8));
+    // The session lives at the new address: a push for it goes there, though the client has
+    // sent nothing since.
+    let mut other = sim.register(v4(2, 1), vec![]);
+    let rid = other.next_rid();
+    let out = sim.recv(other.addr, &other.connect(rid, c.uuid, b""));
     assert_eq!(only_client(&out).to, moved);
-    assert_eq!(sim.router.session_count(), 1);
+    assert_eq!(sim.router.session_count(), 2);
 }
 
 #[test]
@@ -154,7 +157,10 @@ fn resume_with_a_wrong_secret_is_unauthorized_and_changes_nothing() {
     let thief = v4(66, 1);
     let out = sim.recv(thief, &resume_datagram(&c, 7, Secret([1; 32])));
     assert_client(&out, &[(thief, error(7, ErrorCode::Unauthorized))]);
-    let out = sim.recv(c.addr, &c.heartbeat(2));
+    // The session stays where it was: a push for it goes to its own address.
+    let mut other = sim.register(v4(2, 1), vec![]);
+    let rid = other.next_rid();
+    let out = sim.recv(other.addr, &other.connect(rid, c.uuid, b""));
     assert_eq!(only_client(&out).to, c.addr);
 }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 use sigrouter_proto::{
     Ack, Addr, ConnectFailed, Connected, ErrorCode, FailReason, Message, Payload, SignalPush,
 };
-use uuid::Uuid;
 
 use super::connect::incoming;
 use super::*;
@@ -290,5 +289,4 @@ fn a_signal_to_a_peer_whose_node_does_not_answer_gets_retry_later() {
         &out,
         &[(t.ca.addr, t.ca.error(srid, ErrorCode::RetryLater))],
     );
-    let _ = Uuid::nil();
 }
