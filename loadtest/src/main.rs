@@ -10,6 +10,9 @@
 //!   resumes after `UnknownSession` and follows `Migrate`, so the same run spans a rolling
 //!   upgrade.
 //! - `echo-server`: a minimal tokio UDP echo server (the baseline).
+//! - `scale`: registers many sessions (many per socket), heartbeats them at a steady total
+//!   rate, and reports the server's memory per session, registration time, acks/s, latency,
+//!   losses and CPU time per answer, for routers and the echo server side by side.
 //!
 //! Every run is bounded in time and stops by itself, and traffic goes only to the addresses
 //! given, which must be loopback unless `--allow-remote` says otherwise. Results are one JSON
@@ -19,6 +22,7 @@
 //! - `heartbeat`: the raw-datagram generator (and its echo mode).
 //! - `connect`: the client-library generator.
 //! - `echo`: the echo server.
+//! - `scale`: the many-sessions run and its process readings (`/proc`).
 //! - `stats`: latency summaries and the target-address guard.
 
 use std::process::ExitCode;
@@ -28,6 +32,7 @@ use clap::{Parser, Subcommand};
 mod connect;
 mod echo;
 mod heartbeat;
+mod scale;
 mod stats;
 
 #[derive(Parser, Debug)]
@@ -52,6 +57,10 @@ enum Command {
     Connect(connect::Args),
     /// A minimal UDP echo server: the baseline for `heartbeat --echo`.
     EchoServer(echo::Args),
+    /// Many sessions at a steady heartbeat rate: memory per session, registration time,
+    /// acks/s, latency, losses and server CPU per answer, routers and the echo server
+    /// interleaved.
+    Scale(scale::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +81,7 @@ fn main() -> ExitCode {
             Command::Heartbeat(a) => heartbeat::run(a).await,
             Command::Connect(a) => connect::run(a).await,
             Command::EchoServer(a) => echo::run(a).await,
+            Command::Scale(a) => scale::run(a).await,
         }
     });
     // Client tasks that outlive the run must not hold the process open.
