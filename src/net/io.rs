@@ -337,3 +337,113 @@ mod sys {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn socket() -> UdpSocket {
+        UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind loopback")
+    }
+
+    fn t(to: SocketAddr, tag: u8, len: usize) -> Transmit {
+        Transmit {
+            to,
+            bytes: vec![tag; len],
+        }
+    }
+
+    /// Reads `n` datagrams (or fails after a deadline): what a client would see.
+    async fn read(sock: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < n {
+            let (len, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+                .await
+                .expect("datagram within 5 s")
+                .expect("recv");
+            got.push(buf[..len].to_vec());
+        }
+        got
+    }
+
+    /// Runs of equal-sized datagrams to one destination (sent as GSO messages where the kernel
+    /// allows), a shorter one ending a run, and a second destination in between all arrive as
+    /// the separate datagrams they were, in order per destination.
+    #[tokio::test]
+    async fn batched_sends_arrive_as_the_datagrams_queued() {
+        let server = socket().await;
+        let a = socket().await;
+        let b = socket().await;
+        let (ta, tb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut q = Vec::new();
+        for i in 0..20u8 {
+            q.push(t(ta, i, 100));
+        }
+        q.push(t(ta, 20, 40));
+        q.push(t(ta, 21, 100));
+        q.push(t(tb, 100, 300));
+        q.push(t(tb, 101, 300));
+        q.push(t(ta, 22, 100));
+        q.push(t(tb, 102, 1));
+        let mut tx = Tx::new(&server);
+        let mut sent = 0;
+        while sent < q.len() {
+            server.writable().await.unwrap();
+            match tx.send(&server, &q[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("send failed: {e}"),
+            }
+        }
+        let want = |to: SocketAddr| -> Vec<Vec<u8>> {
+            q.iter()
+                .filter(|x| x.to == to)
+                .map(|x| x.bytes.clone())
+                .collect()
+        };
+        assert_eq!(read(&a, 23).await, want(ta));
+        assert_eq!(read(&b, 3).await, want(tb));
+    }
+
+    /// A batch of datagrams from several sources is received whole, with each source address.
+    #[tokio::test]
+    async fn batched_receive_sees_every_datagram_and_its_source() {
+        let server = socket().await;
+        let to = server.local_addr().unwrap();
+        let mut rx = Rx::new(&server).expect("rx");
+        let clients = [socket().await, socket().await];
+        for (k, c) in clients.iter().enumerate() {
+            for i in 0..40u8 {
+                c.send_to(&[k as u8, i], to).await.unwrap();
+            }
+        }
+        let mut got = Vec::new();
+        while got.len() < 80 {
+            tokio::time::timeout(Duration::from_secs(5), server.readable())
+                .await
+                .expect("readable within 5 s")
+                .unwrap();
+            match rx.recv(&server, |src, b| got.push((src, b.to_vec()))) {
+                Ok(n) => assert!(n <= RECV_BATCH),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("recv failed: {e}"),
+            }
+        }
+        for (k, c) in clients.iter().enumerate() {
+            let from = c.local_addr().unwrap();
+            let mine: Vec<Vec<u8>> = got
+                .iter()
+                .filter(|(s, _)| *s == from)
+                .map(|(_, b)| b.clone())
+                .collect();
+            let want: Vec<Vec<u8>> = (0..40u8).map(|i| vec![k as u8, i]).collect();
+            assert_eq!(mine, want);
+        }
+    }
+}
