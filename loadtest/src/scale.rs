@@ -408,9 +408,8 @@ impl Sock {
     ) -> usize {
         let mut got = 0;
         while got < RECV_BATCH {
-            let n = match self.sock.try_recv_from(&mut self.buf) {
-                Ok((n, _)) => n,
-                Err(_) => break,
+            let Ok((n, _)) = self.sock.try_recv_from(&mut self.buf) else {
+                break;
             };
             got += 1;
             let now = Instant::now();
