@@ -66,6 +66,22 @@ pub(crate) fn bind_udp(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::n
     Ok(out)
 }
 
+/// Which of `n` client socket queues serves `to`: a hash of the destination, so that one
+/// client's datagrams stay in order and clients spread over every socket.
+fn queue_index(to: &SocketAddr, n: usize) -> usize {
+    let h = match to {
+        SocketAddr::V4(a) => u64::from(a.ip().to_bits()),
+        SocketAddr::V6(a) => {
+            let b = a.ip().to_bits();
+            (b as u64) ^ ((b >> 64) as u64)
+        }
+    } ^ (u64::from(to.port()) << 32);
+    // Fibonacci hashing: the high 32 bits of the product depend on every bit of `h`; scaling
+    // them by `n` keeps the high bits (a plain `% n` would keep the low ones).
+    let mixed = h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    ((mixed * n.max(1) as u64) >> 32) as usize
+}
+
 /// Where a socket owner sends what is not for its own socket.
 #[derive(Clone)]
 pub(crate) struct Dispatch {
@@ -80,19 +96,9 @@ pub(crate) struct Dispatch {
 }
 
 impl Dispatch {
-    /// The client socket queue that serves `to`: a hash of the destination, so that one
-    /// client's datagrams stay in order and clients spread over every socket.
+    /// The client socket queue that serves `to`.
     fn client_queue(&self, to: &SocketAddr) -> &mpsc::Sender<Transmit> {
-        let h = match to {
-            SocketAddr::V4(a) => u64::from(a.ip().to_bits()),
-            SocketAddr::V6(a) => {
-                let b = a.ip().to_bits();
-                (b as u64) ^ ((b >> 64) as u64)
-            }
-        } ^ (u64::from(to.port()) << 32);
-        // Fibonacci hashing: the high bits of the product are well mixed.
-        let mixed = h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-        &self.client_tx[(mixed as usize) % self.client_tx.len()]
+        &self.client_tx[queue_index(to, self.client_tx.len())]
     }
 
     /// Hands off everything in `out` except what `keep` says the caller sends itself.
@@ -314,6 +320,37 @@ pub(crate) async fn run_timers(
             let gone = d.router.sweep(now);
             if !gone.is_empty() {
                 tracing::debug!(count = gone.len(), "sessions expired");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clients (one address, many ports, as behind a NAT; or many addresses) spread over every
+    /// socket, and one client always maps to the same socket.
+    #[test]
+    fn queued_sends_spread_over_sockets_and_keep_a_client_on_one() {
+        for n in [1usize, 2, 3, 8] {
+            let mut per = vec![0usize; n];
+            for i in 0..4000u32 {
+                let to = if i % 2 == 0 {
+                    SocketAddr::from(([203, 0, 113, 7], 1024 + i as u16))
+                } else {
+                    SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40000))
+                };
+                let q = queue_index(&to, n);
+                assert_eq!(q, queue_index(&to, n));
+                per[q] += 1;
+            }
+            let even = 4000 / n;
+            for c in per {
+                assert!(
+                    c > even * 3 / 4 && c < even * 5 / 4,
+                    "uneven spread {c} of {even}"
+                );
             }
         }
     }
