@@ -798,7 +798,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
     let pause_idle = !a.no_pause_idle;
     let warmup = Duration::from_secs_f64(a.warmup);
     let phase_s = (warmup + duration + timeout).as_secs_f64() + 0.5;
-    let total_s = a.register_timeout + phase_s * a.rounds as f64 * 4.0 + 60.0;
+    // How long a started echo server must live: every registration and every phase, with room.
+    let n_targets = a.router_bins.len() + usize::from(a.router_addr.is_some()) + 1;
+    let total_s = (a.register_timeout + phase_s * a.rounds as f64 + 0.2) * n_targets as f64 + 60.0;
     let tck = clk_tck();
 
     // Targets: started routers, an attached router, the echo server.
