@@ -148,6 +148,8 @@ struct Target {
 struct Report {
     registered: usize,
     register_s: f64,
+    /// Server CPU time spent while registering.
+    register_cpu_s: f64,
     rss_before: u64,
     rss_registered: u64,
     rss_end: u64,
@@ -878,6 +880,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
                 t.label, a.sessions, a.sockets
             );
         }
+        let cpu0 = cpu_ticks(t.pid)?;
         let started = Instant::now();
         let deadline = started + Duration::from_secs_f64(a.register_timeout.clamp(1.0, 3600.0));
         let mut set = tokio::task::JoinSet::new();
@@ -891,6 +894,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             t.socks.push(s?);
         }
         t.report.register_s = started.elapsed().as_secs_f64();
+        t.report.register_cpu_s = cpu_ticks(t.pid)?.saturating_sub(cpu0) as f64 / tck;
         t.report.registered = t
             .socks
             .iter()
@@ -1031,6 +1035,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             v["registered"] = json!(r.registered);
             v["register_s"] = json!((r.register_s * 1000.0).round() / 1000.0);
             v["registers_per_s"] = json!((r.registered as f64 / r.register_s.max(1e-9)).round());
+            v["register_cpu_us_per_session"] = json!(
+                (r.register_cpu_s * 1e6 / r.registered.max(1) as f64 * 1000.0).round() / 1000.0
+            );
             v["rss_before_bytes"] = json!(r.rss_before);
             v["rss_registered_bytes"] = json!(r.rss_registered);
             v["rss_end_bytes"] = json!(r.rss_end);
