@@ -4,7 +4,7 @@
 //!   [`quinn_udp::BATCH_SIZE`] datagrams per system call, into buffers allocated once per socket.
 //!   UDP GRO is switched off again after quinn-udp enables it: a coalesced receive needs 64 KiB
 //!   buffers, and clients send one small datagram every few seconds each, so there is nothing
-//!   to coalesce.
+//!   to coalesce. quinn-udp's "never fragment" is undone too (see `sys::restore_defaults`).
 //! - Send: `sendmmsg` on Linux, up to [`SEND_BATCH`] datagrams to any destinations per system
 //!   call, built on the stack (no allocation). Runs of equal-sized datagrams to one destination
 //!   go out as one UDP GSO message where the kernel supports it: a client with many sessions
@@ -38,7 +38,7 @@ impl Rx {
     /// Prepares `sock` for batched receives (quinn-udp sets its socket options).
     pub(crate) fn new(sock: &UdpSocket) -> io::Result<Self> {
         let state = UdpSocketState::new(sock.into())?;
-        sys::disable_gro(sock);
+        sys::restore_defaults(sock);
         let bufs: Box<[[u8; RECV_BUF]; RECV_BATCH]> = vec![[0u8; RECV_BUF]; RECV_BATCH]
             .into_boxed_slice()
             .try_into()
@@ -137,17 +137,35 @@ mod sys {
     /// Most payload per GSO message.
     const GSO_MAX_BYTES: usize = 65_000;
 
-    /// Turns UDP GRO off; failures are ignored (then GRO was not on either).
-    pub(super) fn disable_gro(sock: &UdpSocket) {
-        let off: libc::c_int = 0;
-        // SAFETY: a valid socket fd and a pointer to a c_int of the given size.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_GRO,
-                (&off as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
+    /// Undoes two of quinn-udp's socket options that do not suit this server: UDP GRO (off)
+    /// and "never fragment" (back to the kernel's default of path-MTU discovery, which
+    /// fragments a datagram larger than the path allows: node-to-node datagrams can exceed
+    /// the MTU of some overlay networks). Failures are ignored (the option was then not set
+    /// either).
+    pub(super) fn restore_defaults(sock: &UdpSocket) {
+        let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+            // SAFETY: a valid socket fd and a pointer to a c_int of the given size.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    level,
+                    name,
+                    (&value as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        };
+        set(libc::SOL_UDP, libc::UDP_GRO, 0);
+        set(
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_WANT,
+        );
+        if sock.local_addr().is_ok_and(|a| a.is_ipv6()) {
+            set(
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_WANT,
             );
         }
     }
@@ -318,7 +336,7 @@ mod sys {
 
     pub(super) const GSO_SUPPORTED: bool = false;
 
-    pub(super) fn disable_gro(_sock: &UdpSocket) {}
+    pub(super) fn restore_defaults(_sock: &UdpSocket) {}
 
     pub(super) fn is_gso_error(_e: &io::Error) -> bool {
         false
@@ -409,6 +427,37 @@ mod tests {
         };
         assert_eq!(read(&a, 23).await, want(ta));
         assert_eq!(read(&b, 3).await, want(tb));
+    }
+
+    /// After quinn-udp's setup the socket still fragments what the path cannot carry (the
+    /// kernel's default), and GRO is off.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[tokio::test]
+    async fn socket_keeps_the_kernels_fragmentation_default_and_no_gro() {
+        use std::os::fd::AsRawFd;
+        let server = socket().await;
+        let _rx = Rx::new(&server).expect("rx");
+        let get = |level: libc::c_int, name: libc::c_int| -> libc::c_int {
+            let mut v: libc::c_int = -1;
+            let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: a valid fd, and a c_int with its size for the kernel to fill.
+            let r = unsafe {
+                libc::getsockopt(
+                    server.as_raw_fd(),
+                    level,
+                    name,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0, "getsockopt");
+            v
+        };
+        assert_eq!(
+            get(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+            libc::IP_PMTUDISC_WANT
+        );
+        assert_eq!(get(libc::SOL_UDP, libc::UDP_GRO), 0);
     }
 
     /// A batch of datagrams from several sources is received whole, with each source address.
