@@ -172,6 +172,10 @@ pub struct Metrics {
     pub rx_datagrams: Counter,
     /// Datagrams sent on the client port.
     pub tx_datagrams: Counter,
+    /// Datagrams dropped because a socket's outbound queue was full.
+    pub tx_dropped_queue: Counter,
+    /// Datagrams the kernel refused to send.
+    pub tx_dropped_error: Counter,
     /// STUN Binding requests answered.
     pub stun_answered: Counter,
     /// Sessions held now.
@@ -323,8 +327,16 @@ impl Metrics {
             counter(
                 "sigrouter_rate_limited_total",
                 Some(Unit::Count),
-                "Requests refused by a rate limit: limit=source (Register/Resume per source) or session.",
+                "Requests refused by a rate limit: limit=source (Register/Resume per source prefix), new_sessions (the node-wide budget), jobs (lookups in flight per session) or session.",
                 vec![Label::from_static_parts("limit", limit)],
+            )
+        };
+        let tx_dropped = |reason: &'static str| {
+            counter(
+                "sigrouter_tx_dropped_total",
+                Some(Unit::Count),
+                "Datagrams the node decided to send and did not: reason=queue_full (a socket's outbound queue was full) or send_error (the kernel refused it). Pushes and node requests are retransmitted.",
+                vec![Label::from_static_parts("reason", reason)],
             )
         };
         let cluster_refused = WIRE_ERRORS.map(|e| {
@@ -364,6 +376,8 @@ impl Metrics {
                 "sigrouter_tx_datagrams_total",
                 "Datagrams sent on the client port.",
             ),
+            tx_dropped_queue: tx_dropped("queue_full"),
+            tx_dropped_error: tx_dropped("send_error"),
             stun_answered: c(
                 "sigrouter_stun_answered_total",
                 "STUN Binding requests answered.",

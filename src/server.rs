@@ -140,25 +140,27 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let (client_tx, client_rx) = mpsc::channel(16_384);
-        let (cluster_tx, cluster_rx) = mpsc::channel(16_384);
+        // One outbound queue per client socket: sends from timers and jobs spread over them.
+        let (client_tx, client_rx): (Vec<_>, Vec<_>) = (0..self.sockets.len())
+            .map(|_| mpsc::channel(net::QUEUE))
+            .unzip();
+        let (cluster_tx, cluster_rx) = mpsc::channel(net::QUEUE);
         let cluster = self.cluster.as_ref().map(|c| c.cluster.clone());
         let d = Dispatch {
             router: self.router.clone(),
-            client_tx,
+            client_tx: client_tx.into(),
             cluster_tx: cluster.as_ref().map(|_| cluster_tx),
             cluster: cluster.clone(),
             jobs: Arc::new(Semaphore::new(MAX_JOBS)),
             tracker: tracker.clone(),
         };
-        let mut client_rx = Some(client_rx);
-        for s in self.sockets {
+        for (s, rx) in self.sockets.into_iter().zip(client_rx) {
             let sock = UdpSocket::from_std(s)?;
             tracker.spawn(net::run_socket(
                 sock,
                 Port::Client,
                 d.clone(),
-                client_rx.take(),
+                rx,
                 stop.clone(),
             ));
         }
@@ -187,7 +189,7 @@ impl Server {
                 sock,
                 Port::Cluster,
                 d.clone(),
-                Some(cluster_rx),
+                cluster_rx,
                 stop.clone(),
             ));
             bg.spawn(tasks::run_refresher(

@@ -13,6 +13,9 @@
 //! - `rolling-upgrade`: starts a whole cluster on loopback (redis-server, `sigrouter serve`
 //!   processes, optionally nginx), restarts every node in turn under open-loop connect load,
 //!   and writes `result.json` and `report.svg`. Run through `loadtest/rolling-upgrade`.
+//! - `scale`: registers many sessions (many per socket), heartbeats them at a steady total
+//!   rate, and reports the server's memory per session, registration time, acks/s, latency,
+//!   losses and CPU time per answer, for routers and the echo server side by side.
 //!
 //! Every run is bounded in time and stops by itself, and traffic goes only to the addresses
 //! given, which must be loopback unless `--allow-remote` says otherwise. Results are one JSON
@@ -24,6 +27,7 @@
 //! - `connect`: the client-library generator.
 //! - `echo`: the echo server.
 //! - `upgrade`: the rolling-upgrade run (processes, client fleet, report).
+//! - `scale`: the many-sessions run and its process readings (`/proc`).
 //! - `stats`: latency summaries and the target-address guard.
 
 use std::process::ExitCode;
@@ -33,6 +37,7 @@ use clap::{Parser, Subcommand};
 mod connect;
 mod echo;
 mod heartbeat;
+mod scale;
 mod stats;
 mod upgrade;
 
@@ -61,6 +66,10 @@ enum Command {
     /// A whole cluster on this machine, every node restarted in turn under connect load;
     /// writes result.json and report.svg (normally run through `loadtest/rolling-upgrade`).
     RollingUpgrade(upgrade::Args),
+    /// Many sessions at a steady heartbeat rate: memory per session, registration time,
+    /// acks/s, latency, losses and server CPU per answer, routers and the echo server
+    /// interleaved.
+    Scale(scale::Args),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +91,7 @@ fn main() -> ExitCode {
             Command::Connect(a) => connect::run(a).await,
             Command::EchoServer(a) => echo::run(a).await,
             Command::RollingUpgrade(a) => upgrade::run(a).await,
+            Command::Scale(a) => scale::run(a).await,
         }
     });
     // Client tasks that outlive the run must not hold the process open.
