@@ -1,11 +1,11 @@
 //! Bytes in, bytes out: [`encode`], [`decode`] and the hello padding. No I/O.
 
 use crate::error::{DecodeError, EncodeError};
-use crate::header::{peek_header, MsgType, HEADER_LEN, MAGIC, VERSION};
-use crate::limits::{MAX_DATAGRAM, MIN_HELLO_LEN};
+use crate::header::{peek_header, MsgType, HEADER_LEN, MAC_LEN, MAGIC, VERSION};
+use crate::limits::{MAX_BODY_DEPTH, MAX_DATAGRAM, MIN_HELLO_LEN};
+use crate::mac::mac_tag;
 #[cfg(doc)]
 use crate::mac::verify_mac;
-use crate::mac::{mac_tag, MAC_LEN};
 use crate::messages::{bin_fields, Message};
 use crate::strict;
 use crate::types::Secret;
@@ -64,12 +64,6 @@ pub fn encode_into(
     }
     Ok(())
 }
-
-/// Deepest MessagePack nesting a body may have, counting the body map itself: 7 levels. The
-/// deepest v1 field is an array of `bin` in the body map (2 levels); the rest leaves room for
-/// unknown fields of later minor versions. rmp-serde's default limit (1024) let one 1200-byte
-/// datagram of nested arrays in an ignored field overflow the decoding thread's stack.
-pub(crate) const MAX_BODY_DEPTH: usize = 8;
 
 fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, DecodeError> {
     // The body must be a map (fixmap, map 16, map 32): rmp-serde would also take a struct from
@@ -155,7 +149,10 @@ pub fn encode_hello(msg: &mut Message) -> Result<Vec<u8>, EncodeError> {
 
 #[cfg(test)]
 mod tests {
+    use crate::messages::bin_fields;
+    use crate::strict::{written_bin_fields, BinShape};
     use crate::*;
+    use uuid::Uuid;
 
     #[test]
     fn header_rejections() {
@@ -181,5 +178,144 @@ mod tests {
             b.len()
         );
         assert!(matches!(decode(&b).unwrap(), Message::Register(_)));
+    }
+
+    /// One message of every type, with every list non-empty and every option set.
+    fn samples() -> Vec<Message> {
+        let u = Uuid::from_u128(1);
+        let a = Addr("192.0.2.1:4000".parse().unwrap());
+        let p = || Payload::from(vec![1, 2]);
+        let ans = || Answer {
+            rid: 1,
+            uuid: u,
+            connection: u,
+            payload: p(),
+        };
+        vec![
+            Message::Register(Register {
+                rid: 1,
+                local: vec![a],
+                pad: vec![0],
+            }),
+            Message::Resume(Resume {
+                rid: 1,
+                uuid: u,
+                secret: Secret([1; 32]),
+                local: vec![a],
+                pad: vec![0],
+            }),
+            Message::Heartbeat(Heartbeat { rid: 1, uuid: u }),
+            Message::Query(Query {
+                rid: 1,
+                uuid: u,
+                uuids: vec![u],
+            }),
+            Message::Connect(Connect {
+                rid: 1,
+                uuid: u,
+                to: u,
+                payload: p(),
+            }),
+            Message::Accept(ans()),
+            Message::Reject(ans()),
+            Message::Signal(Signal {
+                rid: 1,
+                uuid: u,
+                connection: u,
+                payload: p(),
+            }),
+            Message::Bye(Bye { rid: 1, uuid: u }),
+            Message::PushAck(PushAck { uuid: u, push: 1 }),
+            Message::Registered(Registered {
+                rid: 1,
+                uuid: u,
+                secret: Secret([1; 32]),
+                observed: a,
+                heartbeat_ms: 1,
+                ttl_ms: 1,
+            }),
+            Message::HeartbeatAck(HeartbeatAck {
+                rid: 1,
+                observed: a,
+            }),
+            Message::QueryResult(QueryResult {
+                rid: 1,
+                online: vec![true],
+            }),
+            Message::Connected(Connected {
+                rid: 1,
+                connection: u,
+                peer: u,
+                observed: a,
+                local: vec![a],
+                payload: p(),
+            }),
+            Message::ConnectFailed(ConnectFailed {
+                rid: 1,
+                reason: FailReason::Rejected,
+                payload: p(),
+            }),
+            Message::Ack(Ack { rid: 1 }),
+            Message::Error(ErrorMsg {
+                rid: 1,
+                code: ErrorCode::Draining,
+                to: Some(a),
+            }),
+            Message::SessionError(ErrorMsg {
+                rid: 1,
+                code: ErrorCode::RateLimited,
+                to: Some(a),
+            }),
+            Message::Incoming(Incoming {
+                push: 1,
+                connection: u,
+                from: u,
+                observed: a,
+                local: vec![a],
+                payload: p(),
+            }),
+            Message::SignalPush(SignalPush {
+                push: 1,
+                connection: u,
+                from: u,
+                payload: p(),
+            }),
+            Message::Migrate(Migrate {
+                push: 1,
+                to: Some(a),
+            }),
+        ]
+    }
+
+    #[test]
+    fn bin_field_table_matches_the_encoder() {
+        let all = samples();
+        let types: std::collections::BTreeSet<u8> = all.iter().map(|m| m.ty() as u8).collect();
+        let registry = (0..=255u8)
+            .filter(|b| MsgType::from_u8(*b).is_some())
+            .count();
+        assert_eq!(types.len(), registry, "a sample of every type");
+        for m in all {
+            let b = encode(&m, Some(&Secret([9; 32]))).unwrap();
+            let end = b.len()
+                - if m.ty().is_authenticated() {
+                    MAC_LEN
+                } else {
+                    0
+                };
+            let written = written_bin_fields(&b[HEADER_LEN..end]);
+            let table: Vec<(String, BinShape)> = bin_fields(m.ty())
+                .iter()
+                .map(|&(k, s)| {
+                    let s = if s == BinShape::OptBin {
+                        BinShape::Bin
+                    } else {
+                        s
+                    };
+                    (k.to_string(), s)
+                })
+                .collect();
+            assert_eq!(written, table, "{:?}", m.ty());
+        }
     }
 }

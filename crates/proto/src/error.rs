@@ -1,7 +1,5 @@
 //! Why a datagram could not be decoded or a message could not be encoded.
 
-#[cfg(doc)]
-use crate::header::MAGIC;
 use crate::limits::MAX_DATAGRAM;
 
 /// Why a datagram was not decoded. Each variant is a counted drop on the server.
@@ -13,7 +11,7 @@ pub enum DecodeError {
     /// Longer than [`MAX_DATAGRAM`].
     #[error("datagram larger than {MAX_DATAGRAM} bytes")]
     Oversized,
-    /// Does not start with [`MAGIC`].
+    /// Does not start with [`MAGIC`](crate::MAGIC).
     #[error("bad magic")]
     BadMagic,
     /// A protocol version this codec does not speak.

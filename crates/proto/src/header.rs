@@ -1,8 +1,9 @@
-//! The fixed header: magic, version and the message type registry.
+//! The frame around a body: the fixed header (magic, version, the message type registry), the
+//! length of the MAC that ends authenticated types, and the check that runs before any body is
+//! looked at.
 
 use crate::error::DecodeError;
 use crate::limits::MAX_DATAGRAM;
-use crate::mac::MAC_LEN;
 
 /// First two bytes of every sigrouter datagram: ASCII "SR".
 pub const MAGIC: [u8; 2] = [0x53, 0x52];
@@ -10,6 +11,8 @@ pub const MAGIC: [u8; 2] = [0x53, 0x52];
 pub const VERSION: u8 = 1;
 /// Size of the fixed header: magic, version, type.
 pub const HEADER_LEN: usize = 4;
+/// Length of the truncated HMAC-SHA256 tag on authenticated messages.
+pub const MAC_LEN: usize = 16;
 
 /// Message types. Requests from clients are below 0x80, server answers are 0x80..0x90, server
 /// pushes (acknowledged and retransmitted) are 0x90 and up.

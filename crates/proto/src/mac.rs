@@ -4,11 +4,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::header::peek_header;
+use crate::header::{peek_header, MAC_LEN};
 use crate::types::Secret;
-
-/// Length of the truncated HMAC-SHA256 tag on authenticated messages.
-pub const MAC_LEN: usize = 16;
 
 type HmacSha256 = Hmac<Sha256>;
 

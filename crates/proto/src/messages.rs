@@ -9,7 +9,7 @@ use crate::header::MsgType;
 #[cfg(doc)]
 use crate::limits::{MAX_QUERY, MIN_HELLO_LEN};
 use crate::strict::{self, BinField, BinShape};
-use crate::types::{Addr, Payload, Secret};
+use crate::types::{self, Addr, Payload, Secret};
 
 /// `Register`: ask for a new session. Unauthenticated; padded to [`MIN_HELLO_LEN`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +81,7 @@ pub struct Connect {
     #[serde(deserialize_with = "strict::uuid")]
     pub to: Uuid,
     /// Opaque payload handed to the target in `Incoming`.
-    #[serde(deserialize_with = "strict::payload")]
+    #[serde(deserialize_with = "types::payload")]
     pub payload: Payload,
 }
 
@@ -97,7 +97,7 @@ pub struct Answer {
     #[serde(deserialize_with = "strict::uuid")]
     pub connection: Uuid,
     /// Opaque payload handed to the initiator.
-    #[serde(deserialize_with = "strict::payload")]
+    #[serde(deserialize_with = "types::payload")]
     pub payload: Payload,
 }
 
@@ -113,7 +113,7 @@ pub struct Signal {
     #[serde(deserialize_with = "strict::uuid")]
     pub connection: Uuid,
     /// Opaque payload.
-    #[serde(deserialize_with = "strict::payload")]
+    #[serde(deserialize_with = "types::payload")]
     pub payload: Payload,
 }
 
@@ -189,7 +189,7 @@ pub struct Connected {
     /// The peer's local addresses.
     pub local: Vec<Addr>,
     /// The peer's `Accept` payload.
-    #[serde(deserialize_with = "strict::payload")]
+    #[serde(deserialize_with = "types::payload")]
     pub payload: Payload,
 }
 
@@ -201,7 +201,7 @@ pub struct ConnectFailed {
     /// Why.
     pub reason: FailReason,
     /// The target's `Reject` payload (empty otherwise).
-    #[serde(deserialize_with = "strict::payload")]
+    #[serde(deserialize_with = "types::payload")]
     pub payload: Payload,
 }
 
@@ -253,7 +253,7 @@ pub struct Incoming {
     /// The initiator's local addresses.
     pub local: Vec<Addr>,
     /// The initiator's `Connect` payload.
-    #[serde(deserialize_with = "strict::payload")]
+    #[serde(deserialize_with = "types::payload")]
     pub payload: Payload,
 }
 
@@ -269,7 +269,7 @@ pub struct SignalPush {
     #[serde(deserialize_with = "strict::uuid")]
     pub from: Uuid,
     /// Opaque payload.
-    #[serde(deserialize_with = "strict::payload")]
+    #[serde(deserialize_with = "types::payload")]
     pub payload: Payload,
 }
 

@@ -3,10 +3,11 @@
 //! `docs/PROTOCOL.md` section 2 makes a binary field sent as a `str` or as an array of integers
 //! a malformed datagram. Two layers hold that line:
 //!
-//! - The field deserializers here ([`bin`], [`uuid`], [`uuids`], [`payload`], [`pad`], used by
-//!   the message structs, [`Addr`](crate::Addr) and [`Secret`](crate::Secret)) accept only
-//!   bytes: a string or a sequence is a type error. The `uuid` crate's own deserializer would
-//!   take the text form and a sequence of 16 integers, and `serde_bytes` takes both too.
+//! - The field deserializers here ([`bin`], [`uuid`](fn@uuid), [`uuids`], [`pad`], used by the
+//!   message structs) and those of `types` built on [`bin`] ([`Addr`](crate::Addr),
+//!   [`Secret`](crate::Secret), the payload) accept only bytes: a string or a sequence is a
+//!   type error. The `uuid` crate's own deserializer would take the text form and a sequence of
+//!   16 integers, and `serde_bytes` takes both too.
 //! - [`check_bin_fields`] looks at the MessagePack markers of the body. rmp-serde hands a `str`
 //!   whose content is not UTF-8 to a visitor as bytes, so a field deserializer cannot tell
 //!   `str` 16 of raw UUID bytes from `bin` 16 (exactly what a MessagePack library configured
@@ -18,9 +19,8 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, Visitor};
 use uuid::Uuid;
 
-use crate::codec::MAX_BODY_DEPTH;
 use crate::error::DecodeError;
-use crate::types::Payload;
+use crate::limits::MAX_BODY_DEPTH;
 
 /// Deserializes a MessagePack `bin` through `parse`, which sees the bytes and may refuse them
 /// (wrong length). Anything but bytes is an error.
@@ -60,11 +60,6 @@ pub(crate) fn uuid<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
 pub(crate) fn uuids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Uuid>, D::Error> {
     let v = Vec::<BinUuid>::deserialize(d)?;
     Ok(v.into_iter().map(|u| u.0).collect())
-}
-
-/// An opaque payload: `bin` of any length (the limit is checked after decoding).
-pub(crate) fn payload<'de, D: Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
-    bin(d, "payload", |b| Some(Payload::from(b.to_vec())))
 }
 
 /// Padding: `bin` of any length.
@@ -230,172 +225,34 @@ fn skip_nested(rest: &mut &[u8], depth: usize) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// The keys whose values a body holds as `bin` or as an array of `bin`: what the encoder
+/// wrote, for the test that compares it with each type's table of binary fields.
+#[cfg(test)]
+pub(crate) fn written_bin_fields(body: &[u8]) -> Vec<(String, BinShape)> {
+    let mut rest = body;
+    let mut out = Vec::new();
+    for _ in 0..map_len(&mut rest).unwrap() {
+        let key = String::from_utf8(str_bytes(&mut rest).unwrap().to_vec()).unwrap();
+        let first = rest[0];
+        if matches!(first, BIN8 | BIN16 | BIN32) {
+            bin_value(&mut rest, false).unwrap();
+            out.push((key, BinShape::Bin));
+        } else if let (0x91..=0x9f, Some(BIN8..=BIN32)) = (first, rest.get(1)) {
+            for _ in 0..array_len(&mut rest).unwrap() {
+                bin_value(&mut rest, false).unwrap();
+            }
+            out.push((key, BinShape::List));
+        } else {
+            skip(&mut rest).unwrap();
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::bin_fields;
     use crate::*;
-
-    /// One message of every type, with every list non-empty and every option set.
-    fn samples() -> Vec<Message> {
-        let u = Uuid::from_u128(1);
-        let a = Addr("192.0.2.1:4000".parse().unwrap());
-        let p = || Payload::from(vec![1, 2]);
-        let ans = || Answer {
-            rid: 1,
-            uuid: u,
-            connection: u,
-            payload: p(),
-        };
-        vec![
-            Message::Register(Register {
-                rid: 1,
-                local: vec![a],
-                pad: vec![0],
-            }),
-            Message::Resume(Resume {
-                rid: 1,
-                uuid: u,
-                secret: Secret([1; 32]),
-                local: vec![a],
-                pad: vec![0],
-            }),
-            Message::Heartbeat(Heartbeat { rid: 1, uuid: u }),
-            Message::Query(Query {
-                rid: 1,
-                uuid: u,
-                uuids: vec![u],
-            }),
-            Message::Connect(Connect {
-                rid: 1,
-                uuid: u,
-                to: u,
-                payload: p(),
-            }),
-            Message::Accept(ans()),
-            Message::Reject(ans()),
-            Message::Signal(Signal {
-                rid: 1,
-                uuid: u,
-                connection: u,
-                payload: p(),
-            }),
-            Message::Bye(Bye { rid: 1, uuid: u }),
-            Message::PushAck(PushAck { uuid: u, push: 1 }),
-            Message::Registered(Registered {
-                rid: 1,
-                uuid: u,
-                secret: Secret([1; 32]),
-                observed: a,
-                heartbeat_ms: 1,
-                ttl_ms: 1,
-            }),
-            Message::HeartbeatAck(HeartbeatAck {
-                rid: 1,
-                observed: a,
-            }),
-            Message::QueryResult(QueryResult {
-                rid: 1,
-                online: vec![true],
-            }),
-            Message::Connected(Connected {
-                rid: 1,
-                connection: u,
-                peer: u,
-                observed: a,
-                local: vec![a],
-                payload: p(),
-            }),
-            Message::ConnectFailed(ConnectFailed {
-                rid: 1,
-                reason: FailReason::Rejected,
-                payload: p(),
-            }),
-            Message::Ack(Ack { rid: 1 }),
-            Message::Error(ErrorMsg {
-                rid: 1,
-                code: ErrorCode::Draining,
-                to: Some(a),
-            }),
-            Message::SessionError(ErrorMsg {
-                rid: 1,
-                code: ErrorCode::RateLimited,
-                to: Some(a),
-            }),
-            Message::Incoming(Incoming {
-                push: 1,
-                connection: u,
-                from: u,
-                observed: a,
-                local: vec![a],
-                payload: p(),
-            }),
-            Message::SignalPush(SignalPush {
-                push: 1,
-                connection: u,
-                from: u,
-                payload: p(),
-            }),
-            Message::Migrate(Migrate {
-                push: 1,
-                to: Some(a),
-            }),
-        ]
-    }
-
-    /// The keys whose values the encoder writes as `bin` or as an array of `bin`.
-    fn written_bin_fields(body: &[u8]) -> Vec<(String, BinShape)> {
-        let mut rest = body;
-        let mut out = Vec::new();
-        for _ in 0..map_len(&mut rest).unwrap() {
-            let key = String::from_utf8(str_bytes(&mut rest).unwrap().to_vec()).unwrap();
-            let first = rest[0];
-            if matches!(first, BIN8 | BIN16 | BIN32) {
-                bin_value(&mut rest, false).unwrap();
-                out.push((key, BinShape::Bin));
-            } else if let (0x91..=0x9f, Some(BIN8..=BIN32)) = (first, rest.get(1)) {
-                for _ in 0..array_len(&mut rest).unwrap() {
-                    bin_value(&mut rest, false).unwrap();
-                }
-                out.push((key, BinShape::List));
-            } else {
-                skip(&mut rest).unwrap();
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn bin_field_table_matches_the_encoder() {
-        let all = samples();
-        let types: std::collections::BTreeSet<u8> = all.iter().map(|m| m.ty() as u8).collect();
-        let registry = (0..=255u8)
-            .filter(|b| MsgType::from_u8(*b).is_some())
-            .count();
-        assert_eq!(types.len(), registry, "a sample of every type");
-        for m in all {
-            let b = encode(&m, Some(&Secret([9; 32]))).unwrap();
-            let end = b.len()
-                - if m.ty().is_authenticated() {
-                    MAC_LEN
-                } else {
-                    0
-                };
-            let written = written_bin_fields(&b[HEADER_LEN..end]);
-            let table: Vec<(String, BinShape)> = bin_fields(m.ty())
-                .iter()
-                .map(|&(k, s)| {
-                    let s = if s == BinShape::OptBin {
-                        BinShape::Bin
-                    } else {
-                        s
-                    };
-                    (k.to_string(), s)
-                })
-                .collect();
-            assert_eq!(written, table, "{:?}", m.ty());
-        }
-    }
 
     #[test]
     fn field_deserializers_take_bytes_only() {

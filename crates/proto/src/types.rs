@@ -8,8 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-#[cfg(doc)]
-use crate::limits::MAX_PAYLOAD;
+use crate::strict;
 
 /// Length of a session secret.
 pub const SECRET_LEN: usize = 32;
@@ -66,7 +65,7 @@ impl Serialize for Addr {
 
 impl<'de> Deserialize<'de> for Addr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::strict::bin(d, "a 6- or 18-byte address", Self::from_bytes)
+        strict::bin(d, "a 6- or 18-byte address", Self::from_bytes)
     }
 }
 
@@ -109,10 +108,15 @@ impl Serialize for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::strict::bin(d, "a 32-byte secret", |b| b.try_into().ok().map(Self))
+        strict::bin(d, "a 32-byte secret", |b| b.try_into().ok().map(Self))
     }
 }
 
-/// An opaque application payload, MessagePack `bin`, at most [`MAX_PAYLOAD`] bytes. The message
-/// structs decode it from `bin` only.
+/// An opaque application payload, MessagePack `bin`, at most
+/// [`MAX_PAYLOAD`](crate::MAX_PAYLOAD) bytes. The message structs decode it from `bin` only.
 pub type Payload = serde_bytes::ByteBuf;
+
+/// Deserializes a payload field: `bin` of any length (the limit is checked after decoding).
+pub(crate) fn payload<'de, D: Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
+    strict::bin(d, "payload", |b| Some(Payload::from(b.to_vec())))
+}
