@@ -184,8 +184,14 @@ pub struct Metrics {
     pub max_sessions: Gauge,
     /// Sessions created by Register.
     pub registered: Counter,
-    /// Sessions taken back by Resume.
-    pub resumed: Counter,
+    /// Sessions taken back by Resume on the node that held them.
+    pub resumed_local: Counter,
+    /// Sessions resumed here that came from a draining node (they followed a Migrate): counted
+    /// where they arrive, so the figures outlive the drained node.
+    pub resumed_migrate: Counter,
+    /// Sessions resumed here from another node that was not draining (it died, or the client
+    /// re-homed on its own).
+    pub resumed_failover: Counter,
     /// Sessions expired for lack of heartbeats.
     pub expired: Counter,
     /// Session addresses moved by a NAT rebinding.
@@ -331,6 +337,14 @@ impl Metrics {
                 vec![Label::from_static_parts("limit", limit)],
             )
         };
+        let resumed = |cause: &'static str| {
+            counter(
+                "sigrouter_sessions_resumed_total",
+                Some(Unit::Count),
+                "Sessions taken back by Resume, by cause: local (on the node that held it), migrate (from a draining node, after a Migrate), failover (from another node).",
+                vec![Label::from_static_parts("cause", cause)],
+            )
+        };
         let tx_dropped = |reason: &'static str| {
             counter(
                 "sigrouter_tx_dropped_total",
@@ -391,10 +405,9 @@ impl Metrics {
                 "sigrouter_sessions_registered_total",
                 "Sessions created by Register.",
             ),
-            resumed: c(
-                "sigrouter_sessions_resumed_total",
-                "Sessions taken back by Resume.",
-            ),
+            resumed_local: resumed("local"),
+            resumed_migrate: resumed("migrate"),
+            resumed_failover: resumed("failover"),
             expired: c(
                 "sigrouter_sessions_expired_total",
                 "Sessions expired after missed heartbeats.",

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{tasks, Cluster, PresenceOp};
+use crate::cluster::{tasks, Cluster, NodeTable, PresenceOp};
 use crate::config::Config;
 use crate::metrics::{self, Health, Metrics};
 use crate::net::{self, Dispatch, Port};
@@ -28,6 +28,13 @@ use crate::store::Store;
 
 /// How often the timer task runs retransmissions and timeouts.
 const TICK: Duration = Duration::from_millis(25);
+/// A drain sends one slice of Migrates per tick.
+const DRAIN_TICK: Duration = Duration::from_millis(10);
+/// Stragglers (their Migrate given up unacknowledged) are told again this often.
+const DRAIN_RETELL: Duration = Duration::from_secs(5);
+/// Longest a drain waits to learn of another active node before it tells clients to resume at
+/// the public address.
+const DRAIN_PEER_WAIT: Duration = Duration::from_secs(5);
 /// How long a drained node keeps answering other nodes after its last client left.
 const DRAIN_LINGER: Duration = Duration::from_secs(1);
 /// Most deferred jobs in flight at once.
@@ -238,7 +245,49 @@ impl Server {
     }
 }
 
+/// Where a drain sends clients: best of two random active nodes, by the sessions each had at
+/// the last renewal plus those this drain already sent it (so a drain does not herd everyone
+/// onto the emptiest node).
+struct Picker {
+    nodes: Vec<(SocketAddr, u64)>,
+}
+
+impl Picker {
+    fn new(table: &NodeTable, me: &str) -> Self {
+        let nodes = table
+            .active_except(me)
+            .into_iter()
+            // An unspecified public address (listening on 0.0.0.0 without --public-addr) is no
+            // use to a client: it then resumes at the address it was configured with.
+            .filter(|n| !n.public.ip().is_unspecified())
+            .map(|n| (n.public, n.sessions))
+            .collect();
+        Self { nodes }
+    }
+
+    fn pick(&mut self) -> Option<SocketAddr> {
+        let n = self.nodes.len();
+        if n == 0 {
+            return None;
+        }
+        let (a, b) = (rand::random::<usize>() % n, rand::random::<usize>() % n);
+        let i = if self.nodes[a].1 <= self.nodes[b].1 {
+            a
+        } else {
+            b
+        };
+        self.nodes[i].1 += 1;
+        Some(self.nodes[i].0)
+    }
+}
+
 /// Moves every client to another node, within the drain deadline.
+///
+/// The node first reads the registry (a node that drains moments after it started may not know
+/// the others yet, and a Migrate without an address sends a client back through the load
+/// balancer, perhaps to this very node). Then it walks its sessions in paced slices, so every
+/// client is told within the first half of the drain without flooding the sockets' queues,
+/// and tells stragglers again every few seconds (the same Migrate, the same push id).
 async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let started = Instant::now();
     let deadline = started + c.cfg.drain;
@@ -249,28 +298,66 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     {
         tracing::warn!("could not mark this node draining in Redis; continuing the drain");
     }
-    let mut told_at = None;
+    let wait_for_peers = started + (c.cfg.drain / 4).min(DRAIN_PEER_WAIT);
+    loop {
+        let fresh = c.refresh_now(Duration::from_secs(1)).await;
+        if c.table().pick_active(&c.id).is_some() {
+            break;
+        }
+        if Instant::now() >= wait_for_peers {
+            tracing::warn!(
+                fresh,
+                "draining with no other active node known: clients are told to resume at the public address"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let everyone = router.session_ids();
+    let spread = (c.cfg.drain / 2).max(Duration::from_secs(1));
+    let per_tick = (everyone.len() as f64 * DRAIN_TICK.as_secs_f64() / spread.as_secs_f64())
+        .ceil()
+        .max(16.0) as usize;
+    tracing::info!(
+        sessions = everyone.len(),
+        per_second = per_tick as f64 / DRAIN_TICK.as_secs_f64(),
+        "draining: telling clients where to go"
+    );
+    let mut cursor = 0;
+    let mut stragglers: Vec<uuid::Uuid> = Vec::new();
+    let mut told_all_at = None;
     // Stay until every client has moved and nothing another node waits on is left (a pending
     // connect whose target just moved is aborted towards its initiator's node first).
     while (router.session_count() > 0 || router.in_flight() > 0) && Instant::now() < deadline {
-        // Tell clients (again, every few seconds, for any that missed it) where to go.
-        if told_at.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
-            let table = c.table();
+        let slice: Vec<uuid::Uuid> = if cursor < everyone.len() {
+            let end = (cursor + per_tick).min(everyone.len());
+            let s = everyone[cursor..end].to_vec();
+            cursor = end;
+            if cursor == everyone.len() {
+                told_all_at = Some(Instant::now());
+            }
+            s
+        } else {
+            if stragglers.is_empty() && told_all_at.is_none_or(|t| t.elapsed() >= DRAIN_RETELL) {
+                told_all_at = Some(Instant::now());
+                stragglers = router.session_ids();
+                if !stragglers.is_empty() {
+                    tracing::info!(
+                        left = stragglers.len(),
+                        "draining: telling stragglers again"
+                    );
+                }
+            }
+            let n = per_tick.min(stragglers.len());
+            stragglers.split_off(stragglers.len() - n)
+        };
+        if !slice.is_empty() {
             let mut out = Outbox::default();
-            // An unspecified public address (listening on 0.0.0.0 without --public-addr) is no
-            // use to a client: it then resumes at the address it was configured with.
-            let pick = || {
-                table
-                    .pick_active(&c.id)
-                    .map(|n| n.public)
-                    .filter(|a| !a.ip().is_unspecified())
-            };
-            let n = router.migrate_all(Instant::now(), pick, &mut out);
+            let mut picker = Picker::new(&c.table(), &c.id);
+            router.migrate(Instant::now(), &slice, || picker.pick(), &mut out);
             d.route_all(&mut out);
-            tracing::info!(sessions = n, "draining: told clients to move");
-            told_at = Some(Instant::now());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(DRAIN_TICK).await;
     }
     // Linger briefly: peers still holding this node in their caches get a quick "not here"
     // (and look again) instead of waiting out an unanswered forward.

@@ -109,6 +109,15 @@ impl NodeTable {
         self.nodes.is_empty()
     }
 
+    /// Every active node other than `except`.
+    pub fn active_except(&self, except: &str) -> Vec<Arc<NodeInfo>> {
+        self.nodes
+            .values()
+            .filter(|n| n.state == NodeState::Active && n.id != except)
+            .cloned()
+            .collect()
+    }
+
     /// Best of two random active nodes other than `except` (fewer sessions wins): spreads
     /// clients without herding them all onto the newest, emptiest node.
     pub fn pick_active(&self, except: &str) -> Option<Arc<NodeInfo>> {
@@ -383,6 +392,26 @@ impl Cluster {
             .table_wait_seconds
             .record(started.elapsed().as_secs_f64());
         found
+    }
+
+    /// Asks the refresher for a new snapshot and waits (up to `deadline`, holding nothing) until
+    /// one is stored. False if none came in time (Redis slow or away): the last one stays.
+    pub async fn refresh_now(&self, deadline: Duration) -> bool {
+        let mut rx = self.generation.subscribe();
+        let start_gen = *rx.borrow_and_update();
+        self.nudge();
+        tokio::time::timeout(deadline, async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+                if *rx.borrow_and_update() > start_gen {
+                    return true;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The cached location of a client: `Some(Some(node))`, `Some(None)` for "nowhere", or

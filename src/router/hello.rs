@@ -8,7 +8,7 @@ use std::time::Instant;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
-use sigrouter_proto::{self as proto, ErrorCode, Secret, MIN_HELLO_LEN};
+use sigrouter_proto::{self as proto, Addr, ErrorCode, ErrorMsg, Message, Secret, MIN_HELLO_LEN};
 use uuid::Uuid;
 
 use super::conns::Remote;
@@ -37,6 +37,23 @@ impl Hello {
             req_len: self.len,
         }
     }
+}
+
+/// Refuses a Register or Resume while the node drains, naming an active node to go to when
+/// one is known (a client then goes straight there instead of trying this one again).
+fn draining(st: &State, h: Hello, out: &mut Outbox) {
+    let to = st.cluster.as_ref().and_then(|c| {
+        c.table()
+            .pick_active(&c.id)
+            .map(|n| n.public)
+            .filter(|a| !a.ip().is_unspecified())
+    });
+    let msg = Message::Error(ErrorMsg {
+        rid: h.rid,
+        code: ErrorCode::Draining,
+        to: to.map(Addr),
+    });
+    st.reply_bounded(h.src, h.len, &msg, out);
 }
 
 /// Per-IP limit for Register/Resume. Over the limit: a small Error (never larger than the
@@ -76,7 +93,7 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
         return;
     }
     if st.is_draining() {
-        st.error(now, h.error_to(), h.rid, ErrorCode::Draining, out);
+        draining(st, h, out);
         return;
     }
     if st.sessions.len() >= st.settings.max_sessions {
@@ -119,19 +136,19 @@ pub(crate) fn resume(st: &State, now: Instant, h: Hello, m: proto::Resume, out: 
         Some(s) if s.ct_eq(&m.secret) => {
             if st.is_draining() {
                 // Still here while draining: the client was told to move; keep it moving.
-                st.error(now, h.error_to(), h.rid, ErrorCode::Draining, out);
+                draining(st, h, out);
                 return;
             }
             if !st.sessions.resume(&m.uuid, h.src, m.local, h.rid, now) {
                 st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out);
                 return;
             }
-            st.metrics.resumed.increment(1);
+            st.metrics.resumed_local.increment(1);
             let msg = st.registered(h.rid, m.uuid, m.secret, h.src);
             st.reply_bounded(h.src, h.len, &msg, out);
         }
         Some(_) => st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out),
-        None if st.is_draining() => st.error(now, h.error_to(), h.rid, ErrorCode::Draining, out),
+        None if st.is_draining() => draining(st, h, out),
         // The directory said moments ago it knows nothing of this UUID: no second lookup.
         None if st
             .cluster
@@ -194,7 +211,15 @@ pub(crate) fn complete_resume(
     };
     st.sessions.insert(m.uuid, session, now);
     st.publish(PresenceOp::Put(m.uuid, verifier));
-    st.metrics.resumed.increment(1);
+    let from_draining = st.cluster.as_ref().is_some_and(|c| {
+        c.node(&old)
+            .is_some_and(|n| n.state == crate::cluster::NodeState::Draining)
+    });
+    if from_draining {
+        st.metrics.resumed_migrate.increment(1);
+    } else {
+        st.metrics.resumed_failover.increment(1);
+    }
     st.count_sessions();
     if let Some(c) = &st.cluster {
         c.cache_presence(m.uuid, Some(c.id.clone()), now);

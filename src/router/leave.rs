@@ -41,6 +41,7 @@ pub(crate) fn leave(st: &State, now: Instant, uuid: Uuid, why: Why, out: &mut Ou
         Why::Expired => true,
         _ => st.sessions.remove(&uuid),
     };
+    st.migrations.remove(&uuid);
     if here {
         if matches!(why, Why::Bye | Why::Expired) {
             st.publish(PresenceOp::Del(uuid));

@@ -333,15 +333,33 @@ impl Router {
         }
     }
 
-    /// Pushes Migrate to every session: resume at `to()` (None: the same public address,
-    /// from a new local port). Returns how many were told.
+    /// Every session held now (a snapshot of their ids), for a drain to walk in slices.
+    pub fn session_ids(&self) -> Vec<Uuid> {
+        self.st.sessions.uuids()
+    }
+
+    /// Tells each of `uuids` still here, with a `Migrate` push, to resume at `to()` (None: the
+    /// same public address, from a new local port). A session whose Migrate is still being
+    /// retransmitted is skipped; one whose Migrate was given up is told again with the same
+    /// push id. Returns how many Migrates were sent.
+    pub fn migrate(
+        &self,
+        now: Instant,
+        uuids: &[Uuid],
+        to: impl FnMut() -> Option<SocketAddr>,
+        out: &mut Outbox,
+    ) -> usize {
+        drain::migrate(&self.st, now, uuids, to, out)
+    }
+
+    /// [`Router::migrate`] for every session held.
     pub fn migrate_all(
         &self,
         now: Instant,
         to: impl FnMut() -> Option<SocketAddr>,
         out: &mut Outbox,
     ) -> usize {
-        drain::migrate_all(&self.st, now, to, out)
+        self.migrate(now, &self.session_ids(), to, out)
     }
 
     /// Time-driven work that must be prompt: retransmissions and timeouts. Call every few tens

@@ -104,6 +104,11 @@ impl<K: Eq + Hash + Copy, M> Retransmit<K, M> {
         self.entries.remove(key).map(|(_, e)| e.meta)
     }
 
+    /// Whether `key` is still waiting for its answer.
+    pub(crate) fn contains(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
     /// Number of entries waiting.
     pub(crate) fn len(&self) -> usize {
         self.entries.len()

@@ -136,6 +136,9 @@ pub(crate) struct State {
     /// Sessions that acknowledged a Migrate and have not resumed elsewhere yet: their
     /// connections wait here to be handed over.
     pub(crate) migrating: DashMap<Uuid, Instant>,
+    /// The Migrate each session was told while the node drains (push id, target), so telling it
+    /// again repeats the same move.
+    pub(crate) migrations: DashMap<Uuid, (u64, Option<Addr>)>,
     /// Connections whose end here moved to another node, with that node: a Signal still sent
     /// here for them is passed on for a while.
     pub(crate) moved_conns: DashMap<Uuid, (Remote, Instant)>,
@@ -201,6 +204,7 @@ impl State {
             )),
             jobs_by_session: DashMap::new(),
             migrating: DashMap::new(),
+            migrations: DashMap::new(),
             moved_conns: DashMap::new(),
             uuid_key,
             epoch,

@@ -196,3 +196,22 @@ fn cross_conn(a: &Sim, b: &Sim) -> (Client, Client, Uuid) {
     let _ = &mut ca;
     (ca, cb, conn)
 }
+
+#[test]
+fn resumes_are_counted_by_cause_where_the_clients_arrive() {
+    let a = Sim::node("a", 1, &[("b", 2), ("c", 3)]);
+    a.set_table(&[("a", 1), ("b", 2)], &[("c", 3)]);
+    let b = Sim::node("b", 2, &[]);
+    let c = Sim::node("c", 3, &[]);
+    let mut from_b = b.register(v4(1, 1), vec![]);
+    let mut from_c = c.register(v4(2, 2), vec![]);
+    resume_at(&a, &mut from_b, "b");
+    resume_at(&a, &mut from_c, "c");
+    let mut local = a.register(v4(3, 3), vec![]);
+    let rid = local.next_rid();
+    a.recv(local.addr, &resume_datagram(&local, rid, local.secret));
+    for (cause, n) in [("migrate", 1.0), ("failover", 1.0), ("local", 1.0)] {
+        let m = format!("sigrouter_sessions_resumed_total{{cause=\"{cause}\"}}");
+        assert_eq!(a.metric(&m), n, "{cause}");
+    }
+}

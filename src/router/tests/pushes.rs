@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sigrouter_proto::{Addr, ErrorCode, Message, Migrate};
+use sigrouter_proto::{self as proto, Addr, ErrorCode, Message, Migrate};
 
 use super::connect::{pair, start_local};
 use super::*;
@@ -134,5 +134,66 @@ fn a_drain_migrates_every_session_and_lets_go_of_those_that_acknowledge() {
         vec![b.addr]
     );
     let out = sim.recv(b.addr, &resume_datagram(&b, 9, b.secret));
-    assert_client(&out, &[(b.addr, error(9, ErrorCode::Draining))]);
+    let refused = Message::Error(sigrouter_proto::ErrorMsg {
+        rid: 9,
+        code: ErrorCode::Draining,
+        to: Some(Addr(to)),
+    });
+    assert_client(&out, &[(b.addr, proto::encode(&refused, None).unwrap())]);
+}
+
+#[test]
+fn a_session_told_again_gets_the_same_migrate() {
+    let mut sim = Sim::node("a", 1, &[("b", 2)]);
+    let c = sim.register(v4(1, 1), vec![]);
+    sim.router.set_draining(true);
+    let to: SocketAddr = "198.51.100.2:7400".parse().unwrap();
+    let mut out = Outbox::default();
+    sim.router.migrate_all(sim.now, || Some(to), &mut out);
+    assert_eq!(only_client(&out).to, c.addr);
+    let first = only_client(&out).bytes.clone();
+    let Message::Migrate(m) = proto::decode(&first).unwrap() else {
+        panic!()
+    };
+    // Told again while it is still retransmitted: nothing more is sent.
+    let mut again = Outbox::default();
+    let other: SocketAddr = "198.51.100.3:7400".parse().unwrap();
+    assert_eq!(
+        sim.router.migrate_all(sim.now, || Some(other), &mut again),
+        0
+    );
+    assert!(again.is_empty());
+    // Given up unacknowledged, then told again: the same push id and target, byte for byte.
+    sim.advance(sim.cfg.push_deadline);
+    sim.tick();
+    let mut again = Outbox::default();
+    assert_eq!(
+        sim.router.migrate_all(sim.now, || Some(other), &mut again),
+        1
+    );
+    assert_eq!(only_client(&again).bytes, first);
+    assert_eq!(m.to, Some(Addr(to)));
+}
+
+#[test]
+fn a_register_refused_while_draining_names_an_active_node() {
+    let sim = Sim::node("a", 1, &[("b", 2)]);
+    sim.set_table(&[("b", 2)], &[("a", 1)]);
+    sim.router.set_draining(true);
+    let src = v4(1, 1);
+    let out = sim.recv(src, &register_datagram(3, vec![]));
+    let want = Message::Error(sigrouter_proto::ErrorMsg {
+        rid: 3,
+        code: ErrorCode::Draining,
+        to: Some(Addr("198.51.100.2:7400".parse().unwrap())),
+    });
+    assert_client(
+        &out,
+        &[(src, sigrouter_proto::encode(&want, None).unwrap())],
+    );
+    // With no active node known, it still refuses, without an address.
+    let lone = Sim::node("z", 9, &[]);
+    lone.router.set_draining(true);
+    let out = lone.recv(src, &register_datagram(4, vec![]));
+    assert_client(&out, &[(src, error(4, ErrorCode::Draining))]);
 }
