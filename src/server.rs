@@ -97,6 +97,7 @@ impl Server {
                     cc.public_addr = local_addr;
                 }
                 let (cluster, presence_rx) = Cluster::new(cc, store, metrics.clone());
+                tasks::claim_node_id(&cluster, cluster.cfg.registry_period).await?;
                 Some(ClusterParts {
                     cluster,
                     presence_rx,

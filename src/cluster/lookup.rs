@@ -11,6 +11,8 @@ use uuid::Uuid;
 use super::{Cluster, NodeInfo, NodeState};
 use crate::store::presence_key;
 
+/// How long a lookup that found a client nowhere waits before it looks again.
+const OFFLINE_RECHECK: Duration = Duration::from_millis(150);
 /// How long a request may wait for a node table that knows a node it has not seen yet.
 pub const TABLE_WAIT: Duration = Duration::from_secs(1);
 
@@ -72,10 +74,20 @@ pub async fn resolve(
     let node = match cached {
         Some(n) => n,
         None => {
-            let n = lookup(cluster, target)
+            let mut n = lookup(cluster, target)
                 .await
                 .map_err(|()| FailReason::RetryLater)?
                 .map(|(n, _)| n);
+            if n.is_none() {
+                // A client that registered on another node moments ago may not be in the
+                // directory yet (presence is written in batches, off the request path): look
+                // once more before calling it offline, which the asker may cache and believe.
+                tokio::time::sleep(OFFLINE_RECHECK).await;
+                n = lookup(cluster, target)
+                    .await
+                    .map_err(|()| FailReason::RetryLater)?
+                    .map(|(n, _)| n);
+            }
             if n.is_none() && cluster.store.recovered_within(cluster.recovery_grace()) {
                 // Redis just came back (perhaps empty) and nodes are still re-publishing:
                 // "nowhere" is not to be trusted yet.

@@ -124,6 +124,43 @@ pub fn own_record(cluster: &Cluster, router: &dyn LocalSessions, period: Duratio
     }
 }
 
+/// Refuses to start with a node id that a live node at another address holds (two nodes with
+/// one id would each take the other's node-to-node traffic and presence records). A record of
+/// this id that stops being renewed (a previous life of this node that did not remove it) is
+/// waited out, up to its lifetime; one at this node's own addresses is its previous life.
+/// With Redis away the check is skipped (and logged): starting matters more.
+pub async fn claim_node_id(cluster: &Cluster, period: Duration) -> anyhow::Result<()> {
+    let lifetime = period * RECORD_PERIODS + Duration::from_secs(1);
+    let give_up = tokio::time::Instant::now() + lifetime;
+    loop {
+        let cmd = redis::cmd("HGET").arg(NODES_KEY).arg(&*cluster.id).clone();
+        let json: Option<String> = match cluster.store.query(&cmd).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check that this node id is free (Redis away)");
+                return Ok(());
+            }
+        };
+        let Some(rec) = json.and_then(|j| serde_json::from_str::<NodeInfo>(&j).ok()) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let ours = rec.internal == cluster.cfg.advertise && rec.public == cluster.cfg.public_addr;
+        if ours || rec.expires_ms <= now {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < give_up,
+            "node id {:?} is held by a live node (internal {}, public {}): give this node another --node-id",
+            &*cluster.id,
+            rec.internal,
+            rec.public
+        );
+        let left = Duration::from_millis(rec.expires_ms - now);
+        tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+    }
+}
+
 /// Writes this node's record once. `Some(true)` when the record was missing before (first
 /// publication, or Redis lost its data), `None` when Redis did not take it.
 pub async fn publish_self(
