@@ -12,6 +12,7 @@
 //! - [`wire`]: the authenticated node-to-node datagram format.
 
 pub mod lookup;
+pub mod membership;
 pub mod tasks;
 pub mod wire;
 
