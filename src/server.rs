@@ -205,6 +205,11 @@ impl Server {
                 cc.registry_period,
                 bg_stop.clone(),
             ));
+            bg.spawn(tasks::run_seeds(
+                c.clone(),
+                cc.peers.clone(),
+                bg_stop.clone(),
+            ));
             bg.spawn(tasks::run_presence_writer(
                 c.clone(),
                 self.router.clone(),
@@ -285,4 +290,9 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         "drain finished"
     );
     tasks::unpublish_self(c).await;
+    // Leave membership last: a few members hear it at once and the rest within a gossip round.
+    let mut out = Outbox::default();
+    router.leave_cluster(Instant::now(), &mut out);
+    d.route_all(&mut out);
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }

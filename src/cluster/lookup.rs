@@ -49,13 +49,51 @@ pub fn format_presence(node: &str, verifier: &[u8; 32]) -> String {
     s
 }
 
-/// Finds the node holding `target`: cache, then Redis, then the node table (waiting briefly
-/// for a newer one when the node is new to us).
-pub async fn resolve(
+/// Reads a client's presence unless Redis is known to be down, giving up after the hedge
+/// delay (`--redis-hedge-ms`): `Err` means "ask the other nodes". A healthy Redis answers in
+/// about a millisecond, so only a failing or stalled one hands lookups to the peers.
+pub async fn lookup_hedged(
+    cluster: &Cluster,
+    uuid: &Uuid,
+) -> Result<Option<(Arc<str>, [u8; 32])>, ()> {
+    if !cluster.store.is_up() {
+        // Known down (the last call failed): the background tasks find out when it is back.
+        return Err(());
+    }
+    match tokio::time::timeout(cluster.cfg.redis_hedge, lookup(cluster, uuid)).await {
+        Ok(r) => r,
+        Err(_) => Err(()),
+    }
+}
+
+/// Where a Connect's target is, as far as this node can tell without the other nodes.
+#[derive(Debug)]
+pub enum Resolved {
+    /// Held by this node of the table.
+    Node(Arc<NodeInfo>),
+    /// The Connect fails with this reason.
+    Failed(FailReason),
+    /// Redis could not say (down, failing, slower than the hedge, or just back and perhaps
+    /// empty): ask the other nodes.
+    AskPeers,
+}
+
+/// Finds the node holding `target`: cache, then Redis (hedged), then the node table (waiting
+/// briefly for a newer one when the node is new to us).
+pub async fn resolve(cluster: &Cluster, target: &Uuid, fresh: bool) -> Resolved {
+    let r = resolve_inner(cluster, target, fresh).await;
+    match r {
+        Ok(n) => Resolved::Node(n),
+        Err(None) => Resolved::AskPeers,
+        Err(Some(reason)) => Resolved::Failed(reason),
+    }
+}
+
+async fn resolve_inner(
     cluster: &Cluster,
     target: &Uuid,
     fresh: bool,
-) -> Result<Arc<NodeInfo>, FailReason> {
+) -> Result<Arc<NodeInfo>, Option<FailReason>> {
     let now = Instant::now();
     // The cache is trusted only while it names an active node we know; a draining or
     // vanished node means the client is moving: ask the directory.
@@ -72,29 +110,29 @@ pub async fn resolve(
     let node = match cached {
         Some(n) => n,
         None => {
-            let n = lookup(cluster, target)
+            let n = lookup_hedged(cluster, target)
                 .await
-                .map_err(|()| FailReason::RetryLater)?
+                .map_err(|()| None)?
                 .map(|(n, _)| n);
             if n.is_none() && cluster.store.recovered_within(cluster.recovery_grace()) {
                 // Redis just came back (perhaps empty) and nodes are still re-publishing:
-                // "nowhere" is not to be trusted yet.
-                return Err(FailReason::RetryLater);
+                // "nowhere" is not to be trusted yet; the nodes themselves know.
+                return Err(None);
             }
             cluster.cache_presence(*target, n.clone(), now);
             n
         }
     };
-    let node = node.ok_or(FailReason::Offline)?;
+    let node = node.ok_or(Some(FailReason::Offline))?;
     if *node == *cluster.id {
         // The directory says here, but the session is not (the caller checked): it is moving
         // away or was just dropped; a retry will know.
-        return Err(FailReason::RetryLater);
+        return Err(Some(FailReason::RetryLater));
     }
     cluster
         .wait_for_node(&node, TABLE_WAIT)
         .await
-        .ok_or(FailReason::RetryLater)
+        .ok_or(Some(FailReason::RetryLater))
 }
 
 #[cfg(test)]

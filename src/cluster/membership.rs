@@ -240,7 +240,7 @@ impl BroadcastHandler<MemberId> for MetaHandler {
     fn receive_item(
         &mut self,
         data: &[u8],
-        _sender: Option<&MemberId>,
+        sender: Option<&MemberId>,
     ) -> Result<Option<MetaKey>, CodecError> {
         let meta: Meta = rmp_serde::from_slice(data).map_err(|e| CodecError(e.to_string()))?;
         let mut metas = lock(&self.metas);
@@ -255,8 +255,11 @@ impl BroadcastHandler<MemberId> for MetaHandler {
             seq: meta.seq,
         };
         metas.insert(meta.id.clone(), meta);
-        self.changed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Our own broadcasts (no sender) change nothing in the view.
+        if sender.is_some() {
+            self.changed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Some(key))
     }
 }
@@ -308,6 +311,7 @@ pub struct Membership {
     metas_changed: Arc<std::sync::atomic::AtomicBool>,
     settings: Settings,
     state: NodeState,
+    sessions: u64,
     version: String,
     meta_seq: u64,
     next_meta: Option<Instant>,
@@ -343,6 +347,7 @@ impl Membership {
             metas_changed,
             settings,
             state: NodeState::Active,
+            sessions: 0,
             version: env!("CARGO_PKG_VERSION").to_string(),
             meta_seq: 0,
             next_meta: None,
@@ -357,6 +362,11 @@ impl Membership {
     /// This node's current identity (it changes when the node rejoins after a false "down").
     pub fn me(&self) -> &MemberId {
         self.foca.identity()
+    }
+
+    /// Sessions this node held at the last tick.
+    pub fn sessions(&self) -> u64 {
+        self.sessions
     }
 
     /// Active members other than this node.
@@ -436,10 +446,10 @@ impl Membership {
     }
 
     /// Sets this node's lifecycle state; a change is broadcast at once.
-    pub fn set_state(&mut self, now: Instant, state: NodeState, sessions: u64) {
+    pub fn set_state(&mut self, now: Instant, state: NodeState) {
         if self.state != state {
             self.state = state;
-            self.broadcast_meta(now, sessions);
+            self.broadcast_meta(now);
             if let Err(e) = self.foca.gossip(&mut self.rt) {
                 tracing::debug!(error = %e, "gossip failed");
             }
@@ -474,13 +484,15 @@ impl Membership {
             }
             self.settle(now);
         }
+        self.sessions = sessions;
         if self.next_meta.is_none_or(|t| now >= t) {
-            self.broadcast_meta(now, sessions);
+            self.broadcast_meta(now);
             self.settle(now);
         }
     }
 
-    fn broadcast_meta(&mut self, now: Instant, sessions: u64) {
+    fn broadcast_meta(&mut self, now: Instant) {
+        let sessions = self.sessions;
         self.meta_seq += 1;
         let me = self.me().clone();
         let meta = Meta {
@@ -784,7 +796,7 @@ mod tests {
         net.deliver();
         net.run(Duration::from_millis(100));
         let now = net.now;
-        net.m[1].set_state(now, NodeState::Draining, 5);
+        net.m[1].set_state(now, NodeState::Draining);
         net.deliver();
         let v = net.m[0].view();
         assert_eq!(

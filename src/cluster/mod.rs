@@ -19,7 +19,7 @@ pub mod wire;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -32,6 +32,7 @@ use uuid::Uuid;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use membership::{MemberError, MemberId, MemberView, Membership};
 
 /// How long a cached presence answer is trusted (a failed forward invalidates it sooner).
 const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -106,6 +107,11 @@ impl NodeTable {
         self.nodes.is_empty()
     }
 
+    /// Every node, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<NodeInfo>> {
+        self.nodes.values()
+    }
+
     /// Best of two random active nodes other than `except` (fewer sessions wins): spreads
     /// clients without herding them all onto the newest, emptiest node.
     pub fn pick_active(&self, except: &str) -> Option<Arc<NodeInfo>> {
@@ -153,6 +159,14 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// HMAC-SHA256 of `data` under `key`.
+fn derive_key(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    m.update(data);
+    m.finalize().into_bytes().into()
+}
+
 /// A node's cluster state, shared by its socket loops, deferred jobs and background tasks.
 pub struct Cluster {
     /// This node's id.
@@ -176,7 +190,17 @@ pub struct Cluster {
     /// When this node started, ms since the Unix epoch.
     pub started_ms: u64,
     metrics: Metrics,
+    /// SWIM membership. Locked only in synchronous code, for one call, never across an await.
+    membership: Mutex<Membership>,
+    members_changed: Notify,
+    /// One-shot datagrams (membership, lookups) seen recently: (sender, seq, is a reply).
+    oneshot: DashMap<(Arc<str>, u64, bool), Instant>,
+    /// Keys derived session secrets (see [`Cluster::session_secret`]).
+    secret_key: [u8; 32],
 }
+
+/// Datagrams for other nodes: (internal address, bytes).
+pub type Sends = Vec<(SocketAddr, Vec<u8>)>;
 
 impl Cluster {
     /// Builds the state; returns it with the receiving end of the presence channel (for the
@@ -188,6 +212,17 @@ impl Cluster {
     ) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
         let (presence_tx, rx) = mpsc::channel(65_536);
         let (generation, _) = watch::channel(0);
+        let started_ms = now_ms();
+        let me = MemberId {
+            id: cfg.node_id.clone(),
+            internal: cfg.advertise,
+            public: cfg.public_addr,
+            started_ms,
+            bump: 0,
+        };
+        let settings = membership::Settings::lan(cfg.probe_period, cfg.registry_period);
+        let membership = Membership::new(me, settings, rand::random());
+        let secret_key = derive_key(&cfg.cluster_key, b"sigrouter-v1-session-secret-key");
         let c = Arc::new(Self {
             id: cfg.node_id.as_str().into(),
             cfg,
@@ -205,8 +240,12 @@ impl Cluster {
             seq: AtomicU64::new(rand::random::<u64>() >> 1),
             seen: DashMap::new(),
             draining: AtomicBool::new(false),
-            started_ms: now_ms(),
+            started_ms,
             metrics,
+            membership: Mutex::new(membership),
+            members_changed: Notify::new(),
+            oneshot: DashMap::new(),
+            secret_key,
         });
         (c, rx)
     }
@@ -220,6 +259,45 @@ impl Cluster {
     pub fn node(&self, id: &str) -> Option<Arc<NodeInfo>> {
         // One load, one lookup, Guard dropped at the end of the statement.
         self.table.load().get(id)
+    }
+
+    /// Stores the registry's `nodes` merged with the membership view, and this node itself
+    /// if neither lists it. Only the refresher task calls this. Unless `always`, an unchanged
+    /// table is not stored again.
+    pub(crate) fn store_merged(&self, registry: &[NodeInfo], always: bool) {
+        let mut nodes = membership::merge(registry, &self.membership_view());
+        if !nodes.iter().any(|n| *n.id == *self.id) {
+            nodes.push(self.own_info());
+        }
+        if !always {
+            let current = self.table.load();
+            let same = current.len() == nodes.len()
+                && nodes
+                    .iter()
+                    .all(|n| current.get(&n.id).is_some_and(|c| *c == *n));
+            if same {
+                return;
+            }
+        }
+        self.store_table(nodes);
+    }
+
+    /// This node's record as membership would describe it.
+    fn own_info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.id.to_string(),
+            public: self.cfg.public_addr,
+            internal: self.cfg.advertise,
+            state: if self.is_draining() {
+                NodeState::Draining
+            } else {
+                NodeState::Active
+            },
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            sessions: self.lock_membership().sessions(),
+            started_ms: self.started_ms,
+            expires_ms: 0,
+        }
     }
 
     /// Stores a new snapshot. Only the refresher task calls this.
@@ -332,9 +410,12 @@ impl Cluster {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Marks this node draining (the registry task publishes it).
+    /// Marks this node draining (the registry task publishes it; membership broadcasts it
+    /// with its next datagrams, at the latest at the next tick).
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.lock_membership()
+            .set_state(Instant::now(), NodeState::Draining);
     }
 
     /// Builds an authenticated datagram for node `to`; returns its sequence number too.
@@ -350,10 +431,13 @@ impl Cluster {
         wire::encode(&env, &self.cfg.cluster_key).map(|b| (seq, b))
     }
 
-    /// Authenticates an internal datagram: MAC, addressed to us, fresh. `Err` is a counted drop.
+    /// Authenticates an internal datagram: MAC, addressed to us (or, for a `Join`, to any
+    /// node), fresh. `Err` is a counted drop.
     pub fn open(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
         let env = wire::decode(buf, &self.cfg.cluster_key)?;
-        if env.to != *self.id || env.from == *self.id {
+        let to_us = env.to == *self.id
+            || (env.to.is_empty() && matches!(env.body, wire::Body::Join { .. }));
+        if !to_us || env.from == *self.id {
             return Err(wire::WireError::BadMac);
         }
         if now_ms().abs_diff(env.ts) > FRESHNESS_MS {
@@ -372,12 +456,138 @@ impl Cluster {
         self.seen.insert((Arc::from(from), seq), (status, now));
     }
 
+    /// Whether one-shot datagram (`from`, `seq`) arrives for the first time (a repeat is a
+    /// replay: the caller drops and counts it). `reply`: it answers one of our requests (its
+    /// sequence number is ours, not the sender's).
+    pub fn first_time(&self, from: &str, seq: u64, reply: bool, now: Instant) -> bool {
+        match self.oneshot.entry((Arc::from(from), seq, reply)) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
+
+    /// The secret of a session this cluster creates for client `uuid`: a MAC of the UUID under
+    /// a key derived from the cluster key. Any node can then check a Resume when neither Redis
+    /// nor the node that held the session can (a node killed during a Redis outage).
+    pub fn session_secret(&self, uuid: &Uuid) -> [u8; 32] {
+        derive_key(&self.secret_key, uuid.as_bytes())
+    }
+
+    fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the membership, then takes what it wants sent (wrapped in envelopes),
+    /// counts its events and wakes the refresher if the view changed. The lock is held for
+    /// `f` and the takes only.
+    fn with_membership<R>(&self, f: impl FnOnce(&mut Membership) -> R) -> (R, Sends) {
+        let (r, swim, joins, events, changed, me, active) = {
+            let mut m = self.lock_membership();
+            let r = f(&mut m);
+            (
+                r,
+                m.take_outbox(),
+                m.take_joins(),
+                m.take_events(),
+                m.take_changed(),
+                m.me().clone(),
+                m.active_count(),
+            )
+        };
+        let mut out = Vec::with_capacity(swim.len() + joins.len());
+        for (to, data) in swim {
+            match self.envelope(&to.id, None, wire::Body::Swim(data)) {
+                Some((_, b)) => out.push((to.internal, b)),
+                None => tracing::error!(to = %to.id, "a SWIM message does not fit a datagram"),
+            }
+        }
+        for addr in joins {
+            let body = wire::Body::Join { member: me.clone() };
+            if let Some((_, b)) = self.envelope("", None, body) {
+                out.push((addr, b));
+            }
+        }
+        for e in events {
+            match e {
+                membership::Event::Up(id) => {
+                    tracing::info!(node = %id, "member up");
+                    self.metrics.peers.member_event(true);
+                }
+                membership::Event::Down(id) => {
+                    tracing::info!(node = %id, "member down");
+                    self.metrics.peers.member_event(false);
+                }
+            }
+        }
+        if changed {
+            self.metrics.peers.members.set(active as f64);
+            self.members_changed.notify_one();
+        }
+        (r, out)
+    }
+
+    /// Handles a SWIM message from node `from` (authenticated by its envelope).
+    pub fn membership_handle(
+        &self,
+        now: Instant,
+        from: &str,
+        data: &[u8],
+    ) -> (Result<(), MemberError>, Sends) {
+        self.with_membership(|m| m.handle(now, from, data))
+    }
+
+    /// A node that knows only our address asked us to announce ourselves.
+    pub fn membership_join(&self, now: Instant, member: MemberId) -> Sends {
+        self.with_membership(|m| m.announce(now, member)).1
+    }
+
+    /// Membership timers and metadata broadcasts due at `now`, and anything queued since the
+    /// last call (seeds, joins).
+    pub fn membership_tick(&self, now: Instant, sessions: u64) -> Sends {
+        self.with_membership(|m| m.tick(now, sessions)).1
+    }
+
+    /// Leaves the cluster (end of drain, shutdown): a few members hear it at once.
+    pub fn membership_leave(&self, now: Instant) -> Sends {
+        self.with_membership(|m| m.leave(now)).1
+    }
+
+    /// Seeds membership with the registry's nodes (sent at the next tick).
+    pub fn membership_seed(&self, now: Instant, nodes: &[NodeInfo]) {
+        self.lock_membership().seed(now, nodes);
+    }
+
+    /// Asks the nodes at `addrs` to announce themselves (sent at the next tick).
+    pub fn membership_join_addrs(&self, addrs: &[SocketAddr]) {
+        self.lock_membership().join(addrs);
+    }
+
+    /// Active members other than this node.
+    pub fn membership_active(&self) -> usize {
+        self.lock_membership().active_count()
+    }
+
+    /// The membership view, for the refresher's merge.
+    pub fn membership_view(&self) -> Vec<MemberView> {
+        self.lock_membership().view()
+    }
+
+    /// Waits until the membership view changes (refresher only).
+    pub(crate) async fn members_changed(&self) {
+        self.members_changed.notified().await;
+    }
+
     /// Forgets replies older than the freshness window (repeats older than that are refused
     /// by [`Cluster::open`] anyway).
     pub fn sweep(&self, now: Instant) {
         let keep = Duration::from_millis(FRESHNESS_MS * 2);
         self.seen
             .retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
+        self.oneshot
+            .retain(|_, t| now.saturating_duration_since(*t) <= keep);
         self.presence
             .retain(|_, c| now.saturating_duration_since(c.at) <= PRESENCE_CACHE_TTL);
     }

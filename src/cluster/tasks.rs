@@ -22,6 +22,8 @@ const REGISTRY_KEY_TTL_MS: u64 = 120_000;
 const NUDGE_DEBOUNCE: Duration = Duration::from_millis(20);
 /// Least time between two registry reads.
 const MIN_GAP: Duration = Duration::from_millis(50);
+/// How often a node that knows no other member asks its `--peers` again.
+const SEED_PERIOD: Duration = Duration::from_secs(2);
 /// Most presence commands in one pipeline.
 const BATCH: usize = 512;
 
@@ -42,8 +44,10 @@ if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
 end
 return 0";
 
-/// Rebuilds the node table every `period` and whenever nudged; the only writer of it. On a
-/// Redis failure the last snapshot stays in use.
+/// Rebuilds the node table every `period`, whenever nudged (after a Redis read) and whenever
+/// the membership view changes (without reading Redis); the only writer of it. The table is
+/// the last registry read merged with the membership view, so a Redis failure leaves the
+/// registry part as it was while membership keeps the rest current.
 pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: CancellationToken) {
     // The first table should include this node: wait (briefly) for its first publication.
     tokio::select! {
@@ -52,24 +56,30 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
         _ = tokio::time::sleep(period) => {}
     }
     let mut last = tokio::time::Instant::now();
+    let mut registry: Vec<NodeInfo> = Vec::new();
     loop {
         cluster.take_nudge();
         last = last.max(tokio::time::Instant::now());
         match read_nodes(&cluster).await {
             Ok((live, expired)) => {
-                cluster.store_table(live);
+                // Nodes in the registry that membership does not know yet are announced to.
+                cluster.membership_seed(std::time::Instant::now(), &live);
+                registry = live;
                 if !expired.is_empty() {
                     let mut p = redis::pipe();
                     p.cmd("HDEL").arg(NODES_KEY).arg(&expired).ignore();
                     let _ = cluster.store.pipeline(&p, 1).await;
                 }
             }
-            Err(()) => tracing::debug!("node table refresh failed; keeping the last snapshot"),
+            Err(()) => tracing::debug!("registry read failed; keeping its last contents"),
         }
+        // Always a new generation after a read attempt: requests waiting for one stop waiting.
+        cluster.store_merged(&registry, true);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(last + period) => break,
+                _ = cluster.members_changed() => cluster.store_merged(&registry, false),
                 _ = cluster.nudged() => {
                     // Gather the misses that arrive together, and keep reads apart, so a storm
                     // of misses costs one read.
@@ -80,6 +90,33 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
                     }
                 }
             }
+        }
+    }
+}
+
+/// Seeds membership from `--peers` (host names resolved here) while this node knows no other
+/// member: at start and every few seconds after, so a node that starts while Redis is down
+/// still joins.
+pub async fn run_seeds(cluster: Arc<Cluster>, peers: Vec<String>, stop: CancellationToken) {
+    if peers.is_empty() {
+        return;
+    }
+    loop {
+        if cluster.membership_active() == 0 {
+            let mut addrs = Vec::new();
+            for p in &peers {
+                match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(p)).await
+                {
+                    Ok(Ok(found)) => addrs.extend(found),
+                    Ok(Err(e)) => tracing::warn!(peer = %p, error = %e, "cannot resolve --peers entry"),
+                    Err(_) => tracing::warn!(peer = %p, "resolving a --peers entry timed out"),
+                }
+            }
+            cluster.membership_join_addrs(&addrs);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SEED_PERIOD) => {}
         }
     }
 }
