@@ -76,7 +76,11 @@ pub(crate) async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox 
             }
             if failed {
                 // Redis cannot say: ask the other nodes about every client not held here.
-                let ask: Vec<_> = uuids.iter().filter(|u| !router.is_local(u)).copied().collect();
+                let ask: Vec<_> = uuids
+                    .iter()
+                    .filter(|u| !router.is_local(u))
+                    .copied()
+                    .collect();
                 let w = Waiter::Query { uuid, rid, uuids };
                 router.ask_peers(Instant::now(), ask, None, w, &mut out);
             } else {

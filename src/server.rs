@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{tasks, Cluster, PresenceOp};
+use crate::cluster::{tasks, Cluster, PresenceRx};
 use crate::config::Config;
 use crate::metrics::{self, Health, Metrics};
 use crate::net::{self, Dispatch, Port};
@@ -35,7 +35,7 @@ const MAX_JOBS: usize = 4096;
 
 struct ClusterParts {
     cluster: Arc<Cluster>,
-    presence_rx: mpsc::Receiver<PresenceOp>,
+    presence_rx: PresenceRx,
     socket: std::net::UdpSocket,
 }
 

@@ -143,7 +143,7 @@ impl Store {
                 self.recovered_at.store(at.max(1), Ordering::Relaxed);
                 tracing::info!("redis reachable again");
             } else {
-                tracing::warn!("redis unreachable; local routing continues, cross-node requests get retry-later");
+                tracing::warn!("redis unreachable; local routing continues, presence lookups ask the other nodes");
             }
         }
         self.metrics.redis_up.set(if ok { 1.0 } else { 0.0 });

@@ -25,8 +25,13 @@ pub async fn lookup(cluster: &Cluster, uuid: &Uuid) -> Result<Option<(Arc<str>, 
     Ok(v.and_then(|v| parse_presence(&v)))
 }
 
-/// Parses `"<node id> <hex verifier>"`.
+/// Parses `"<node id> <hex verifier> t<claimed ms>"` (or the older form without the claim
+/// time).
 pub fn parse_presence(v: &str) -> Option<(Arc<str>, [u8; 32])> {
+    let v = match v.rsplit_once(" t") {
+        Some((head, t)) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => v,
+    };
     let (node, hex) = v.rsplit_once(' ')?;
     if hex.len() != 64 {
         return None;
@@ -38,14 +43,16 @@ pub fn parse_presence(v: &str) -> Option<(Arc<str>, [u8; 32])> {
     Some((node.into(), out))
 }
 
-/// Formats a presence value.
-pub fn format_presence(node: &str, verifier: &[u8; 32]) -> String {
-    let mut s = String::with_capacity(node.len() + 65);
+/// Formats a presence value: the node, the verifier, and when the node claimed the client
+/// (ms since the Unix epoch; 0 when a node re-publishes a record Redis lost).
+pub fn format_presence(node: &str, verifier: &[u8; 32], claimed_ms: u64) -> String {
+    let mut s = String::with_capacity(node.len() + 90);
     s.push_str(node);
     s.push(' ');
     for b in verifier {
         s.push_str(&format!("{b:02x}"));
     }
+    s.push_str(&format!(" t{claimed_ms}"));
     s
 }
 
@@ -141,9 +148,13 @@ mod tests {
 
     #[test]
     fn presence_value_roundtrip() {
-        let v = format_presence("node-a b", &[0xAB; 32]);
+        let v = format_presence("node-a b", &[0xAB; 32], 1_700_000_000_123);
+        assert!(v.ends_with(" t1700000000123"), "{v}");
         let (n, ver) = parse_presence(&v).unwrap();
         assert_eq!((&*n, ver), ("node-a b", [0xAB; 32]));
         assert!(parse_presence("node zz").is_none());
+        // The older form, without the claim time.
+        let old = format!("node t1 {}", "ab".repeat(32));
+        assert_eq!(parse_presence(&old).map(|(n, _)| n), Some("node t1".into()));
     }
 }

@@ -135,7 +135,13 @@ pub trait LocalSessions: Send + Sync {
     fn session_count(&self) -> usize;
     /// Every session held, with its Resume verifier (for presence re-publication).
     fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])>;
+    /// Whether client `uuid` is held here now.
+    fn holds(&self, uuid: &Uuid) -> bool;
 }
+
+/// The receiving end of the presence channel: each write with the wall-clock time (ms) it was
+/// decided at, so a claim retried after a Redis outage cannot overwrite a later one.
+pub type PresenceRx = mpsc::Receiver<(PresenceOp, u64)>;
 
 /// A presence write for the batching writer.
 #[derive(Clone, Debug)]
@@ -181,7 +187,7 @@ pub struct Cluster {
     nudged: AtomicBool,
     published: Notify,
     presence: DashMap<Uuid, Cached>,
-    presence_tx: mpsc::Sender<PresenceOp>,
+    presence_tx: mpsc::Sender<(PresenceOp, u64)>,
     /// Set when Redis may have lost our writes: the writer re-publishes every session.
     pub republish: AtomicBool,
     seq: AtomicU64,
@@ -205,11 +211,7 @@ pub type Sends = Vec<(SocketAddr, Vec<u8>)>;
 impl Cluster {
     /// Builds the state; returns it with the receiving end of the presence channel (for the
     /// writer task).
-    pub fn new(
-        cfg: ClusterConfig,
-        store: Arc<Store>,
-        metrics: Metrics,
-    ) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
+    pub fn new(cfg: ClusterConfig, store: Arc<Store>, metrics: Metrics) -> (Arc<Self>, PresenceRx) {
         let (presence_tx, rx) = mpsc::channel(65_536);
         let (generation, _) = watch::channel(0);
         let started_ms = now_ms();
@@ -394,7 +396,7 @@ impl Cluster {
 
     /// Queues a presence write; never waits. A full queue marks a full re-publication.
     pub fn publish(&self, op: PresenceOp) {
-        if self.presence_tx.try_send(op).is_err() {
+        if self.presence_tx.try_send((op, now_ms())).is_err() {
             self.republish.store(true, Ordering::Relaxed);
         }
     }

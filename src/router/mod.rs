@@ -406,6 +406,10 @@ impl LocalSessions for Router {
     fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])> {
         Router::presence_snapshot(self)
     }
+
+    fn holds(&self, uuid: &Uuid) -> bool {
+        self.is_local(uuid)
+    }
 }
 
 #[cfg(test)]

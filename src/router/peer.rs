@@ -78,7 +78,14 @@ fn is_one_shot(b: &Body) -> bool {
 }
 
 /// Handles a one-shot datagram seen for the first time.
-fn one_shot(st: &State, asks: &Asks, now: Instant, src: SocketAddr, env: Envelope, out: &mut Outbox) {
+fn one_shot(
+    st: &State,
+    asks: &Asks,
+    now: Instant,
+    src: SocketAddr,
+    env: Envelope,
+    out: &mut Outbox,
+) {
     let Some(cluster) = &st.cluster else {
         return;
     };

@@ -133,7 +133,9 @@ impl Asks {
         for (seq, _) in &ask.sent {
             inner.by_seq.remove(seq);
         }
-        if ask.verifier.is_none() && ask.uuids.len() == 1 && inner.by_target.get(&ask.uuids[0]) == Some(&id)
+        if ask.verifier.is_none()
+            && ask.uuids.len() == 1
+            && inner.by_target.get(&ask.uuids[0]) == Some(&id)
         {
             inner.by_target.remove(&ask.uuids[0]);
         }
@@ -347,7 +349,16 @@ fn finish(st: &State, now: Instant, ask: Ask, out: &mut Outbox) {
                 connect::complete_connect(st, now, l, found, out);
             }
             Waiter::Resume { src, req_len, msg } => {
-                resume(st, now, src, req_len, msg, &ask.verified, verdicts.first(), out);
+                resume(
+                    st,
+                    now,
+                    src,
+                    req_len,
+                    msg,
+                    &ask.verified,
+                    verdicts.first(),
+                    out,
+                );
             }
             Waiter::Query { uuid, rid, uuids } => {
                 st.job_done(uuid);

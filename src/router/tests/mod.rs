@@ -78,7 +78,7 @@ pub(super) struct Sim {
     pub(super) now: Instant,
     pub(super) cfg: Config,
     /// Presence writes the router queued (cluster mode).
-    presence: Option<mpsc::Receiver<PresenceOp>>,
+    presence: Option<crate::cluster::PresenceRx>,
 }
 
 impl Sim {
@@ -184,7 +184,7 @@ impl Sim {
     pub(super) fn presence_ops(&mut self) -> Vec<PresenceOp> {
         let mut v = Vec::new();
         if let Some(rx) = &mut self.presence {
-            while let Ok(op) = rx.try_recv() {
+            while let Ok((op, _)) = rx.try_recv() {
                 v.push(op);
             }
         }
