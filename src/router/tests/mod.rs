@@ -14,13 +14,13 @@ mod dedup;
 mod hello;
 mod peer;
 mod pushes;
+mod whohas;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sigrouter_proto::{self as proto, Addr, Message, Secret};
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{Job, Outbox, Router, Transmit};
