@@ -601,3 +601,185 @@ async fn a_connect_while_redis_sleeps_3s_succeeds_at_once() {
         "connected after {took:?}: it waited for Redis"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_starts_while_redis_is_down_joins_through_peers() {
+    let mut redis = Redis::start();
+    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    wait_for_nodes(&[&n1, &n2], 2).await;
+    let mut a = Raw::register(n1.addr).await;
+    wait_presence(&redis, &a.uuid, "n1").await;
+    redis.stop();
+    // n3 cannot read the registry; it knows n1's cluster address only.
+    let mut c3 = cluster_config(&redis.url(), "n3");
+    if let Some(cc) = c3.cluster.as_mut() {
+        cc.peers = vec![n1.cluster.unwrap().to_string()];
+    }
+    let started = Instant::now();
+    let n3 = Node::start(c3).await;
+    // n1 learns n3 from its Join, n2 from n1's gossip, n3 learns n2 the same way.
+    let all = eventually(Duration::from_secs(3), || {
+        [&n1, &n2, &n3].iter().all(|n| {
+            let c = n.router.cluster().unwrap();
+            ["n1", "n2", "n3"].iter().all(|id| c.node(id).is_some())
+        })
+    })
+    .await;
+    assert!(all, "membership did not converge without Redis");
+    println!("three tables complete {:?} after n3 started", started.elapsed());
+    assert!(metric(&n2, "sigrouter_membership_members") >= 2.0);
+    // Clients on the newcomer and on the old nodes reach each other both ways.
+    let mut t = Raw::register(n3.addr).await;
+    let (m, _) = connect_once(&mut a, &mut t, "to the newcomer").await;
+    assert!(matches!(m, Message::Connected(_)), "{m:?}");
+    let (m, _) = connect_once(&mut t, &mut a, "from the newcomer").await;
+    assert!(matches!(m, Message::Connected(_)), "{m:?}");
+    // n3 leaves (drain with no sessions left): the others drop it at once, not after a
+    // suspicion timeout.
+    drop(t);
+    n3.stop().await;
+    // (A silent node takes a probe period and the suspicion timeout: 1 s + 3 s.)
+    let gone = eventually(Duration::from_secs(1), || {
+        [&n1, &n2]
+            .iter()
+            .all(|n| n.router.cluster().unwrap().node("n3").is_none())
+    })
+    .await;
+    assert!(gone, "n3 still listed after it left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_membership_and_lookup_datagrams_are_dropped_and_counted() {
+    use sigrouter::cluster::membership::{MemberId, Membership, Settings};
+    let redis = Redis::start();
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    wait_for_nodes(&[&n2], 1).await;
+    let b = Raw::register(n2.addr).await;
+    let target = n2.cluster.unwrap();
+    // This socket plays node "n1", holding the cluster key.
+    let sock = Raw::socket().await;
+    let env = |seq: u64, body: Body| Envelope {
+        from: "n1".into(),
+        to: "n2".into(),
+        ts: sigrouter::cluster::now_ms(),
+        seq,
+        body,
+    };
+    let drops = || metric(&n2, "sigrouter_dropped_total{reason=\"cluster_auth\"}");
+    let mut buf = [0u8; 2048];
+
+    // A lookup, answered from n2's sessions.
+    let ask = wire::encode(
+        &env(
+            1,
+            Body::WhoHas {
+                uuids: vec![b.uuid, Uuid::new_v4()],
+                verifier: None,
+            },
+        ),
+        CLUSTER_KEY,
+    )
+    .unwrap();
+    sock.send_to(&ask, target).await.unwrap();
+    let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let reply = wire::decode(&buf[..n], CLUSTER_KEY).unwrap();
+    assert_eq!(
+        (reply.seq, reply.body),
+        (
+            1,
+            Body::Holds {
+                held: vec![true, false],
+                verified: None
+            }
+        )
+    );
+    // The same lookup again (a replay), and one under another key: dropped, not answered.
+    let before = drops();
+    sock.send_to(&ask, target).await.unwrap();
+    let forged = wire::encode(
+        &env(
+            2,
+            Body::WhoHas {
+                uuids: vec![b.uuid],
+                verifier: None,
+            },
+        ),
+        b"not-the-cluster-key-not-the-cluster-key",
+    )
+    .unwrap();
+    sock.send_to(&forged, target).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "a replayed or forged lookup was answered"
+    );
+    assert!(eventually(T, || drops() - before >= 2.0).await);
+
+    // Membership: "n1" announces itself; n2 answers with its view (to n1's address).
+    let me = |id: &str| MemberId {
+        id: id.into(),
+        internal: sock.local_addr().unwrap(),
+        public: sock.local_addr().unwrap(),
+        started_ms: sigrouter::cluster::now_ms(),
+        bump: 0,
+    };
+    let n2_id = MemberId {
+        id: "n2".into(),
+        internal: target,
+        public: n2.addr,
+        started_ms: 0,
+        bump: 0,
+    };
+    let settings = Settings::lan(Duration::from_secs(1), Duration::from_secs(2));
+    let mut m1 = Membership::new(me("n1"), settings, 1);
+    m1.announce(Instant::now(), n2_id.clone());
+    let (_, swim) = m1.take_outbox().pop().unwrap();
+    let announce = wire::encode(&env(3, Body::Swim(swim)), CLUSTER_KEY).unwrap();
+    sock.send_to(&announce, target).await.unwrap();
+    let (n, _) = tokio::time::timeout(T, sock.recv_from(&mut buf))
+        .await
+        .expect("n2 answers the announce")
+        .unwrap();
+    let feed = wire::decode(&buf[..n], CLUSTER_KEY).unwrap();
+    let Body::Swim(data) = feed.body else {
+        panic!("expected a SWIM answer, got {:?}", feed.body)
+    };
+    m1.handle(Instant::now(), "n2", &data).expect("n2's answer");
+    assert_eq!(m1.active_count(), 1, "n1 learned n2");
+    let before = drops();
+    // The announce again: a replay.
+    sock.send_to(&announce, target).await.unwrap();
+    // A SWIM message from "n3" carried in an envelope from "n1": spoofed.
+    let mut m3 = Membership::new(me("n3"), settings, 3);
+    m3.announce(Instant::now(), n2_id);
+    let (_, swim3) = m3.take_outbox().pop().unwrap();
+    let spoofed = wire::encode(&env(4, Body::Swim(swim3)), CLUSTER_KEY).unwrap();
+    sock.send_to(&spoofed, target).await.unwrap();
+    // A Join naming another node than its sender.
+    let join = Envelope {
+        to: String::new(),
+        ..env(5, Body::Join { member: me("n3") })
+    };
+    sock.send_to(&wire::encode(&join, CLUSTER_KEY).unwrap(), target)
+        .await
+        .unwrap();
+    // A SWIM message under the wrong key.
+    let wrong = wire::encode(
+        &env(6, Body::Swim(b"whatever".to_vec())),
+        b"not-the-cluster-key-not-the-cluster-key",
+    )
+    .unwrap();
+    sock.send_to(&wrong, target).await.unwrap();
+    let all = eventually(T, || drops() - before >= 4.0).await;
+    assert!(all, "not every forged or replayed datagram was counted");
+    let members = n2.router.cluster().unwrap().table();
+    assert!(
+        members.get("n3").is_none(),
+        "a spoofed member made it into the table"
+    );
+}
