@@ -627,7 +627,10 @@ async fn a_node_that_starts_while_redis_is_down_joins_through_peers() {
     })
     .await;
     assert!(all, "membership did not converge without Redis");
-    println!("three tables complete {:?} after n3 started", started.elapsed());
+    println!(
+        "three tables complete {:?} after n3 started",
+        started.elapsed()
+    );
     assert!(metric(&n2, "sigrouter_membership_members") >= 2.0);
     // Clients on the newcomer and on the old nodes reach each other both ways.
     let mut t = Raw::register(n3.addr).await;
