@@ -786,3 +786,125 @@ async fn forged_and_replayed_membership_and_lookup_datagrams_are_dropped_and_cou
         "a spoofed member made it into the table"
     );
 }
+
+/// Resumes session (`uuid`, `secret`) at `node` from a new socket; returns the socket.
+async fn resume_at(
+    node: std::net::SocketAddr,
+    uuid: Uuid,
+    secret: proto::Secret,
+) -> tokio::net::UdpSocket {
+    let sock = Raw::socket().await;
+    let mut m = Message::Resume(proto::Resume {
+        rid: 77,
+        uuid,
+        secret,
+        local: vec![],
+        pad: vec![],
+    });
+    sock.send_to(&proto::encode_hello(&mut m).unwrap(), node)
+        .await
+        .unwrap();
+    match recv_msg(&sock, T).await {
+        Some(Message::Registered(r)) => assert_eq!(r.uuid, uuid),
+        m => panic!("expected Registered, got {m:?}"),
+    }
+    sock
+}
+
+/// How Redis goes away while a client moves between nodes.
+#[derive(Clone, Copy, Debug)]
+enum Outage {
+    /// Blocked (DEBUG SLEEP): the nodes' writes wait in its socket buffers and all run, in
+    /// some order, when it wakes.
+    Asleep,
+    /// Stopped and restarted from a snapshot taken before: the writes made meanwhile are
+    /// refused and must be made again.
+    Restarted,
+}
+
+async fn moves_during_an_outage_leave_the_record_on_the_last_node(outage: Outage) {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let n1 = Node::start(cluster_config(&redis.url(), "n1")).await;
+    let n2 = Node::start(cluster_config(&redis.url(), "n2")).await;
+    let n3 = Node::start(cluster_config(&redis.url(), "n3")).await;
+    wait_for_nodes(&[&n1, &n2, &n3], 3).await;
+    let x = Raw::register(n1.addr).await;
+    wait_presence(&redis, &x.uuid, "n1").await;
+    match outage {
+        Outage::Asleep => {
+            redis.cmd_detached(&["DEBUG", "SLEEP", "3"]);
+            let blocked = eventually(Duration::from_secs(2), || redis.is_blocked()).await;
+            assert!(blocked, "DEBUG SLEEP did not take effect");
+        }
+        Outage::Restarted => {
+            redis.cmd(&["SAVE"]).unwrap();
+            redis.stop();
+        }
+    }
+    let began = Instant::now();
+    // Meanwhile x moves to n2 (n1 vouches for its secret and lets it go), then to n3.
+    let _s2 = resume_at(n2.addr, x.uuid, x.secret).await;
+    let moved = eventually(T, || !n1.router.is_local(&x.uuid)).await;
+    assert!(moved, "n1 kept the session");
+    let s3 = resume_at(n3.addr, x.uuid, x.secret).await;
+    let moved = eventually(T, || !n2.router.is_local(&x.uuid)).await;
+    assert!(moved, "n2 kept the session");
+    // Both Resumes were checked by the nodes, not Redis.
+    assert!(metric(&n2, r#"sigrouter_peer_lookups_total{outcome="found"}"#) >= 1.0);
+    assert!(metric(&n3, r#"sigrouter_peer_lookups_total{outcome="found"}"#) >= 1.0);
+    if let Outage::Restarted = outage {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis = Redis::start_on(port);
+        assert!(
+            redis.presence_on(&x.uuid, "n1"),
+            "the snapshot should still name n1"
+        );
+    }
+    // Redis answers again: the record names n3, the node x is on, and only n3 from then on.
+    let fixed = eventually(Duration::from_secs(8), || redis.presence_on(&x.uuid, "n3")).await;
+    assert!(
+        fixed,
+        "{outage:?}: the record never named n3 after the outage"
+    );
+    println!(
+        "{outage:?}: record right {:?} after the outage began",
+        began.elapsed()
+    );
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert!(
+            redis.presence_on(&x.uuid, "n3"),
+            "{outage:?}: the record went back to a node x left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And a connect from n1 finds x on n3.
+    let mut a = Raw::register(n1.addr).await;
+    let mut x3 = Raw::with(s3, n3.addr, x.uuid, x.secret, x.observed, 100);
+    let (m, _) = connect_retrying_once(&mut a, &mut x3).await;
+    assert!(matches!(m, Message::Connected(_)), "{m:?}");
+}
+
+/// [`connect_once`], once more if the first is retry-later (Redis just came back and the
+/// nodes may still be re-publishing).
+async fn connect_retrying_once(a: &mut Raw, b: &mut Raw) -> (Message, Duration) {
+    let r = connect_once(a, b, "after").await;
+    match &r.0 {
+        Message::ConnectFailed(f) if f.reason == FailReason::RetryLater => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            connect_once(a, b, "after").await
+        }
+        _ => r,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_sleeps_no_record_points_back_to_a_node_the_client_left() {
+    moves_during_an_outage_leave_the_record_on_the_last_node(Outage::Asleep).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_no_record_points_back_to_a_node_the_client_left() {
+    moves_during_an_outage_leave_the_record_on_the_last_node(Outage::Restarted).await;
+}
