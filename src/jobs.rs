@@ -30,7 +30,7 @@ pub(crate) async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox 
         Job::Resume { src, req_len, msg } => {
             let found = lookup::lookup_hedged(cluster, &msg.uuid).await;
             let now = Instant::now();
-            let just_back = cluster.store.recovered_within(cluster.recovery_grace());
+            let just_back = cluster.presence_unsettled();
             match found {
                 Ok(Some((node, verifier))) => {
                     let found = Ok(Some((verifier, node)));
@@ -61,12 +61,12 @@ pub(crate) async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox 
                 let node = match cluster.cached_presence(u, now) {
                     Some(n) => n,
                     None => match lookup::lookup_hedged(cluster, u).await {
-                        Ok(p) => {
+                        Ok(p) if p.is_some() || !cluster.presence_unsettled() => {
                             let n = p.map(|(n, _)| n);
                             cluster.cache_presence(*u, n.clone(), now);
                             n
                         }
-                        Err(()) => {
+                        _ => {
                             failed = true;
                             break;
                         }

@@ -121,9 +121,9 @@ async fn resolve_inner(
                 .await
                 .map_err(|()| None)?
                 .map(|(n, _)| n);
-            if n.is_none() && cluster.store.recovered_within(cluster.recovery_grace()) {
-                // Redis just came back (perhaps empty) and nodes are still re-publishing:
-                // "nowhere" is not to be trusted yet; the nodes themselves know.
+            if n.is_none() && cluster.presence_unsettled() {
+                // Redis just came back (perhaps empty) and nodes are still re-publishing, or a
+                // node's writes failed: "nowhere" is not to be trusted; the nodes know.
                 return Err(None);
             }
             cluster.cache_presence(*target, n.clone(), now);

@@ -91,6 +91,10 @@ pub struct Meta {
     pub version: String,
     /// Increases with every broadcast of this node: newer replaces older.
     pub seq: u64,
+    /// Redis lacks some of this node's clients' presence (writes failed or stuck): a
+    /// "nowhere" from Redis is to be checked with the nodes.
+    #[serde(default)]
+    pub unpublished: bool,
 }
 
 /// Why a SWIM message was refused.
@@ -312,6 +316,7 @@ pub struct Membership {
     settings: Settings,
     state: NodeState,
     sessions: u64,
+    unpublished: bool,
     version: String,
     meta_seq: u64,
     next_meta: Option<Instant>,
@@ -348,6 +353,7 @@ impl Membership {
             settings,
             state: NodeState::Active,
             sessions: 0,
+            unpublished: false,
             version: env!("CARGO_PKG_VERSION").to_string(),
             meta_seq: 0,
             next_meta: None,
@@ -445,6 +451,19 @@ impl Membership {
         }
     }
 
+    /// Says whether Redis lacks some of this node's presence writes; a change is broadcast at
+    /// once.
+    pub fn set_unpublished(&mut self, now: Instant, unpublished: bool) {
+        if self.unpublished != unpublished && !self.left {
+            self.unpublished = unpublished;
+            self.broadcast_meta(now);
+            if let Err(e) = self.foca.gossip(&mut self.rt) {
+                tracing::debug!(error = %e, "gossip failed");
+            }
+            self.settle(now);
+        }
+    }
+
     /// Sets this node's lifecycle state; a change is broadcast at once.
     pub fn set_state(&mut self, now: Instant, state: NodeState) {
         if self.state != state {
@@ -502,6 +521,7 @@ impl Membership {
             sessions,
             version: self.version.clone(),
             seq: self.meta_seq,
+            unpublished: self.unpublished,
         };
         match rmp_serde::to_vec_named(&meta) {
             Ok(bytes) => {

@@ -38,6 +38,9 @@ use membership::{MemberError, MemberId, MemberView, Membership};
 const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// How long "not online anywhere" is cached.
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(1);
+/// A presence write waiting on Redis longer than this tells the other nodes (see
+/// [`Cluster::presence_behind`]).
+const WRITE_STUCK_MS: u64 = 100;
 /// Node-to-node datagrams older or newer than this are refused as replays.
 const FRESHNESS_MS: u64 = 30_000;
 
@@ -78,6 +81,9 @@ pub struct NodeTable {
     /// Increases with every snapshot the refresher stores.
     pub generation: u64,
     nodes: HashMap<String, Arc<NodeInfo>>,
+    /// Some other node holds clients whose presence Redis does not have yet (its writes failed
+    /// or are stuck): a "nowhere" from Redis is not to be trusted.
+    unsettled: bool,
 }
 
 impl NodeTable {
@@ -89,7 +95,13 @@ impl NodeTable {
                 .into_iter()
                 .map(|n| (n.id.clone(), Arc::new(n)))
                 .collect(),
+            unsettled: false,
         }
+    }
+
+    /// Whether some other node says Redis lacks some of its clients' presence.
+    pub fn unsettled(&self) -> bool {
+        self.unsettled
     }
 
     /// A node by id.
@@ -203,6 +215,10 @@ pub struct Cluster {
     oneshot: DashMap<(Arc<str>, u64, bool), Instant>,
     /// Keys derived session secrets (see [`Cluster::session_secret`]).
     secret_key: [u8; 32],
+    /// When the presence writer's current Redis call began (ms since the epoch; 0: idle).
+    presence_busy_since: AtomicU64,
+    /// Presence writes waiting for a retry.
+    presence_backlog: AtomicU64,
 }
 
 /// Datagrams for other nodes: (internal address, bytes).
@@ -248,6 +264,8 @@ impl Cluster {
             members_changed: Notify::new(),
             oneshot: DashMap::new(),
             secret_key,
+            presence_busy_since: AtomicU64::new(0),
+            presence_backlog: AtomicU64::new(0),
         });
         (c, rx)
     }
@@ -267,13 +285,18 @@ impl Cluster {
     /// if neither lists it. Only the refresher task calls this. Unless `always`, an unchanged
     /// table is not stored again.
     pub(crate) fn store_merged(&self, registry: &[NodeInfo], always: bool) {
-        let mut nodes = membership::merge(registry, &self.membership_view());
+        let view = self.membership_view();
+        let unsettled = view
+            .iter()
+            .any(|m| m.active && m.meta.as_ref().is_some_and(|x| x.unpublished));
+        let mut nodes = membership::merge(registry, &view);
         if !nodes.iter().any(|n| *n.id == *self.id) {
             nodes.push(self.own_info());
         }
         if !always {
             let current = self.table.load();
             let same = current.len() == nodes.len()
+                && current.unsettled == unsettled
                 && nodes
                     .iter()
                     .all(|n| current.get(&n.id).is_some_and(|c| *c == *n));
@@ -281,7 +304,32 @@ impl Cluster {
                 return;
             }
         }
-        self.store_table(nodes);
+        self.store_table_flagged(nodes, unsettled);
+    }
+
+    /// Whether Redis may lack presence records: it came back from a failure moments ago (and
+    /// may have lost its data), or another node says its presence writes failed or are stuck.
+    /// A "nowhere" from Redis is then checked with the other nodes.
+    pub fn presence_unsettled(&self) -> bool {
+        self.store.recovered_within(self.recovery_grace()) || self.table.load().unsettled
+    }
+
+    /// Whether this node's presence writes are behind: some failed and wait for a retry, a
+    /// re-publication is due after a failure, or a write has been waiting on Redis for more
+    /// than [`WRITE_STUCK_MS`].
+    pub fn presence_behind(&self) -> bool {
+        let busy = self.presence_busy_since.load(Ordering::Relaxed);
+        self.presence_backlog.load(Ordering::Relaxed) > 0
+            || self.republish.load(Ordering::Relaxed)
+            || (busy != 0 && now_ms().saturating_sub(busy) > WRITE_STUCK_MS)
+    }
+
+    /// The presence writer reports its state (see [`Cluster::presence_behind`]).
+    pub(crate) fn presence_progress(&self, busy_since_ms: u64, backlog: usize) {
+        self.presence_busy_since
+            .store(busy_since_ms, Ordering::Relaxed);
+        self.presence_backlog
+            .store(backlog as u64, Ordering::Relaxed);
     }
 
     /// This node's record as membership would describe it.
@@ -302,12 +350,18 @@ impl Cluster {
         }
     }
 
-    /// Stores a new snapshot. Only the refresher task calls this.
+    /// Stores a new snapshot (the simulated-time tests write tables by hand).
+    #[cfg(test)]
     pub(crate) fn store_table(&self, nodes: Vec<NodeInfo>) {
+        self.store_table_flagged(nodes, false);
+    }
+
+    fn store_table_flagged(&self, nodes: Vec<NodeInfo>, unsettled: bool) {
         let generation = self.table.load().generation + 1;
         self.metrics.cluster_nodes.set(nodes.len() as f64);
-        self.table
-            .store(Arc::new(NodeTable::new(generation, nodes)));
+        let mut t = NodeTable::new(generation, nodes);
+        t.unsettled = unsettled;
+        self.table.store(Arc::new(t));
         self.metrics.table_refreshes.increment(1);
         self.generation.send_replace(generation);
     }
@@ -549,7 +603,12 @@ impl Cluster {
     /// Membership timers and metadata broadcasts due at `now`, and anything queued since the
     /// last call (seeds, joins).
     pub fn membership_tick(&self, now: Instant, sessions: u64) -> Sends {
-        self.with_membership(|m| m.tick(now, sessions)).1
+        let behind = self.presence_behind();
+        self.with_membership(|m| {
+            m.set_unpublished(now, behind);
+            m.tick(now, sessions)
+        })
+        .1
     }
 
     /// Leaves the cluster (end of drain, shutdown): a few members hear it at once.

@@ -290,6 +290,7 @@ pub async fn run_presence_writer(
             for (op, t) in chunk {
                 add_op(&mut p, &cluster, op, *t, ttl_ms, false);
             }
+            cluster.presence_progress(now_ms(), retry.len());
             if cluster.store.pipeline(&p, chunk.len()).await.is_err() {
                 failed = true;
                 kept.extend_from_slice(chunk);
@@ -312,6 +313,7 @@ pub async fn run_presence_writer(
                 for (u, v) in chunk {
                     add_op(&mut p, &cluster, &PresenceOp::Put(*u, *v), 0, ttl_ms, true);
                 }
+                cluster.presence_progress(now_ms(), retry.len());
                 if cluster.store.pipeline(&p, chunk.len()).await.is_err() {
                     failed = true;
                     break;
@@ -321,6 +323,7 @@ pub async fn run_presence_writer(
         if failed {
             cluster.republish.store(true, Ordering::Relaxed);
         }
+        cluster.presence_progress(0, retry.len());
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod fleet;
+pub mod rcluster;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
