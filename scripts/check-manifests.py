@@ -7,7 +7,7 @@ Parses every YAML and JSON file under k8s/ and grafana/, then asserts:
   with maxUnavailable 0 / maxSurge 1, node id from metadata.name, advertise from the pod IP,
   the cluster key mounted from a Secret where SIGROUTER_CLUSTER_KEY_FILE points;
 - every SIGROUTER_* variable set (env or the envFrom ConfigMap) is one the binary reads
-  (src/config.rs, or src/main.rs for SIGROUTER_LOG);
+  (src/config.rs, or src/bin/sigrouter/main.rs for SIGROUTER_LOG);
 - the Services: clients on 7400/UDP, a headless cluster Service on 7401/UDP; a PDB exists;
 - the nginx example keeps pushes working (UDP listen, proxy_timeout above the heartbeat,
   no proxy_responses);
@@ -63,7 +63,7 @@ def files_under(rel, exts):
 
 # ------------------------------------------------------------------ what the code defines
 config_rs = read("src/config.rs")
-main_rs = read("src/main.rs")
+main_rs = read("src/bin/sigrouter/main.rs")
 known_env = set(re.findall(r'env\s*=\s*"(SIGROUTER_[A-Z0-9_]+)"', config_rs))
 known_env |= set(re.findall(r'"(SIGROUTER_[A-Z0-9_]+)"', main_rs))
 check(len(known_env) > 5, f"found only {sorted(known_env)} SIGROUTER_* names in src/config.rs")
