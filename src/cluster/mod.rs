@@ -1,15 +1,18 @@
 //! Cluster state behind clear seams.
 //!
-//! - [`NodeTable`]: an immutable snapshot of the registry behind [`ArcSwap`]. Exactly one task,
-//!   the refresher in [`tasks`], builds and stores new snapshots; everything else only loads.
-//!   A request that misses a node calls [`Cluster::wait_for_node`]: it nudges the refresher
-//!   (nudges coalesce into one Redis read) and waits for a newer generation with a deadline,
-//!   holding nothing, then gives up with retry-later. The seed's deadlock (a read guard held
-//!   while asking for the write guard) has no place to happen: there is no guard to hold.
+//! - [`NodeTable`]: an immutable snapshot of the registry and the membership view behind
+//!   [`ArcSwap`]. Exactly one task, the refresher in [`tasks`], builds and stores new
+//!   snapshots; everything else only loads. A request that misses a node calls
+//!   [`Cluster::wait_for_node`]: it nudges the refresher (nudges coalesce into one Redis read)
+//!   and waits for a newer generation with a deadline, holding nothing, then gives up with
+//!   retry-later. The post-mortem's deadlock (a read guard held while asking for the write
+//!   guard) has no place to happen: there is no guard to hold.
 //! - Presence: where each client is. Writes go through a channel to one batching writer task;
 //!   reads hit a short-lived local cache first, Redis on a miss (only from deferred jobs, never
 //!   from a socket loop).
 //! - [`wire`]: the authenticated node-to-node datagram format.
+//! - [`membership`]: SWIM membership over the cluster port, merged with the registry into the
+//!   node table by the refresher, so nodes know each other while Redis is away.
 
 pub mod lookup;
 pub mod membership;
