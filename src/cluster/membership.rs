@@ -808,7 +808,7 @@ mod tests {
     }
 
     #[test]
-    fn draining_is_broadcast_at_once() {
+    fn draining_and_unpublished_writes_are_broadcast_at_once() {
         let mut net = Net::new(2);
         let to = net.m[0].me().clone();
         let now = net.now;
@@ -824,6 +824,14 @@ mod tests {
             Some(NodeState::Draining)
         );
         assert_eq!(merge(&[], &v)[0].state, NodeState::Draining);
+        // So is "Redis lacks some of my presence writes", and its end.
+        for behind in [true, false] {
+            let now = net.now;
+            net.m[1].set_unpublished(now, behind);
+            net.deliver();
+            let v = net.m[0].view();
+            assert_eq!(v[0].meta.as_ref().map(|m| m.unpublished), Some(behind));
+        }
     }
 
     #[test]
