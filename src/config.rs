@@ -208,6 +208,18 @@ pub struct ServeArgs {
     /// Deadline of every Redis call, in milliseconds.
     #[arg(long, env = "SIGROUTER_REDIS_TIMEOUT_MS", default_value_t = 500)]
     pub redis_timeout_ms: u64,
+    /// Other nodes' cluster addresses (host:port, comma-separated) to join membership through
+    /// when the Redis registry cannot be read (a node starting while Redis is down).
+    #[arg(long, env = "SIGROUTER_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// How often membership probes another node, in milliseconds (a silent node is declared
+    /// down after about 4 to 5 of these).
+    #[arg(long, env = "SIGROUTER_PROBE_INTERVAL_MS", default_value_t = 1000)]
+    pub probe_interval_ms: u64,
+    /// A presence lookup that Redis has not answered within this many milliseconds asks the
+    /// other nodes instead.
+    #[arg(long, env = "SIGROUTER_REDIS_HEDGE_MS", default_value_t = 50)]
+    pub redis_hedge_ms: u64,
 }
 
 /// Validated node configuration. Build it from [`ServeArgs`] or start from [`Config::default`]
@@ -298,6 +310,12 @@ pub struct ClusterConfig {
     pub presence_ttl: Duration,
     /// Deadline of every Redis call.
     pub redis_timeout: Duration,
+    /// Seed addresses for membership (host:port), besides the Redis registry.
+    pub peers: Vec<String>,
+    /// Membership probe period.
+    pub probe_period: Duration,
+    /// How long a presence lookup waits for Redis before asking the other nodes.
+    pub redis_hedge: Duration,
 }
 
 impl ClusterConfig {
@@ -324,6 +342,9 @@ impl ClusterConfig {
             table_period: Duration::from_secs(5),
             presence_ttl: Duration::from_secs(300),
             redis_timeout: Duration::from_millis(500),
+            peers: Vec::new(),
+            probe_period: Duration::from_secs(1),
+            redis_hedge: Duration::from_millis(50),
         }
     }
 }
@@ -347,6 +368,9 @@ impl fmt::Debug for ClusterConfig {
             table_period,
             presence_ttl,
             redis_timeout,
+            peers,
+            probe_period,
+            redis_hedge,
         } = self;
         f.debug_struct("ClusterConfig")
             .field("redis_url", &redact_url(redis_url))
@@ -370,6 +394,9 @@ impl fmt::Debug for ClusterConfig {
             .field("table_period", table_period)
             .field("presence_ttl", presence_ttl)
             .field("redis_timeout", redis_timeout)
+            .field("peers", peers)
+            .field("probe_period", probe_period)
+            .field("redis_hedge", redis_hedge)
             .finish()
     }
 }
@@ -525,6 +552,9 @@ impl Config {
                     table_period: secs("table-refresh-secs", a.table_refresh_secs)?,
                     presence_ttl: secs("presence-ttl-secs", a.presence_ttl_secs)?,
                     redis_timeout: Duration::from_millis(a.redis_timeout_ms.max(1)),
+                    peers: a.peers.clone(),
+                    probe_period: Duration::from_millis(a.probe_interval_ms.max(10)),
+                    redis_hedge: Duration::from_millis(a.redis_hedge_ms.max(1)),
                 })
             }
         };

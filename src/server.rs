@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{tasks, Cluster, NodeTable, PresenceOp};
+use crate::cluster::{tasks, Cluster, NodeTable, PresenceRx};
 use crate::config::Config;
 use crate::metrics::{self, Health, Metrics};
 use crate::net::{self, Dispatch, Port};
@@ -42,7 +42,7 @@ const MAX_JOBS: usize = 4096;
 
 struct ClusterParts {
     cluster: Arc<Cluster>,
-    presence_rx: mpsc::Receiver<PresenceOp>,
+    presence_rx: PresenceRx,
     socket: std::net::UdpSocket,
 }
 
@@ -211,6 +211,11 @@ impl Server {
                 cc.registry_period,
                 bg_stop.clone(),
             ));
+            bg.spawn(tasks::run_seeds(
+                c.clone(),
+                cc.peers.clone(),
+                bg_stop.clone(),
+            ));
             bg.spawn(tasks::run_presence_writer(
                 c.clone(),
                 self.router.clone(),
@@ -371,4 +376,9 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         "drain finished"
     );
     tasks::unpublish_self(c).await;
+    // Leave membership last: a few members hear it at once and the rest within a gossip round.
+    let mut out = Outbox::default();
+    router.leave_cluster(Instant::now(), &mut out);
+    d.route_all(&mut out);
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }

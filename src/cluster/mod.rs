@@ -1,19 +1,23 @@
 //! Cluster state behind clear seams.
 //!
-//! - [`NodeTable`]: an immutable snapshot of the registry behind [`ArcSwap`]. Exactly one task,
-//!   the refresher in [`tasks`], builds and stores new snapshots; everything else only loads.
-//!   A request that misses a node calls [`Cluster::wait_for_node`]: it nudges the refresher
-//!   (nudges coalesce into one Redis read) and waits for a newer generation with a deadline,
-//!   holding nothing, then gives up with retry-later. The post-mortem's deadlock (a read guard
-//!   held while asking for the write guard) has no place to happen: there is no guard to hold.
+//! - [`NodeTable`]: an immutable snapshot of the registry and the membership view behind
+//!   [`ArcSwap`]. Exactly one task, the refresher in [`tasks`], builds and stores new
+//!   snapshots; everything else only loads. A request that misses a node calls
+//!   [`Cluster::wait_for_node`]: it nudges the refresher (nudges coalesce into one Redis read)
+//!   and waits for a newer generation with a deadline, holding nothing, then gives up with
+//!   retry-later. The post-mortem's deadlock (a read guard held while asking for the write
+//!   guard) has no place to happen: there is no guard to hold.
 //!   `/metrics` shows the table's age and the age of the oldest waiting request, computed at
 //!   scrape time, so a stuck refresher or a wait without an end shows even if every task hangs.
 //! - Presence: where each client is. Writes go through a channel to one batching writer task;
 //!   reads hit a short-lived local cache first, Redis on a miss (only from deferred jobs, never
 //!   from a socket loop).
 //! - [`wire`]: the authenticated node-to-node datagram format.
+//! - [`membership`]: SWIM membership over the cluster port, merged with the registry into the
+//!   node table by the refresher, so nodes know each other while Redis is away.
 
 pub mod lookup;
+pub mod membership;
 pub mod tasks;
 pub mod wire;
 
@@ -33,11 +37,15 @@ use uuid::Uuid;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use membership::{MemberError, MemberId, MemberView, Membership};
 
 /// How long a cached presence answer is trusted (a failed forward invalidates it sooner).
 const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// How long "not online anywhere" is cached.
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(1);
+/// A presence write waiting on Redis longer than this tells the other nodes (see
+/// [`Cluster::presence_behind`]).
+const WRITE_STUCK_MS: u64 = 100;
 /// Node-to-node datagrams older or newer than this are refused as replays.
 const FRESHNESS_MS: u64 = 30_000;
 /// At most one log line per this many milliseconds about refused node-to-node datagrams.
@@ -80,6 +88,9 @@ pub struct NodeTable {
     /// Increases with every snapshot the refresher stores.
     pub generation: u64,
     nodes: HashMap<String, Arc<NodeInfo>>,
+    /// Some other node holds clients whose presence Redis does not have yet (its writes failed
+    /// or are stuck): a "nowhere" from Redis is not to be trusted.
+    unsettled: bool,
 }
 
 impl NodeTable {
@@ -91,7 +102,13 @@ impl NodeTable {
                 .into_iter()
                 .map(|n| (n.id.clone(), Arc::new(n)))
                 .collect(),
+            unsettled: false,
         }
+    }
+
+    /// Whether some other node says Redis lacks some of its clients' presence.
+    pub fn unsettled(&self) -> bool {
+        self.unsettled
     }
 
     /// A node by id.
@@ -118,6 +135,11 @@ impl NodeTable {
             .collect()
     }
 
+    /// Every node, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<NodeInfo>> {
+        self.nodes.values()
+    }
+
     /// Best of two random active nodes other than `except` (fewer sessions wins): spreads
     /// clients without herding them all onto the newest, emptiest node.
     pub fn pick_active(&self, except: &str) -> Option<Arc<NodeInfo>> {
@@ -141,7 +163,13 @@ pub trait LocalSessions: Send + Sync {
     fn session_count(&self) -> usize;
     /// Every session held, with its Resume verifier (for presence re-publication).
     fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])>;
+    /// Whether client `uuid` is held here now.
+    fn holds(&self, uuid: &Uuid) -> bool;
 }
+
+/// The receiving end of the presence channel: each write with the wall-clock time (ms) it was
+/// decided at, so a claim retried after a Redis outage cannot overwrite a later one.
+pub type PresenceRx = mpsc::Receiver<(PresenceOp, u64)>;
 
 /// A presence write for the batching writer.
 #[derive(Clone, Debug)]
@@ -165,6 +193,14 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// HMAC-SHA256 of `data` under `key`.
+fn derive_key(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    m.update(data);
+    m.finalize().into_bytes().into()
+}
+
 /// A node's cluster state, shared by its socket loops, deferred jobs and background tasks.
 pub struct Cluster {
     /// This node's id.
@@ -179,7 +215,7 @@ pub struct Cluster {
     nudged: AtomicBool,
     published: Notify,
     presence: DashMap<Uuid, Cached>,
-    presence_tx: mpsc::Sender<PresenceOp>,
+    presence_tx: mpsc::Sender<(PresenceOp, u64)>,
     /// Set when Redis may have lost our writes: the writer re-publishes every session.
     pub republish: AtomicBool,
     seq: AtomicU64,
@@ -198,6 +234,17 @@ pub struct Cluster {
     /// (ms since `clock`, `u64::MAX`: never).
     refused: AtomicU64,
     refused_logged_ms: AtomicU64,
+    /// SWIM membership. Locked only in synchronous code, for one call, never across an await.
+    membership: Mutex<Membership>,
+    members_changed: Notify,
+    /// One-shot datagrams (membership, lookups) seen recently: (sender, seq, is a reply).
+    oneshot: DashMap<(Arc<str>, u64, bool), Instant>,
+    /// Keys derived session secrets (see [`Cluster::session_secret`]).
+    secret_key: [u8; 32],
+    /// When the presence writer's current Redis call began (ms since the epoch; 0: idle).
+    presence_busy_since: AtomicU64,
+    /// Presence writes waiting for a retry.
+    presence_backlog: AtomicU64,
 }
 
 /// Removes its request from the waiting set when the wait ends (or its future is dropped).
@@ -217,14 +264,13 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Datagrams for other nodes: (internal address, bytes).
+pub type Sends = Vec<(SocketAddr, Vec<u8>)>;
+
 impl Cluster {
     /// Builds the state; returns it with the receiving end of the presence channel (for the
     /// writer task).
-    pub fn new(
-        cfg: ClusterConfig,
-        store: Arc<Store>,
-        metrics: Metrics,
-    ) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
+    pub fn new(cfg: ClusterConfig, store: Arc<Store>, metrics: Metrics) -> (Arc<Self>, PresenceRx) {
         let (presence_tx, rx) = mpsc::channel(65_536);
         let (generation, _) = watch::channel(0);
         metrics.set_cluster_keys(
@@ -234,6 +280,17 @@ impl Cluster {
                 .map(crate::config::key_fingerprint)
                 .as_deref(),
         );
+        let started_ms = now_ms();
+        let me = MemberId {
+            id: cfg.node_id.clone(),
+            internal: cfg.advertise,
+            public: cfg.public_addr,
+            started_ms,
+            bump: 0,
+        };
+        let settings = membership::Settings::lan(cfg.probe_period, cfg.registry_period);
+        let membership = Membership::new(me, settings, rand::random());
+        let secret_key = derive_key(&cfg.cluster_key, b"sigrouter-v1-session-secret-key");
         let c = Arc::new(Self {
             id: cfg.node_id.as_str().into(),
             cfg,
@@ -251,8 +308,14 @@ impl Cluster {
             seq: AtomicU64::new(rand::random::<u64>() >> 1),
             seen: DashMap::new(),
             draining: AtomicBool::new(false),
-            started_ms: now_ms(),
+            started_ms,
             metrics: metrics.clone(),
+            membership: Mutex::new(membership),
+            members_changed: Notify::new(),
+            oneshot: DashMap::new(),
+            secret_key,
+            presence_busy_since: AtomicU64::new(0),
+            presence_backlog: AtomicU64::new(0),
             waiters: Mutex::default(),
             waiter_ids: AtomicU64::new(0),
             refreshed_ms: AtomicU64::new(0),
@@ -323,14 +386,92 @@ impl Cluster {
         self.table.load().get(id)
     }
 
-    /// Stores a new snapshot. Only the refresher task calls this.
+    /// Stores the registry's `nodes` merged with the membership view, and this node itself
+    /// if neither lists it. Only the refresher task calls this. Unless `always`, an unchanged
+    /// table is not stored again.
+    /// (`fresh`: the registry was just read successfully; the table's age restarts.)
+    pub(crate) fn store_merged(&self, registry: &[NodeInfo], always: bool, fresh: bool) {
+        let view = self.membership_view();
+        let unsettled = view
+            .iter()
+            .any(|m| m.active && m.meta.as_ref().is_some_and(|x| x.unpublished));
+        let mut nodes = membership::merge(registry, &view);
+        if !nodes.iter().any(|n| *n.id == *self.id) {
+            nodes.push(self.own_info());
+        }
+        if !always {
+            let current = self.table.load();
+            let same = current.len() == nodes.len()
+                && current.unsettled == unsettled
+                && nodes
+                    .iter()
+                    .all(|n| current.get(&n.id).is_some_and(|c| *c == *n));
+            if same {
+                return;
+            }
+        }
+        self.store_table_flagged(nodes, unsettled);
+        if fresh {
+            self.refreshed_ms.store(self.clock_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether Redis may lack presence records: it came back from a failure moments ago (and
+    /// may have lost its data), or another node says its presence writes failed or are stuck.
+    /// A "nowhere" from Redis is then checked with the other nodes.
+    pub fn presence_unsettled(&self) -> bool {
+        self.store.recovered_within(self.recovery_grace()) || self.table.load().unsettled
+    }
+
+    /// Whether this node's presence writes are behind: some failed and wait for a retry, a
+    /// re-publication is due after a failure, or a write has been waiting on Redis for more
+    /// than [`WRITE_STUCK_MS`].
+    pub fn presence_behind(&self) -> bool {
+        let busy = self.presence_busy_since.load(Ordering::Relaxed);
+        self.presence_backlog.load(Ordering::Relaxed) > 0
+            || self.republish.load(Ordering::Relaxed)
+            || (busy != 0 && now_ms().saturating_sub(busy) > WRITE_STUCK_MS)
+    }
+
+    /// The presence writer reports its state (see [`Cluster::presence_behind`]).
+    pub(crate) fn presence_progress(&self, busy_since_ms: u64, backlog: usize) {
+        self.presence_busy_since
+            .store(busy_since_ms, Ordering::Relaxed);
+        self.presence_backlog
+            .store(backlog as u64, Ordering::Relaxed);
+    }
+
+    /// This node's record as membership would describe it.
+    fn own_info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.id.to_string(),
+            public: self.cfg.public_addr,
+            internal: self.cfg.advertise,
+            state: if self.is_draining() {
+                NodeState::Draining
+            } else {
+                NodeState::Active
+            },
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            sessions: self.lock_membership().sessions(),
+            started_ms: self.started_ms,
+            expires_ms: 0,
+        }
+    }
+
+    /// Stores a new snapshot (the simulated-time tests write tables by hand).
+    #[cfg(test)]
     pub(crate) fn store_table(&self, nodes: Vec<NodeInfo>) {
+        self.store_table_flagged(nodes, false);
+    }
+
+    fn store_table_flagged(&self, nodes: Vec<NodeInfo>, unsettled: bool) {
         let generation = self.table.load().generation + 1;
         self.metrics.cluster_nodes.set(nodes.len() as f64);
-        self.table
-            .store(Arc::new(NodeTable::new(generation, nodes)));
+        let mut t = NodeTable::new(generation, nodes);
+        t.unsettled = unsettled;
+        self.table.store(Arc::new(t));
         self.metrics.table_refreshes.increment(1);
-        self.refreshed_ms.store(self.clock_ms(), Ordering::Relaxed);
         self.generation.send_replace(generation);
     }
 
@@ -438,7 +579,7 @@ impl Cluster {
 
     /// Queues a presence write; never waits. A full queue marks a full re-publication.
     pub fn publish(&self, op: PresenceOp) {
-        if self.presence_tx.try_send(op).is_err() {
+        if self.presence_tx.try_send((op, now_ms())).is_err() {
             self.republish.store(true, Ordering::Relaxed);
         }
     }
@@ -454,9 +595,12 @@ impl Cluster {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Marks this node draining (the registry task publishes it).
+    /// Marks this node draining (the registry task publishes it; membership broadcasts it
+    /// with its next datagrams, at the latest at the next tick).
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.lock_membership()
+            .set_state(Instant::now(), NodeState::Draining);
     }
 
     /// Builds an authenticated datagram for node `to`; returns its sequence number too.
@@ -488,7 +632,9 @@ impl Cluster {
         let mut keys: Vec<&[u8]> = vec![&self.cfg.cluster_key];
         keys.extend(self.cfg.cluster_next_key.as_deref());
         let (env, _) = wire::decode_any(buf, &keys)?;
-        if env.to != *self.id || env.from == *self.id {
+        let to_us = env.to == *self.id
+            || (env.to.is_empty() && matches!(env.body, wire::Body::Join { .. }));
+        if !to_us || env.from == *self.id {
             return Err(wire::WireError::Misaddressed);
         }
         if now_ms().abs_diff(env.ts) > FRESHNESS_MS {
@@ -548,12 +694,143 @@ impl Cluster {
         self.seen.insert((Arc::from(from), seq), (status, now));
     }
 
+    /// Whether one-shot datagram (`from`, `seq`) arrives for the first time (a repeat is a
+    /// replay: the caller drops and counts it). `reply`: it answers one of our requests (its
+    /// sequence number is ours, not the sender's).
+    pub fn first_time(&self, from: &str, seq: u64, reply: bool, now: Instant) -> bool {
+        match self.oneshot.entry((Arc::from(from), seq, reply)) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
+
+    /// The secret of a session this cluster creates for client `uuid`: a MAC of the UUID under
+    /// a key derived from the cluster key. Any node can then check a Resume when neither Redis
+    /// nor the node that held the session can (a node killed during a Redis outage).
+    pub fn session_secret(&self, uuid: &Uuid) -> [u8; 32] {
+        derive_key(&self.secret_key, uuid.as_bytes())
+    }
+
+    fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the membership, then takes what it wants sent (wrapped in envelopes),
+    /// counts its events and wakes the refresher if the view changed. The lock is held for
+    /// `f` and the takes only.
+    fn with_membership<R>(&self, f: impl FnOnce(&mut Membership) -> R) -> (R, Sends) {
+        let (r, swim, joins, events, changed, me, active) = {
+            let mut m = self.lock_membership();
+            let r = f(&mut m);
+            (
+                r,
+                m.take_outbox(),
+                m.take_joins(),
+                m.take_events(),
+                m.take_changed(),
+                m.me().clone(),
+                m.active_count(),
+            )
+        };
+        let mut out = Vec::with_capacity(swim.len() + joins.len());
+        for (to, data) in swim {
+            match self.envelope(&to.id, None, wire::Body::Swim(data)) {
+                Some((_, b)) => out.push((to.internal, b)),
+                None => tracing::error!(to = %to.id, "a SWIM message does not fit a datagram"),
+            }
+        }
+        for addr in joins {
+            let body = wire::Body::Join { member: me.clone() };
+            if let Some((_, b)) = self.envelope("", None, body) {
+                out.push((addr, b));
+            }
+        }
+        for e in events {
+            match e {
+                membership::Event::Up(id) => {
+                    tracing::info!(node = %id, "member up");
+                    self.metrics.peers.member_event(true);
+                }
+                membership::Event::Down(id) => {
+                    tracing::info!(node = %id, "member down");
+                    self.metrics.peers.member_event(false);
+                }
+            }
+        }
+        if changed {
+            self.metrics.peers.members.set(active as f64);
+            self.members_changed.notify_one();
+        }
+        (r, out)
+    }
+
+    /// Handles a SWIM message from node `from` (authenticated by its envelope).
+    pub fn membership_handle(
+        &self,
+        now: Instant,
+        from: &str,
+        data: &[u8],
+    ) -> (Result<(), MemberError>, Sends) {
+        self.with_membership(|m| m.handle(now, from, data))
+    }
+
+    /// A node that knows only our address asked us to announce ourselves.
+    pub fn membership_join(&self, now: Instant, member: MemberId) -> Sends {
+        self.with_membership(|m| m.announce(now, member)).1
+    }
+
+    /// Membership timers and metadata broadcasts due at `now`, and anything queued since the
+    /// last call (seeds, joins).
+    pub fn membership_tick(&self, now: Instant, sessions: u64) -> Sends {
+        let behind = self.presence_behind();
+        self.with_membership(|m| {
+            m.set_unpublished(now, behind);
+            m.tick(now, sessions)
+        })
+        .1
+    }
+
+    /// Leaves the cluster (end of drain, shutdown): a few members hear it at once.
+    pub fn membership_leave(&self, now: Instant) -> Sends {
+        self.with_membership(|m| m.leave(now)).1
+    }
+
+    /// Seeds membership with the registry's nodes (sent at the next tick).
+    pub fn membership_seed(&self, now: Instant, nodes: &[NodeInfo]) {
+        self.lock_membership().seed(now, nodes);
+    }
+
+    /// Asks the nodes at `addrs` to announce themselves (sent at the next tick).
+    pub fn membership_join_addrs(&self, addrs: &[SocketAddr]) {
+        self.lock_membership().join(addrs);
+    }
+
+    /// Active members other than this node.
+    pub fn membership_active(&self) -> usize {
+        self.lock_membership().active_count()
+    }
+
+    /// The membership view, for the refresher's merge.
+    pub fn membership_view(&self) -> Vec<MemberView> {
+        self.lock_membership().view()
+    }
+
+    /// Waits until the membership view changes (refresher only).
+    pub(crate) async fn members_changed(&self) {
+        self.members_changed.notified().await;
+    }
+
     /// Forgets replies older than the freshness window (repeats older than that are refused
     /// by [`Cluster::open`] anyway).
     pub fn sweep(&self, now: Instant) {
         let keep = Duration::from_millis(FRESHNESS_MS * 2);
         self.seen
             .retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
+        self.oneshot
+            .retain(|_, t| now.saturating_duration_since(*t) <= keep);
         self.presence
             .retain(|_, c| now.saturating_duration_since(c.at) <= PRESENCE_CACHE_TTL);
     }

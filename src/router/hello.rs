@@ -107,9 +107,16 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
         return;
     }
     let uuid = derived_uuid(st, h, epoch);
-    let mut secret = [0u8; proto::SECRET_LEN];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let secret = Secret(secret);
+    // Cluster mode: a secret any node can check when Redis and the session's node are both
+    // gone (see `Cluster::session_secret`).
+    let secret = match &st.cluster {
+        Some(c) => Secret(c.session_secret(&uuid)),
+        None => {
+            let mut secret = [0u8; proto::SECRET_LEN];
+            rand::thread_rng().fill_bytes(&mut secret);
+            Secret(secret)
+        }
+    };
     let verifier = secret.verifier();
     let session = NewSession {
         secret,

@@ -2,6 +2,9 @@
 //! client that crafts datagrams with the protocol codec (no mocks anywhere).
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod fleet;
+pub mod rcluster;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
