@@ -123,12 +123,13 @@ pub struct ServeArgs {
     /// Prefix length of IPv6 sources that share one limit (one host usually owns a /64).
     #[arg(long, env = "SIGROUTER_LIMIT_PREFIX_V6", default_value_t = 64)]
     pub limit_prefix_v6: u8,
-    /// New sessions this node creates per second at most, from all sources together
-    /// (Register and cross-node Resume); past it, Register answers rate-limited.
-    #[arg(long, env = "SIGROUTER_NEW_SESSION_RATE", default_value_t = 50_000)]
+    /// Sessions this node creates by Register per second at most, from all sources together;
+    /// past it, Register answers rate-limited. (A Resume proves its secret and is not
+    /// counted: the clients of a drained or dead node arrive in a burst.)
+    #[arg(long, env = "SIGROUTER_NEW_SESSION_RATE", default_value_t = 10_000)]
     pub new_session_rate: u32,
     /// Burst of new sessions allowed at once, node-wide.
-    #[arg(long, env = "SIGROUTER_NEW_SESSION_BURST", default_value_t = 50_000)]
+    #[arg(long, env = "SIGROUTER_NEW_SESSION_BURST", default_value_t = 20_000)]
     pub new_session_burst: u32,
     /// STUN Binding requests answered per source prefix per second (sustained).
     #[arg(long, env = "SIGROUTER_STUN_RATE", default_value_t = 10)]
@@ -426,8 +427,8 @@ impl Default for Config {
             register_burst: 20,
             limit_prefix_v4: 32,
             limit_prefix_v6: 64,
-            new_session_rate: 50_000,
-            new_session_burst: 50_000,
+            new_session_rate: 10_000,
+            new_session_burst: 20_000,
             stun_rate: 10,
             stun_burst: 20,
             trusted_proxies: Vec::new(),

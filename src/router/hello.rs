@@ -205,10 +205,8 @@ pub(crate) fn complete_resume(
         st.metrics.capacity_refused.increment(1);
         return st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
     }
-    if !st.new_sessions.check(st.ns(now)) {
-        st.metrics.rate_limited_new_sessions.increment(1);
-        return st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
-    }
+    // No node-wide budget here: a Resume proved its secret against the directory (clients of
+    // a draining or dead node arrive in a burst, and they are not a flood).
     let session = NewSession {
         secret: m.secret,
         verifier,
