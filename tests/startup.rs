@@ -20,7 +20,31 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn serve(args: &[&str]) -> Child {
+/// A node process, killed when dropped (a failed assertion leaves no process behind).
+struct Node(Option<Child>);
+
+impl Node {
+    fn running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn serve(args: &[&str]) -> Node {
+    Node(Some(spawn(args)))
+}
+
+fn spawn(args: &[&str]) -> Child {
     Command::new(BIN)
         .arg("serve")
         .args(["--metrics-listen", "off"])
@@ -32,8 +56,9 @@ fn serve(args: &[&str]) -> Child {
         .unwrap()
 }
 
-/// Waits (bounded) for `child` to exit; returns its code and stderr.
-fn exit_of(mut child: Child, within: Duration) -> Option<(i32, String)> {
+/// Waits (bounded) for `node` to exit; returns its code and stderr (`None`: still running).
+fn exit_of(mut node: Node, within: Duration) -> Option<(i32, String)> {
+    let mut child = node.0.take()?;
     let end = Instant::now() + within;
     while Instant::now() < end {
         if let Some(status) = child.try_wait().unwrap() {
@@ -51,11 +76,6 @@ fn exit_of(mut child: Child, within: Duration) -> Option<(i32, String)> {
     let _ = child.kill();
     let _ = child.wait();
     None
-}
-
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Waits until `port` is held (the first node bound it).
@@ -82,8 +102,8 @@ fn a_client_port_held_by_another_node_is_refused_at_start() {
     );
     // The first one is still the only one serving there.
     let mut first = first;
-    assert!(first.try_wait().unwrap().is_none());
-    stop(first);
+    assert!(first.running());
+    drop(first);
     // Once it is gone, the port is free again for a node.
     let third = serve(&["--listen", &addr]);
     wait_held(port);
@@ -154,9 +174,9 @@ fn a_cluster_port_or_a_node_id_held_by_a_live_node_is_refused_at_start() {
     );
     // The real n1 is undisturbed.
     let mut first = first;
-    assert!(first.try_wait().unwrap().is_none());
+    assert!(first.running());
     // A restart of n1 at its own addresses is its next life, not a duplicate.
-    stop(first);
+    drop(first);
     let again = node("n1", c1, k1);
     wait_held(k1);
     assert!(
