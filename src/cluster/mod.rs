@@ -9,19 +9,28 @@
 //!   guard) has no place to happen: there is no guard to hold.
 //!   `/metrics` shows the table's age and the age of the oldest waiting request, computed at
 //!   scrape time, so a stuck refresher or a wait without an end shows even if every task hangs.
-//! - Presence: where each client is. Writes go through a channel to one batching writer task;
-//!   reads hit a short-lived local cache first, Redis on a miss (only from deferred jobs, never
-//!   from a socket loop).
-//! - [`wire`]: the authenticated node-to-node datagram format.
+//! - Presence (`presence.rs`): where each client is. Writes go through a channel to one
+//!   batching writer task; reads hit a short-lived local cache first, Redis on a miss (only
+//!   from deferred jobs, never from a socket loop).
+//! - [`wire`]: the authenticated node-to-node datagram format; `envelope.rs` seals and opens
+//!   it for this node (refusals counted and logged at a bounded rate).
 //! - [`membership`]: SWIM membership over the cluster port, merged with the registry into the
-//!   node table by the refresher, so nodes know each other while Redis is away.
+//!   node table by the refresher, so nodes know each other while Redis is away; `members.rs`
+//!   drives it for this node.
 
+mod envelope;
 pub mod lookup;
+mod members;
 pub mod membership;
+mod presence;
+mod table;
 pub mod tasks;
 pub mod wire;
 
-use std::collections::{BTreeSet, HashMap};
+pub use presence::{LocalSessions, PresenceOp, PresenceRx};
+pub use table::{NodeInfo, NodeState, NodeTable};
+
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,162 +38,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 use uuid::Uuid;
 
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use membership::{MemberError, MemberId, MemberView, Membership};
+use membership::{MemberId, Membership};
+use presence::PresenceCache;
 
-/// How long a cached presence answer is trusted (a failed forward invalidates it sooner).
-const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
-/// How long "not online anywhere" is cached.
-const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(1);
 /// A presence write waiting on Redis longer than this tells the other nodes (see
 /// [`Cluster::presence_behind`]).
 const WRITE_STUCK_MS: u64 = 100;
 /// Node-to-node datagrams older or newer than this are refused as replays.
 const FRESHNESS_MS: u64 = 30_000;
-/// At most one log line per this many milliseconds about refused node-to-node datagrams.
-const REFUSED_LOG_EVERY_MS: u64 = 10_000;
-
-/// A node's lifecycle state in the registry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeState {
-    /// Takes new sessions.
-    Active,
-    /// Moving its clients away; never chosen for new sessions.
-    Draining,
-}
-
-/// One node's registry record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// Node id.
-    pub id: String,
-    /// Client-facing address.
-    pub public: SocketAddr,
-    /// Internal (node-to-node) address.
-    pub internal: SocketAddr,
-    /// Lifecycle state.
-    pub state: NodeState,
-    /// Software version.
-    pub version: String,
-    /// Sessions held at the last renewal.
-    pub sessions: u64,
-    /// Start time, ms since the Unix epoch.
-    pub started_ms: u64,
-    /// The record is void after this time, ms since the Unix epoch.
-    pub expires_ms: u64,
-}
-
-/// An immutable snapshot of the live nodes.
-#[derive(Debug, Default)]
-pub struct NodeTable {
-    /// Increases with every snapshot the refresher stores.
-    pub generation: u64,
-    nodes: HashMap<String, Arc<NodeInfo>>,
-    /// Some other node holds clients whose presence Redis does not have yet (its writes failed
-    /// or are stuck): a "nowhere" from Redis is not to be trusted.
-    unsettled: bool,
-}
-
-impl NodeTable {
-    /// Builds a snapshot.
-    pub fn new(generation: u64, nodes: impl IntoIterator<Item = NodeInfo>) -> Self {
-        Self {
-            generation,
-            nodes: nodes
-                .into_iter()
-                .map(|n| (n.id.clone(), Arc::new(n)))
-                .collect(),
-            unsettled: false,
-        }
-    }
-
-    /// Whether some other node says Redis lacks some of its clients' presence.
-    pub fn unsettled(&self) -> bool {
-        self.unsettled
-    }
-
-    /// A node by id.
-    pub fn get(&self, id: &str) -> Option<Arc<NodeInfo>> {
-        self.nodes.get(id).cloned()
-    }
-
-    /// Number of nodes.
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
-    /// Every active node other than `except`.
-    pub fn active_except(&self, except: &str) -> Vec<Arc<NodeInfo>> {
-        self.nodes
-            .values()
-            .filter(|n| n.state == NodeState::Active && n.id != except)
-            .cloned()
-            .collect()
-    }
-
-    /// Every node, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<NodeInfo>> {
-        self.nodes.values()
-    }
-
-    /// Best of two random active nodes other than `except` (fewer sessions wins): spreads
-    /// clients without herding them all onto the newest, emptiest node.
-    pub fn pick_active(&self, except: &str) -> Option<Arc<NodeInfo>> {
-        let active: Vec<&Arc<NodeInfo>> = self
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Active && n.id != except)
-            .collect();
-        let mut rng = rand::thread_rng();
-        let two: Vec<&&Arc<NodeInfo>> = active.choose_multiple(&mut rng, 2).collect();
-        two.into_iter()
-            .min_by_key(|n| n.sessions)
-            .map(|n| Arc::clone(n))
-    }
-}
-
-/// What the cluster's background tasks need to know of the sessions this node holds. The
-/// router implements it, so cluster code never depends on the router.
-pub trait LocalSessions: Send + Sync {
-    /// Number of sessions held.
-    fn session_count(&self) -> usize;
-    /// Every session held, with its Resume verifier (for presence re-publication).
-    fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])>;
-    /// Whether client `uuid` is held here now.
-    fn holds(&self, uuid: &Uuid) -> bool;
-}
-
-/// The receiving end of the presence channel: each write with the wall-clock time (ms) it was
-/// decided at, so a claim retried after a Redis outage cannot overwrite a later one.
-pub type PresenceRx = mpsc::Receiver<(PresenceOp, u64)>;
-
-/// A presence write for the batching writer.
-#[derive(Clone, Debug)]
-pub enum PresenceOp {
-    /// The client is held here; `verifier` validates its Resume elsewhere.
-    Put(Uuid, [u8; 32]),
-    /// The client left this node.
-    Del(Uuid),
-}
-
-#[derive(Clone, Debug)]
-struct Cached {
-    node: Option<Arc<str>>,
-    at: Instant,
-}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -214,7 +81,7 @@ pub struct Cluster {
     nudge: Notify,
     nudged: AtomicBool,
     published: Notify,
-    presence: DashMap<Uuid, Cached>,
+    presence: PresenceCache,
     presence_tx: mpsc::Sender<(PresenceOp, u64)>,
     /// Set when Redis may have lost our writes: the writer re-publishes every session.
     pub republish: AtomicBool,
@@ -300,7 +167,7 @@ impl Cluster {
             nudge: Notify::new(),
             nudged: AtomicBool::new(false),
             published: Notify::new(),
-            presence: DashMap::new(),
+            presence: PresenceCache::default(),
             presence_tx,
             republish: AtomicBool::new(false),
             // Random start: a restarted node must not reuse sequence numbers that the others
@@ -558,18 +425,12 @@ impl Cluster {
     /// The cached location of a client: `Some(Some(node))`, `Some(None)` for "nowhere", or
     /// `None` when the cache has nothing fresh.
     pub fn cached_presence(&self, uuid: &Uuid, now: Instant) -> Option<Option<Arc<str>>> {
-        let c = self.presence.get(uuid).map(|c| c.clone())?;
-        let ttl = if c.node.is_some() {
-            PRESENCE_CACHE_TTL
-        } else {
-            NEGATIVE_CACHE_TTL
-        };
-        (now.saturating_duration_since(c.at) <= ttl).then_some(c.node)
+        self.presence.get(uuid, now)
     }
 
     /// Remembers a lookup.
     pub fn cache_presence(&self, uuid: Uuid, node: Option<Arc<str>>, now: Instant) {
-        self.presence.insert(uuid, Cached { node, at: now });
+        self.presence.insert(uuid, node, now);
     }
 
     /// Forgets a cached location (after a failed forward).
@@ -603,110 +464,6 @@ impl Cluster {
             .set_state(Instant::now(), NodeState::Draining);
     }
 
-    /// Builds an authenticated datagram for node `to`; returns its sequence number too.
-    pub fn envelope(&self, to: &str, seq: Option<u64>, body: wire::Body) -> Option<(u64, Vec<u8>)> {
-        let seq = seq.unwrap_or_else(|| self.seq.fetch_add(1, Ordering::Relaxed));
-        let env = wire::Envelope {
-            from: self.id.to_string(),
-            to: to.to_string(),
-            ts: now_ms(),
-            seq,
-            body,
-        };
-        // Always the first key: the second one is only ever accepted (key rotation).
-        wire::encode(&env, &self.cfg.cluster_key).map(|b| (seq, b))
-    }
-
-    /// Authenticates an internal datagram: MAC (by this node's key, or its second, accepted
-    /// key), addressed to us, fresh. `Err` is a counted drop, and logged at most once per
-    /// 10 s with the number refused since the last line.
-    pub fn open(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
-        let r = self.authenticate(buf);
-        if let Err(e) = r {
-            self.refused(e, buf);
-        }
-        r
-    }
-
-    fn authenticate(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
-        let mut keys: Vec<&[u8]> = vec![&self.cfg.cluster_key];
-        keys.extend(self.cfg.cluster_next_key.as_deref());
-        let (env, _) = wire::decode_any(buf, &keys)?;
-        let to_us = env.to == *self.id
-            || (env.to.is_empty() && matches!(env.body, wire::Body::Join { .. }));
-        if !to_us || env.from == *self.id {
-            return Err(wire::WireError::Misaddressed);
-        }
-        if now_ms().abs_diff(env.ts) > FRESHNESS_MS {
-            return Err(wire::WireError::Stale);
-        }
-        Ok(env)
-    }
-
-    /// Counts a refused datagram; writes the rate-limited log line.
-    fn refused(&self, e: wire::WireError, buf: &[u8]) {
-        self.metrics.cluster_refused(e.into());
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        let now = self.clock_ms();
-        let last = self.refused_logged_ms.load(Ordering::Relaxed);
-        let due = last == u64::MAX || now.saturating_sub(last) >= REFUSED_LOG_EVERY_MS;
-        if !due
-            || self
-                .refused_logged_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        let refused = self.refused.swap(0, Ordering::Relaxed);
-        // Unauthenticated text: bounded, and logged escaped (Debug) so it cannot forge lines.
-        let claimed_from: String = wire::claimed_sender(buf)
-            .unwrap_or_default()
-            .chars()
-            .take(64)
-            .collect();
-        let hint = match e {
-            wire::WireError::BadMac => {
-                "the sender uses another cluster key: check SIGROUTER_CLUSTER_KEY_FILE (and SIGROUTER_CLUSTER_NEXT_KEY_FILE during a rotation) on every node"
-            }
-            wire::WireError::Stale => "clocks apart by more than 30 s, or a replay",
-            wire::WireError::Misaddressed => {
-                "meant for another node id: briefly after a restart at a reused address, or two nodes share a node id"
-            }
-            wire::WireError::Malformed => "not sigrouter node traffic",
-        };
-        tracing::warn!(
-            reason = e.name(),
-            claimed_from = ?claimed_from,
-            refused_since_last_line = refused,
-            hint,
-            "refused node-to-node datagrams (counted in sigrouter_cluster_refused_total by reason; at most one line per 10 s)"
-        );
-    }
-
-    /// The reply already given to request (`from`, `seq`), if it is a repeat.
-    pub fn seen(&self, from: &str, seq: u64) -> Option<wire::Status> {
-        self.seen.get(&(Arc::from(from), seq)).map(|e| e.0)
-    }
-
-    /// Remembers the reply to request (`from`, `seq`).
-    pub fn remember(&self, from: &str, seq: u64, status: wire::Status, now: Instant) {
-        self.seen.insert((Arc::from(from), seq), (status, now));
-    }
-
-    /// Whether one-shot datagram (`from`, `seq`) arrives for the first time (a repeat is a
-    /// replay: the caller drops and counts it). `reply`: it answers one of our requests (its
-    /// sequence number is ours, not the sender's).
-    pub fn first_time(&self, from: &str, seq: u64, reply: bool, now: Instant) -> bool {
-        match self.oneshot.entry((Arc::from(from), seq, reply)) {
-            dashmap::Entry::Occupied(_) => false,
-            dashmap::Entry::Vacant(v) => {
-                v.insert(now);
-                true
-            }
-        }
-    }
-
     /// The secret of a session this cluster creates for client `uuid`: a MAC of the UUID under
     /// a key derived from the cluster key. Any node can then check a Resume when neither Redis
     /// nor the node that held the session can (a node killed during a Redis outage).
@@ -718,111 +475,6 @@ impl Cluster {
         self.membership.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the membership, then takes what it wants sent (wrapped in envelopes),
-    /// counts its events and wakes the refresher if the view changed. The lock is held for
-    /// `f` and the takes only.
-    fn with_membership<R>(&self, f: impl FnOnce(&mut Membership) -> R) -> (R, Sends) {
-        let (r, swim, joins, events, changed, me, active) = {
-            let mut m = self.lock_membership();
-            let r = f(&mut m);
-            (
-                r,
-                m.take_outbox(),
-                m.take_joins(),
-                m.take_events(),
-                m.take_changed(),
-                m.me().clone(),
-                m.active_count(),
-            )
-        };
-        let mut out = Vec::with_capacity(swim.len() + joins.len());
-        for (to, data) in swim {
-            match self.envelope(&to.id, None, wire::Body::Swim(data)) {
-                Some((_, b)) => out.push((to.internal, b)),
-                None => tracing::error!(to = %to.id, "a SWIM message does not fit a datagram"),
-            }
-        }
-        for addr in joins {
-            let body = wire::Body::Join { member: me.clone() };
-            if let Some((_, b)) = self.envelope("", None, body) {
-                out.push((addr, b));
-            }
-        }
-        for e in events {
-            match e {
-                membership::Event::Up(id) => {
-                    tracing::info!(node = %id, "member up");
-                    self.metrics.peers.member_event(true);
-                }
-                membership::Event::Down(id) => {
-                    tracing::info!(node = %id, "member down");
-                    self.metrics.peers.member_event(false);
-                }
-            }
-        }
-        if changed {
-            self.metrics.peers.members.set(active as f64);
-            self.members_changed.notify_one();
-        }
-        (r, out)
-    }
-
-    /// Handles a SWIM message from node `from` (authenticated by its envelope).
-    pub fn membership_handle(
-        &self,
-        now: Instant,
-        from: &str,
-        data: &[u8],
-    ) -> (Result<(), MemberError>, Sends) {
-        self.with_membership(|m| m.handle(now, from, data))
-    }
-
-    /// A node that knows only our address asked us to announce ourselves.
-    pub fn membership_join(&self, now: Instant, member: MemberId) -> Sends {
-        self.with_membership(|m| m.announce(now, member)).1
-    }
-
-    /// Membership timers and metadata broadcasts due at `now`, and anything queued since the
-    /// last call (seeds, joins).
-    pub fn membership_tick(&self, now: Instant, sessions: u64) -> Sends {
-        let behind = self.presence_behind();
-        self.with_membership(|m| {
-            m.set_unpublished(now, behind);
-            m.tick(now, sessions)
-        })
-        .1
-    }
-
-    /// Leaves the cluster (end of drain, shutdown): a few members hear it at once.
-    pub fn membership_leave(&self, now: Instant) -> Sends {
-        self.with_membership(|m| m.leave(now)).1
-    }
-
-    /// Seeds membership with the registry's nodes (sent at the next tick).
-    pub fn membership_seed(&self, now: Instant, nodes: &[NodeInfo]) {
-        self.lock_membership().seed(now, nodes);
-    }
-
-    /// Asks the nodes at `addrs` to announce themselves (sent at the next tick).
-    pub fn membership_join_addrs(&self, addrs: &[SocketAddr]) {
-        self.lock_membership().join(addrs);
-    }
-
-    /// Active members other than this node.
-    pub fn membership_active(&self) -> usize {
-        self.lock_membership().active_count()
-    }
-
-    /// The membership view, for the refresher's merge.
-    pub fn membership_view(&self) -> Vec<MemberView> {
-        self.lock_membership().view()
-    }
-
-    /// Waits until the membership view changes (refresher only).
-    pub(crate) async fn members_changed(&self) {
-        self.members_changed.notified().await;
-    }
-
     /// Forgets replies older than the freshness window (repeats older than that are refused
     /// by [`Cluster::open`] anyway).
     pub fn sweep(&self, now: Instant) {
@@ -831,7 +483,6 @@ impl Cluster {
             .retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
         self.oneshot
             .retain(|_, t| now.saturating_duration_since(*t) <= keep);
-        self.presence
-            .retain(|_, c| now.saturating_duration_since(c.at) <= PRESENCE_CACHE_TTL);
+        self.presence.sweep(now);
     }
 }
