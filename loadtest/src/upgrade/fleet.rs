@@ -38,6 +38,7 @@ pub(crate) struct EventCounts {
     pub(crate) rehomed: AtomicU64,
     pub(crate) resumed: AtomicU64,
     pub(crate) reregistered: AtomicU64,
+    pub(crate) stranded: AtomicU64,
 }
 
 impl EventCounts {
@@ -51,6 +52,7 @@ impl EventCounts {
             "rehomed": l(&self.rehomed),
             "resumed": l(&self.resumed),
             "reregistered": l(&self.reregistered),
+            "stranded": l(&self.stranded),
         })
     }
 }
@@ -91,6 +93,7 @@ fn spawn_events(
                 Event::Migrated { .. } => &ev.migrated,
                 Event::Rehomed { .. } => &ev.rehomed,
                 Event::Resumed { .. } => &ev.resumed,
+                Event::Stranded { .. } => &ev.stranded,
                 Event::Reregistered { uuid } => {
                     *uuids[index].lock().unwrap_or_else(PoisonError::into_inner) = uuid;
                     &ev.reregistered
