@@ -55,9 +55,11 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
     loop {
         cluster.take_nudge();
         last = last.max(tokio::time::Instant::now());
+        let read_started = std::time::Instant::now();
         match read_nodes(&cluster).await {
             Ok((live, expired)) => {
                 cluster.store_table(live);
+                cluster.count_unsure_resumes(read_started);
                 if !expired.is_empty() {
                     let mut p = redis::pipe();
                     p.cmd("HDEL").arg(NODES_KEY).arg(&expired).ignore();
