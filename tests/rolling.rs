@@ -75,6 +75,16 @@ impl Proc {
         }
     }
 
+    /// Replaces the value of `flag` for the next start.
+    fn set_arg(&mut self, flag: &str, value: &str) {
+        let i = self
+            .args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("no {flag} among the node's flags"));
+        self.args[i + 1] = value.to_string();
+    }
+
     fn start(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_sigrouter"))
             .args(&self.args)
@@ -479,4 +489,272 @@ async fn kill_9_clients_rehome_and_are_reachable_again() {
         "after kill -9 (heartbeat 0.5 s, 3 missed acks): connects to re-homed clients succeed again after {:?}",
         rehome
     );
+}
+
+/// A metric of a running node read from its /metrics endpoint: the sum of the lines starting
+/// with `prefix`.
+async fn scrape(p: &Proc, prefix: &str) -> f64 {
+    let (_, body) = http_get(p.metrics, "/metrics")
+        .await
+        .unwrap_or_else(|| panic!("{}'s /metrics did not answer", p.id));
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until every running node's table lists `n` nodes.
+async fn wait_tables(nodes: &[&Proc], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for p in nodes {
+        while table_size(p).await != Some(n as f64) {
+            assert!(
+                Instant::now() < deadline,
+                "{}'s table never held {n} nodes",
+                p.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A registry, a cluster key and `ids.len()` nodes (not started).
+fn procs(ids: &[&str]) -> (Redis, std::path::PathBuf, Vec<Proc>) {
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!(
+        "sigrouter-fleet-{}-{}",
+        std::process::id(),
+        redis.port
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, CLUSTER_KEY).unwrap();
+    let nodes = ids
+        .iter()
+        .map(|id| Proc::new(&redis.url(), id, &key))
+        .collect();
+    (redis, dir, nodes)
+}
+
+/// The first failure, as it happened: a node that had read the registry only when it
+/// was alone drains while two others have joined since. Before, it pushed `Migrate` without an
+/// address; a client that knew only that node resumed there, got `Draining`, kept retrying
+/// there, and was lost when the node exited. Now the node reads the registry before it picks
+/// targets, and every client ends up on another node, same UUID, reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_drained_before_it_knew_the_others_strands_no_client() {
+    let (redis, _dir, mut nodes) = procs(&["n3", "n1", "n2"]);
+    let all: Vec<SocketAddr> = nodes.iter().map(|p| p.addr).collect();
+    // n3 starts alone and reads the registry once a minute: it will not see the others.
+    nodes[0].set_arg("--table-refresh-secs", "60");
+    nodes[0].start();
+    wait_ready(&nodes[0]).await;
+    wait_tables(&[&nodes[0]], 1).await;
+    // Clients on n3: three that know only n3 (as the issue's `client listen` did), three that
+    // know every node.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(acceptor(all[0], &[]).await);
+    }
+    for _ in 0..3 {
+        clients.push(acceptor(all[0], &all).await);
+    }
+    let uuids: Vec<Uuid> = clients.iter().map(|c| c.uuid()).collect();
+    // Two more nodes join; n3's table still lists only itself.
+    for p in &mut nodes[1..] {
+        p.start();
+    }
+    for p in &nodes[1..] {
+        wait_ready(p).await;
+    }
+    wait_tables(&[&nodes[1], &nodes[2]], 3).await;
+    assert_eq!(
+        table_size(&nodes[0]).await,
+        Some(1.0),
+        "n3 already knew the other nodes: the test would not show the failure"
+    );
+    let f = Fleet {
+        redis,
+        _dir: _dir.clone(),
+        nodes: Vec::new(),
+    };
+    let caller = acceptor(all[1], &all).await;
+    let took = nodes[0].terminate();
+    println!("n3 drained and exited in {:.2}s", took.as_secs_f64());
+
+    // Every client resumed on n1 or n2 with its UUID, and a client of n1 reaches each one.
+    for (c, &uuid) in clients.iter().zip(&uuids) {
+        assert_eq!(c.uuid(), uuid, "a client had to register anew");
+        assert!(
+            c.server() == all[1] || c.server() == all[2],
+            "{uuid} is at {}, not on a live node",
+            c.server()
+        );
+        let (name, _) = connect_with_retries(&caller, uuid, Duration::from_secs(10)).await;
+        assert_eq!(name, "connected", "{uuid} unreachable after the drain");
+    }
+    assert_eq!(caller.query(&uuids).await.unwrap(), vec![true; uuids.len()]);
+    // The receiving nodes counted each one as a resume after a Migrate, and none otherwise.
+    let mut migrate = 0.0;
+    let mut failover = 0.0;
+    for p in &nodes[1..] {
+        migrate += scrape(p, "sigrouter_sessions_resumed_total{cause=\"migrate\"}").await;
+        failover += scrape(p, "sigrouter_sessions_resumed_total{cause=\"failover\"}").await;
+    }
+    assert_eq!(
+        (migrate, failover),
+        (clients.len() as f64, 0.0),
+        "resumes by cause on n1 and n2"
+    );
+    // It left before its drain deadline (6 s): it exits early only once no client is left.
+    assert!(
+        took < Duration::from_secs(6),
+        "the drain ran to its deadline ({took:?}): a client stayed"
+    );
+    drop(f);
+}
+
+/// Forwards a client's events to a channel, accepting every `Incoming`.
+fn events_of(client: &Client, mut events: sigrouter_client::Events) -> Receiver {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = client.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Event::Incoming { connection, .. } = ev {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let _ = c.accept(connection, b"ok").await;
+                });
+            }
+            let _ = tx.send(ev);
+        }
+    });
+    rx
+}
+
+type Receiver = tokio::sync::mpsc::UnboundedReceiver<Event>;
+
+/// A client of the client library at `server` knowing `all`, and its events.
+async fn peer(server: SocketAddr, all: &[SocketAddr]) -> (Client, Receiver) {
+    let mut cfg = ClientConfig::new(server);
+    cfg.fallback_servers = all.to_vec();
+    let (client, events) = Client::register(cfg).await.expect("register");
+    let rx = events_of(&client, events);
+    (client, rx)
+}
+
+/// The next event `f` picks (others are dropped), within 15 s.
+async fn wait_event<T>(rx: &mut Receiver, what: &str, mut f: impl FnMut(&Event) -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ev = tokio::time::timeout_at(deadline.into(), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within 15 s"))
+            .expect("events open");
+        if let Some(v) = f(&ev) {
+            return v;
+        }
+    }
+}
+
+/// `from` signals `text` over `conn`; `to` receives it.
+async fn signal_over(from: &Client, to_events: &mut Receiver, conn: Uuid, text: &str) {
+    from.signal(conn, text.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("Signal {text:?} from {}: {e}", from.uuid()));
+    let from_uuid = from.uuid();
+    wait_event(to_events, text, |e| match e {
+        Event::Signal {
+            connection,
+            from,
+            payload,
+        } if *connection == conn && payload == text.as_bytes() => {
+            assert_eq!(*from, from_uuid);
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+}
+
+/// Signals both ways over `conn`.
+async fn both_ways(
+    a: &Client,
+    ae: &mut Receiver,
+    b: &Client,
+    be: &mut Receiver,
+    conn: Uuid,
+    when: &str,
+) {
+    signal_over(a, be, conn, &format!("a->b {when}")).await;
+    signal_over(b, ae, conn, &format!("b->a {when}")).await;
+}
+
+/// Drains the node at `addr` (SIGTERM, wait for its exit), starts it again and waits until
+/// every node lists every other.
+async fn drain_and_restart(f: &mut Fleet, addr: SocketAddr) {
+    let i = f
+        .nodes
+        .iter()
+        .position(|p| p.addr == addr)
+        .expect("a fleet node");
+    let took = f.nodes[i].terminate();
+    println!("{} drained in {:.2}s", f.nodes[i].id, took.as_secs_f64());
+    f.nodes[i].start();
+    wait_ready(&f.nodes[i]).await;
+    let n = f.nodes.len();
+    wait_tables(&f.nodes.iter().collect::<Vec<_>>(), n).await;
+}
+
+/// Waits for the client's `Migrated` event; returns where it went.
+async fn moved(rx: &mut Receiver) -> SocketAddr {
+    wait_event(rx, "Migrated", |e| match e {
+        Event::Migrated { to } => Some(*to),
+        _ => None,
+    })
+    .await
+}
+
+/// docs/PROTOCOL.md §9.5: a connection lasts while both sessions do, wherever they move. Each
+/// end in turn is moved by draining its node; after each move both ends signal over the same
+/// connection. Once for a connection whose ends start on two nodes, once for one whose ends
+/// start on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_keep_signalling_after_each_end_moves() {
+    let mut f = fleet(3).await;
+    let addrs: Vec<SocketAddr> = f.nodes.iter().map(|p| p.addr).collect();
+    for (label, a_at, b_at) in [("across nodes", 0, 1), ("on one node", 2, 2)] {
+        let (a, mut ae) = peer(addrs[a_at], &addrs).await;
+        let (b, mut be) = peer(addrs[b_at], &addrs).await;
+        wait_published(&f, &[a.clone(), b.clone()]).await;
+        let conn = match a.connect(b.uuid(), b"hello").await.expect("connect") {
+            ConnectOutcome::Connected { connection, .. } => connection,
+            other => panic!("{label}: {other:?}"),
+        };
+        both_ways(&a, &mut ae, &b, &mut be, conn, &format!("{label}, before")).await;
+
+        // A's node drains: A moves (on one node, B moves with it).
+        let a_was = a.server();
+        drain_and_restart(&mut f, a_was).await;
+        let a_now = moved(&mut ae).await;
+        assert_ne!(a_now, a_was);
+        assert_eq!(a.server(), a_now);
+        if a_at == b_at {
+            moved(&mut be).await;
+        }
+        println!("{label}: A moved {a_was} -> {a_now}; B at {}", b.server());
+        both_ways(&a, &mut ae, &b, &mut be, conn, &format!("{label}, A moved")).await;
+
+        // Then B's node (which may now hold A too).
+        let b_was = b.server();
+        let a_before = a.server();
+        drain_and_restart(&mut f, b_was).await;
+        let b_now = moved(&mut be).await;
+        assert_ne!(b_now, b_was);
+        if a_before == b_was {
+            moved(&mut ae).await;
+        }
+        println!("{label}: B moved {b_was} -> {b_now}; A at {}", a.server());
+        both_ways(&a, &mut ae, &b, &mut be, conn, &format!("{label}, B moved")).await;
+    }
 }

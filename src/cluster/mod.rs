@@ -30,7 +30,7 @@ pub mod wire;
 pub use presence::{LocalSessions, PresenceOp, PresenceRx};
 pub use table::{NodeInfo, NodeState, NodeTable};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -112,7 +112,14 @@ pub struct Cluster {
     presence_busy_since: AtomicU64,
     /// Presence writes waiting for a retry.
     presence_backlog: AtomicU64,
+    /// Resumes whose cause waits for the next node table: the node that held the session,
+    /// and when the resume arrived ([`Cluster::count_resume`]).
+    unsure_resumes: Mutex<VecDeque<(Arc<str>, Instant)>>,
 }
+
+/// Most resumes waiting for the next node table to say their cause; beyond, a resume is
+/// counted by the table at hand.
+const MAX_UNSURE_RESUMES: usize = 65_536;
 
 /// Removes its request from the waiting set when the wait ends (or its future is dropped).
 struct Waiting<'a> {
@@ -189,6 +196,7 @@ impl Cluster {
             clock: Instant::now(),
             refused: AtomicU64::new(0),
             refused_logged_ms: AtomicU64::new(u64::MAX),
+            unsure_resumes: Mutex::default(),
         });
         let weak = Arc::downgrade(&c);
         metrics.on_render(move || {
@@ -325,6 +333,61 @@ impl Cluster {
             expires_ms: 0,
         }
     }
+
+    /// Counts a resume, here, of a session node `old` held: `migrate` when `old` is draining
+    /// (it told the client to move), `failover` otherwise. The table may not show yet a drain
+    /// that began a moment ago (it is read every few seconds, and the first clients arrive
+    /// within milliseconds): when it does not list `old` as draining, the resume is counted
+    /// once a table read that started after it is stored (this nudges one). A draining node
+    /// publishes its state before it sends its first `Migrate`, so that read shows it.
+    pub fn count_resume(&self, old: &str) {
+        let table = self.table.load_full();
+        if table
+            .get(old)
+            .is_some_and(|n| n.state == NodeState::Draining)
+        {
+            self.metrics.resumed_migrate.increment(1);
+            return;
+        }
+        {
+            let mut q = self
+                .unsure_resumes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if q.len() < MAX_UNSURE_RESUMES {
+                q.push_back((old.into(), Instant::now()));
+                drop(q);
+                self.nudge();
+                return;
+            }
+        }
+        self.metrics.resumed_failover.increment(1);
+    }
+
+    /// Counts the resumes [`Cluster::count_resume`] left for a table read that started at
+    /// `read_started` or later, by the table now stored. The refresher calls it after each
+    /// stored read.
+    pub fn count_unsure_resumes(&self, read_started: Instant) {
+        let table = self.table.load_full();
+        let mut q = self
+            .unsure_resumes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while q.front().is_some_and(|(_, at)| *at < read_started) {
+            let Some((old, _)) = q.pop_front() else {
+                break;
+            };
+            if table
+                .get(&old)
+                .is_some_and(|n| n.state == NodeState::Draining)
+            {
+                self.metrics.resumed_migrate.increment(1);
+            } else {
+                self.metrics.resumed_failover.increment(1);
+            }
+        }
+    }
+
 
     /// Stores a new snapshot (the simulated-time tests write tables by hand).
     #[cfg(test)]

@@ -84,6 +84,7 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
     loop {
         cluster.take_nudge();
         last = last.max(tokio::time::Instant::now());
+        let read_started = std::time::Instant::now();
         let fresh = match read_nodes(&cluster).await {
             Ok((live, expired)) => {
                 // Nodes in the registry that membership does not know yet are announced to.
@@ -103,6 +104,9 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
         };
         // Always a new generation after a read attempt: requests waiting for one stop waiting.
         cluster.store_merged(&registry, true, fresh);
+        if fresh {
+            cluster.count_unsure_resumes(read_started);
+        }
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,

@@ -216,14 +216,9 @@ pub(crate) fn complete_resume(
     };
     st.sessions.insert(m.uuid, session, now);
     st.publish(PresenceOp::Put(m.uuid, verifier));
-    let from_draining = st.cluster.as_ref().is_some_and(|c| {
-        c.node(&old)
-            .is_some_and(|n| n.state == crate::cluster::NodeState::Draining)
-    });
-    if from_draining {
-        st.metrics.resumed_migrate.increment(1);
-    } else {
-        st.metrics.resumed_failover.increment(1);
+    if let Some(c) = &st.cluster {
+        // By cause: migrate (the old node drains) or failover; may wait for the next table.
+        c.count_resume(&old);
     }
     st.count_sessions();
     if let Some(c) = &st.cluster {

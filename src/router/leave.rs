@@ -117,7 +117,11 @@ fn hand_over(
     out: &mut Outbox,
 ) -> Option<HandedConn> {
     let other = c.other(uuid);
-    let other_here = c.local_ends().any(|e| e == other) && st.sessions.contains(&other);
+    // An end that acknowledged a Migrate is still this node's until its new node says Moved:
+    // when both ends of a connection here move, the first to arrive elsewhere must not take
+    // the connection with it (the second would find nothing to hand over).
+    let other_here = c.local_ends().any(|e| e == other)
+        && (st.sessions.contains(&other) || st.migrating.contains_key(&other));
     let peer = if other_here {
         let role = if other == c.initiator {
             Role::Initiator(Some(to.clone()))

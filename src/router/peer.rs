@@ -318,6 +318,11 @@ pub(crate) fn complete(
         OnReply::Nothing => {}
         OnReply::AckClient { uuid, rid } => match status {
             Some(Status::Ok) => st.answer_later(now, uuid, rid, Message::Ack(Ack { rid }), out),
+            // The connection is known there but its end is not held: it is between nodes (it
+            // acknowledged a Migrate and has not resumed yet), and the connection follows it.
+            Some(Status::NotHere) => {
+                st.error(now, ErrorTo::Session(uuid), rid, ErrorCode::RetryLater, out)
+            }
             Some(_) => st.error(
                 now,
                 ErrorTo::Session(uuid),

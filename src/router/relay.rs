@@ -45,13 +45,14 @@ pub(crate) fn signal(
         return;
     }
     if !push_signal(st, now, s.connection, uuid, other, s.payload, out) {
-        st.error(
-            now,
-            ErrorTo::Sender(view),
-            s.rid,
-            ErrorCode::UnknownConnection,
-            out,
-        );
+        // The other end acknowledged a Migrate and has not resumed elsewhere yet: the
+        // connection follows it in a moment, so the sender tries again.
+        let code = if st.migrating.contains_key(&other) {
+            ErrorCode::RetryLater
+        } else {
+            ErrorCode::UnknownConnection
+        };
+        st.error(now, ErrorTo::Sender(view), s.rid, code, out);
         return;
     }
     st.ack(now, view, s.rid, out);

@@ -19,6 +19,7 @@ use crate::error::ClientError;
 use crate::event::{ConnectOutcome, Events};
 use crate::shared::{Hello, Shared};
 use crate::supervisor;
+use crate::walk::Walk;
 
 /// Events the application has not read yet. Past this, pushes wait at the router.
 const EVENT_QUEUE: usize = 1024;
@@ -91,7 +92,6 @@ impl Client {
         let (out_tx, out_rx) = mpsc::channel(256);
         let (sup_tx, sup_rx) = mpsc::channel(16);
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
-        let server = cfg.server;
         let within = cfg.request_timeout;
         let shared = Arc::new(Shared::new(cfg, local, route, out_tx, sup_tx));
         shared
@@ -101,9 +101,21 @@ impl Client {
             _stop_on_last_drop: Arc::new(shared.shutdown.clone().drop_guard()),
             shared,
         };
+        // The configured servers in order; one that says Draining is not asked again, the
+        // address it names is asked next.
+        let walk = Walk::new(None, None, &client.shared.cfg.servers(), &[]);
+        let deadline = Instant::now() + within;
+        let register_if_gone = false;
         let registered = client
             .shared
-            .guarded(client.shared.hello(hello, server, within))
+            .guarded(client.shared.walk(
+                hello,
+                walk,
+                Some(deadline),
+                false,
+                register_if_gone,
+                |_, _| {},
+            ))
             .await;
         if let Err(e) = registered {
             client.close().await;

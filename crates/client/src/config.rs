@@ -11,9 +11,10 @@ pub struct ClientConfig {
     /// The router's public address (a load balancer, or one node). Re-homing comes back here
     /// first.
     pub server: SocketAddr,
-    /// More router addresses to try, in order, when re-homing or migrating fails at
-    /// [`server`](Self::server) (for example the other nodes of a cluster without a load
-    /// balancer in front). Empty by default.
+    /// More router addresses to try, in order, after [`server`](Self::server) when
+    /// registering, re-homing or migrating (for example the other nodes of a cluster without
+    /// a load balancer in front): when `server` does not answer or says `Draining`, and when
+    /// a `Migrate` names no address. Empty by default.
     pub fallback_servers: Vec<SocketAddr>,
     /// Local address to bind. `None` binds the wildcard address of the server's family on an
     /// ephemeral port. Rebinds (migrate, re-home, draining) keep the IP and take a new port.

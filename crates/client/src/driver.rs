@@ -197,6 +197,7 @@ impl Driver {
             }),
             Message::Migrate(m) => match self.shared.sup_tx.try_send(SupCmd::Migrate {
                 to: m.to.map(|a| a.0),
+                from,
             }) {
                 Ok(()) | Err(TrySendError::Closed(_)) => true,
                 Err(TrySendError::Full(_)) => false,

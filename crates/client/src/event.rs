@@ -1,6 +1,7 @@
 //! What the client tells the application without being asked.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use sigrouter_proto::FailReason;
 use tokio::sync::mpsc;
@@ -56,6 +57,17 @@ pub enum Event {
     Reregistered {
         /// The new session UUID.
         uuid: Uuid,
+    },
+    /// No router took the session: every address the client knows (the one a router named,
+    /// the configured servers, those routers named before) failed or said `Draining`. The
+    /// client keeps trying, all of them again after `retry_in` (a capped, jittered pause that
+    /// grows up to 10 s); a `Migrated` or `Rehomed` event says when one took it. Until then
+    /// requests fail or wait.
+    Stranded {
+        /// The addresses tried in the round that failed, in order.
+        tried: Vec<SocketAddr>,
+        /// The pause before the next round.
+        retry_in: Duration,
     },
     /// A heartbeat showed a new public address (the NAT mapping changed).
     ObservedChanged {

@@ -32,17 +32,26 @@
 //!   until the request's deadline.
 //! - Retries refusals by itself until the request's deadline, after a jittered pause doubling
 //!   from 250 ms to 2 s (each pause scaled by a random factor in [0.5, 1.5), so clients refused
-//!   together do not come back together): after `RateLimited` it retransmits the same request;
-//!   after `RetryLater`, `Draining` or `ConnectFailed{RetryLater}` it sends it as a new
-//!   request (new id, as the protocol requires: the router remembers the refusal under the
-//!   old one). A caller sees such a refusal only once the deadline has passed.
+//!   together do not come back together): after `RateLimited`, `RetryLater` or
+//!   `ConnectFailed{RetryLater}` it sends it again as a new request (new id, as the protocol
+//!   requires: the router remembers the refusal under the old one). A caller sees such a
+//!   refusal only once the deadline has passed.
+//! - Never retries at a router that said `Draining` (or `Capacity`). It goes, from a new local
+//!   port, to the address the refusal names (`Error.to`), then to its configured servers, then
+//!   to addresses routers named before (`Migrate` targets, earlier redirects); the node being
+//!   left comes last, so it is asked only when nothing else is known (it may be a load
+//!   balancer). When every address fails it emits [`Event::Stranded`] and starts over after a
+//!   capped, jittered pause (250 ms doubling to 10 s). `Register` does the same within
+//!   [`ClientConfig::request_timeout`]; a request refused with `Draining` moves the session
+//!   first, then is sent again as a new request.
 //!   Request ids only grow, start below 2^32 and are never 0.
 //! - Keeps at most 15 application requests in flight (more wait their turn), plus its own
 //!   heartbeat: the router remembers the last 16 answers per session.
 //! - Heartbeats at the period the router gives in `Registered`.
 //! - Resumes (same UUID) when a request gets `UnknownSession`, then retries it as a new
 //!   request ([`Event::Resumed`]); follows `Migrate` (new local port, resume at the given
-//!   address or else the configured one: [`Event::Migrated`]); after
+//!   address, or else at the configured servers, the draining node last: [`Event::Migrated`]);
+//!   after
 //!   [`ClientConfig::missed_acks_before_rehome`] unanswered heartbeats, moves to a new local
 //!   port and resumes at the configured server until that works ([`Event::Rehomed`]). When a
 //!   session cannot be resumed (`Unauthorized`: it expired, or the node restarted), registers a
@@ -64,8 +73,8 @@
 //! - `shared`: state shared by handles and tasks, the commands the two tasks take (sent
 //!   through channels held there), request ids, waiters, retransmission, retry.
 //! - `config`, `event`, `error`: the public types.
-//! - `backoff`, `window`, `loss`: pure helpers (retransmission schedule, push-duplicate
-//!   window, simulated loss).
+//! - `backoff`, `walk`, `window`, `loss`: pure helpers (retransmission schedule, the order
+//!   in which router addresses are tried, push-duplicate window, simulated loss).
 
 mod backoff;
 mod client;
@@ -76,6 +85,7 @@ mod event;
 mod loss;
 mod shared;
 mod supervisor;
+mod walk;
 mod window;
 
 pub use client::Client;

@@ -16,7 +16,7 @@ use sigrouter_proto::{
     Secret, MAX_LOCAL_ADDRS,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -24,9 +24,14 @@ use uuid::Uuid;
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
 use crate::error::ClientError;
+use crate::walk::Walk;
 
-/// How many times one request may trigger a Resume after `UnknownSession` before giving up.
+/// How many times one request may trigger a Resume (after `UnknownSession`, or a move after
+/// `Draining`) before giving up.
 const MAX_RESUMES_PER_REQUEST: u32 = 3;
+
+/// Addresses routers named (Migrate targets, Draining redirects) kept to try later.
+const MAX_TOLD: usize = 16;
 
 /// Application requests in flight at once. The router remembers the last 16 answers per
 /// session, so at most 16 requests may be outstanding (protocol section 7); one slot is kept
@@ -75,16 +80,50 @@ pub(crate) enum DriverCmd {
 pub(crate) enum SupCmd {
     /// The router pushed `Migrate`.
     Migrate {
-        /// Where to resume; `None` is the configured server.
+        /// Where to resume; `None`: the configured servers.
         to: Option<SocketAddr>,
+        /// The address the push came from: the node being left.
+        from: SocketAddr,
     },
-    /// A request got `UnknownSession` while the session was at `epoch`.
+    /// A request got `UnknownSession` (or `Draining`) while the session was at `epoch`.
     Resume {
         /// The session epoch the request was sent in.
         epoch: u64,
+        /// `Some` after `Draining`: the node holding the session takes no requests, so the
+        /// session moves elsewhere, first to the address named (if any).
+        draining: Option<Option<SocketAddr>>,
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<(), ClientError>>,
     },
+}
+
+/// Why a Register or Resume did not take (see [`Shared::hello_at`]).
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// `Draining` or `Capacity`: this node takes no sessions; `to` names one that does.
+    Elsewhere {
+        /// The refusal.
+        code: ErrorCode,
+        /// The node it named.
+        to: Option<SocketAddr>,
+    },
+    /// Anything else: no answer, or another refusal.
+    Failed(ClientError),
+}
+
+impl From<ClientError> for Refused {
+    fn from(e: ClientError) -> Self {
+        Self::Failed(e)
+    }
+}
+
+/// How the session was established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Resumed: same UUID.
+    Resumed,
+    /// Registered: a new UUID.
+    Registered,
 }
 
 /// The router's last refusal of a request being retried, reported if the deadline passes.
@@ -144,6 +183,10 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     /// Permits for application requests (see [`APP_REQUESTS_IN_FLIGHT`]).
     pub(crate) in_flight: Semaphore,
+    /// Addresses routers named, most recent first ([`Shared::remember`]).
+    told: Mutex<Vec<SocketAddr>>,
+    /// The address named by the last `Error Draining` answering a request.
+    redirect: Mutex<Option<SocketAddr>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -182,6 +225,8 @@ impl Shared {
             shutdown,
             tracker: TaskTracker::new(),
             in_flight: Semaphore::new(APP_REQUESTS_IN_FLIGHT),
+            told: Mutex::new(Vec::new()),
+            redirect: Mutex::new(None),
             cfg,
         }
     }
@@ -327,12 +372,16 @@ impl Shared {
     /// An authenticated request: `build(rid, our_uuid)` makes the message. Retransmits with the
     /// same rid (the router deduplicates). Refusals are retried after a capped, jittered pause
     /// until the deadline ([`Shared::pause`]):
-    /// - `RateLimited`, `RetryLater`, `Draining`, and a `ConnectFailed` whose reason is
-    ///   `RetryLater`: a new rid. The router did not carry the request out (it rate-limits only
-    ///   new requests: a retransmission of one it is working on is never refused), and it may
-    ///   remember the refusal as the answer to the old rid.
-    /// - `UnknownSession` (when `resume_on_unknown`): the supervisor resumes, then a new rid,
-    ///   a new request for the node now holding the session.
+    /// - `RateLimited`, `RetryLater`, and a `ConnectFailed` whose reason is `RetryLater`: a
+    ///   new rid. The router did not carry the request out (it rate-limits only new requests:
+    ///   a retransmission of one it is working on is never refused), and it may remember the
+    ///   refusal as the answer to the old rid.
+    /// - `UnknownSession` (when `may_move`): the supervisor resumes, then a new rid, a new
+    ///   request for the node now holding the session.
+    /// - `Draining`: never retried at that node. When `may_move`, the supervisor moves the
+    ///   session elsewhere (to the address the refusal names first), then a new rid; otherwise
+    ///   (the supervisor's own heartbeat) the refusal comes back at once, its address kept for
+    ///   [`Shared::take_redirect`].
     ///
     /// Returns the first answer that is not a refusal. When the deadline passes, the last
     /// refusal (as `Err(Server(code))`, or the `ConnectFailed` itself), or `Timeout` if the
@@ -340,7 +389,7 @@ impl Shared {
     pub(crate) async fn request(
         &self,
         within: Duration,
-        resume_on_unknown: bool,
+        may_move: bool,
         build: impl Fn(u64, Uuid) -> Message,
     ) -> Result<Message, ClientError> {
         let deadline = Instant::now() + within;
@@ -364,15 +413,27 @@ impl Shared {
             };
             match msg {
                 Message::Error(e) => match e.code {
-                    ErrorCode::UnknownSession
-                        if resume_on_unknown && resumes < MAX_RESUMES_PER_REQUEST =>
-                    {
+                    ErrorCode::UnknownSession if may_move && resumes < MAX_RESUMES_PER_REQUEST => {
                         resumes += 1;
-                        self.ask_resume(sent.epoch).await?;
+                        self.ask_resume(sent.epoch, None, deadline).await?;
                         rid = self.next_rid();
                         continue;
                     }
-                    ErrorCode::RateLimited | ErrorCode::RetryLater | ErrorCode::Draining => {
+                    ErrorCode::Draining => {
+                        let to = e.to.map(|a| a.0);
+                        if let Some(to) = to {
+                            self.remember(to);
+                        }
+                        if !may_move || resumes >= MAX_RESUMES_PER_REQUEST {
+                            *lock(&self.redirect) = to;
+                            return Err(ClientError::Server(ErrorCode::Draining));
+                        }
+                        resumes += 1;
+                        self.ask_resume(sent.epoch, Some(to), deadline).await?;
+                        rid = self.next_rid();
+                        continue;
+                    }
+                    ErrorCode::RateLimited | ErrorCode::RetryLater => {
                         refused = Some(Refusal::Error(e.code));
                     }
                     code => return Err(ClientError::Server(code)),
@@ -389,27 +450,41 @@ impl Shared {
         }
     }
 
-    /// Asks the supervisor to resume the session if it is still the one of `epoch`, and
-    /// waits until it has (or failed).
-    async fn ask_resume(&self, epoch: u64) -> Result<(), ClientError> {
+    /// Asks the supervisor to resume the session (elsewhere, after `Draining`) if it is still
+    /// the one of `epoch`, and waits until it has (or failed), at most until `deadline`.
+    async fn ask_resume(
+        &self,
+        epoch: u64,
+        draining: Option<Option<SocketAddr>>,
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
         let (reply, rx) = oneshot::channel();
         self.sup_tx
-            .send(SupCmd::Resume { epoch, reply })
+            .send(SupCmd::Resume {
+                epoch,
+                draining,
+                reply,
+            })
             .await
             .map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        match timeout_at(deadline, rx).await {
+            Ok(r) => r.map_err(|_| ClientError::Closed)?,
+            Err(_) => Err(ClientError::Timeout),
+        }
     }
 
     /// Register or Resume at `server` (which becomes the current server), padded, retried
-    /// until `within` passes. `RateLimited`, `RetryLater`, `Capacity` and `Draining` are
-    /// retried after a pause as for [`Shared::request`] (`Draining` from a new local port). On success the session takes
-    /// the router's answer (UUID, secret, observed address, heartbeat period).
-    pub(crate) async fn hello(
+    /// until `within` passes. `RateLimited` and `RetryLater` are retried there after a pause as
+    /// for [`Shared::request`]. `Draining` and `Capacity` are not: this node takes no
+    /// sessions, so the answer ([`Refused::Elsewhere`], with the node it names, if any) goes
+    /// back to the caller at once, to try another address. On success the session takes the
+    /// router's answer (UUID, secret, observed address, heartbeat period).
+    pub(crate) async fn hello_at(
         &self,
         hello: Hello,
         server: SocketAddr,
         within: Duration,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), Refused> {
         self.update(|s| s.server = server);
         let deadline = Instant::now() + within;
         let mut pause = Backoff::retry();
@@ -438,7 +513,9 @@ impl Shared {
                 .await;
             let msg = match exchanged {
                 Err(ClientError::Timeout) => {
-                    return Err(refused.map_or(ClientError::Timeout, ClientError::Server))
+                    return Err(Refused::Failed(
+                        refused.map_or(ClientError::Timeout, ClientError::Server),
+                    ))
                 }
                 r => r?.0,
             };
@@ -448,23 +525,137 @@ impl Shared {
                     return Ok(());
                 }
                 Message::Error(e) => match e.code {
-                    ErrorCode::Draining
-                    | ErrorCode::RateLimited
-                    | ErrorCode::RetryLater
-                    | ErrorCode::Capacity => {
+                    ErrorCode::Draining | ErrorCode::Capacity => {
+                        let to = e.to.map(|a| a.0);
+                        if let Some(to) = to {
+                            self.remember(to);
+                        }
+                        return Err(Refused::Elsewhere { code: e.code, to });
+                    }
+                    ErrorCode::RateLimited | ErrorCode::RetryLater => {
                         refused = Some(e.code);
                         if !self.pause(&mut pause, deadline).await {
-                            return Err(ClientError::Server(e.code));
-                        }
-                        if e.code == ErrorCode::Draining {
-                            self.rebind().await?;
+                            return Err(Refused::Failed(ClientError::Server(e.code)));
                         }
                     }
-                    code => return Err(ClientError::Server(code)),
+                    code => return Err(Refused::Failed(ClientError::Server(code))),
                 },
-                _ => return Err(ClientError::Unexpected("answer to Register/Resume")),
+                _ => {
+                    return Err(Refused::Failed(ClientError::Unexpected(
+                        "answer to Register/Resume",
+                    )))
+                }
             }
         }
+    }
+
+    /// [`Shared::hello_at`]; a Resume refused with `Unauthorized` (the session is gone: it
+    /// expired, or the node that held it restarted) registers a new session there instead
+    /// when `register_if_gone`.
+    pub(crate) async fn settle_at(
+        &self,
+        hello: Hello,
+        server: SocketAddr,
+        within: Duration,
+        register_if_gone: bool,
+    ) -> Result<Settled, Refused> {
+        match self.hello_at(hello, server, within).await {
+            Ok(()) => Ok(match hello {
+                Hello::Register => Settled::Registered,
+                Hello::Resume { .. } => Settled::Resumed,
+            }),
+            Err(Refused::Failed(ClientError::Server(ErrorCode::Unauthorized)))
+                if register_if_gone && matches!(hello, Hello::Resume { .. }) =>
+            {
+                self.hello_at(Hello::Register, server, within).await?;
+                Ok(Settled::Registered)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Establishes the session at the addresses of `walk`, in its order, until one takes it
+    /// ([`Shared::settle_at`]); each try but the first from a new local port when
+    /// `rebind_first` is false, every one when true. After a round in which every address
+    /// failed, calls `stranded(tried, pause)`, waits the capped, jittered `pause` and starts
+    /// another round, until `deadline` (forever when `None`). Returns where the session is
+    /// now and how; at the deadline, the last failure.
+    pub(crate) async fn walk(
+        &self,
+        hello: Hello,
+        mut walk: Walk,
+        deadline: Option<Instant>,
+        rebind_first: bool,
+        register_if_gone: bool,
+        mut stranded: impl FnMut(Vec<SocketAddr>, Duration),
+    ) -> Result<(SocketAddr, Settled), ClientError> {
+        let mut pause = Backoff::reconnect();
+        let mut rebind = rebind_first;
+        let mut last = ClientError::Timeout;
+        loop {
+            while let Some(server) = walk.next() {
+                let within = match deadline {
+                    Some(d) => d.saturating_duration_since(Instant::now()),
+                    None => self.cfg.request_timeout,
+                }
+                .min(self.cfg.request_timeout);
+                if within.is_zero() {
+                    return Err(last);
+                }
+                if std::mem::replace(&mut rebind, true) {
+                    match self.rebind().await {
+                        Ok(local) => tracing::debug!(%local, %server, "new local port"),
+                        Err(ClientError::Closed) => return Err(ClientError::Closed),
+                        Err(e) => tracing::warn!(error = %e, "rebind failed"),
+                    }
+                }
+                match self
+                    .settle_at(hello, server, within, register_if_gone)
+                    .await
+                {
+                    Ok(how) => return Ok((server, how)),
+                    Err(Refused::Elsewhere { code, to }) => {
+                        tracing::debug!(%server, code = code.name(), ?to, "refused; next address");
+                        walk.refused(server, to);
+                        last = ClientError::Server(code);
+                    }
+                    Err(Refused::Failed(ClientError::Closed)) => return Err(ClientError::Closed),
+                    Err(Refused::Failed(e)) => {
+                        tracing::debug!(error = %e, %server, "failed; next address");
+                        last = e;
+                    }
+                }
+            }
+            let wait = pause.next_jittered();
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                if let Some(d) = deadline {
+                    sleep_until(d).await;
+                }
+                return Err(last);
+            }
+            stranded(walk.tried().to_vec(), wait);
+            tokio::time::sleep(wait).await;
+            walk.next_round();
+        }
+    }
+
+    /// Notes an address a router named (a `Migrate` target, an `Error Draining` redirect), to
+    /// try later when the configured servers fail.
+    pub(crate) fn remember(&self, addr: SocketAddr) {
+        let mut t = lock(&self.told);
+        t.retain(|a| *a != addr);
+        t.insert(0, addr);
+        t.truncate(MAX_TOLD);
+    }
+
+    /// Addresses routers named, most recent first.
+    pub(crate) fn told(&self) -> Vec<SocketAddr> {
+        lock(&self.told).clone()
+    }
+
+    /// The address named by the last `Error Draining` a request got, taken.
+    pub(crate) fn take_redirect(&self) -> Option<SocketAddr> {
+        lock(&self.redirect).take()
     }
 
     fn apply(&self, r: &Registered) {

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use sigrouter_proto::{ErrorCode, Heartbeat, Message};
 use tokio::sync::mpsc;
-use tokio::time::{interval_at, sleep, Instant, Interval, MissedTickBehavior};
+use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 
-use crate::backoff::Backoff;
 use crate::error::ClientError;
 use crate::event::Event;
-use crate::shared::{Hello, Shared, SupCmd};
+use crate::shared::{Hello, Refused, Settled, Shared, SupCmd};
+use crate::walk::Walk;
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -46,6 +46,15 @@ fn ticker(period: Duration) -> Interval {
     t
 }
 
+/// What a move of the session was for: says which event reports it.
+#[derive(Clone, Copy, Debug)]
+enum Move {
+    /// A `Migrate` push, or a router that said `Draining`.
+    Migrate,
+    /// Heartbeats went unanswered.
+    Rehome,
+}
+
 impl Supervisor {
     async fn run(&mut self) {
         let cfg = self.shared.cfg.clone();
@@ -56,23 +65,22 @@ impl Supervisor {
             tokio::select! {
                 cmd = self.rx.recv() => match cmd {
                     None => return,
-                    Some(SupCmd::Migrate { to }) => {
-                        let mut order = cfg.servers();
+                    Some(SupCmd::Migrate { to, from }) => {
                         if let Some(to) = to {
-                            order.retain(|a| *a != to);
-                            order.insert(0, to);
+                            self.shared.remember(to);
                         }
-                        let Ok(to) = self.relocate(&order).await else {
+                        if self.relocate(to, Some(from), false, Move::Migrate).await.is_err() {
                             return;
-                        };
-                        self.emit(Event::Migrated { to });
+                        }
                         missed = 0;
                     }
-                    Some(SupCmd::Resume { epoch, reply }) => {
-                        let r = if self.shared.session().epoch == epoch {
-                            self.resume_here().await
-                        } else {
+                    Some(SupCmd::Resume { epoch, draining, reply }) => {
+                        let r = if self.shared.session().epoch != epoch {
                             Ok(()) // someone else's Resume already took care of it
+                        } else if let Some(to) = draining {
+                            self.away_from_draining(to).await
+                        } else {
+                            self.resume_here().await
                         };
                         let _ = reply.send(r);
                     }
@@ -98,21 +106,21 @@ impl Supervisor {
                                 // The configured address first (a load balancer picks a live
                                 // node for the new port), then the others; the silent one last.
                                 let current = self.shared.session().server;
-                                let mut order = cfg.servers();
-                                if order.len() > 1 {
-                                    order.retain(|a| *a != current);
-                                    order.push(current);
-                                }
-                                let Ok(server) = self.relocate(&order).await else {
+                                if self.relocate(None, Some(current), false, Move::Rehome).await.is_err() {
                                     return;
-                                };
-                                self.emit(Event::Rehomed { server });
+                                }
                                 missed = 0;
                             }
                         }
                         Err(ClientError::Server(ErrorCode::UnknownSession)) => {
                             if let Err(e) = self.resume_here().await {
                                 tracing::debug!(error = %e, "resume after UnknownSession failed");
+                            }
+                        }
+                        Err(ClientError::Server(ErrorCode::Draining)) => {
+                            let to = self.shared.take_redirect();
+                            if let Err(e) = self.away_from_draining(to).await {
+                                tracing::debug!(error = %e, "moving away from a draining node failed");
                             }
                         }
                         Err(ClientError::Closed) => return,
@@ -143,68 +151,90 @@ impl Supervisor {
         }
     }
 
-    /// Resume with the current secret; if the router no longer knows the session at all,
-    /// register a new one.
-    async fn resume_or_register(&mut self, server: SocketAddr) -> Result<(), ClientError> {
+    /// The current session as a Resume.
+    fn resume_hello(&self) -> Result<Hello, ClientError> {
         let s = self.shared.session();
-        let Some(secret) = s.secret else {
-            return Err(ClientError::Closed);
-        };
-        let within = self.shared.cfg.request_timeout;
-        let hello = Hello::Resume {
+        let secret = s.secret.ok_or(ClientError::Closed)?;
+        Ok(Hello::Resume {
             uuid: s.uuid,
             secret,
-        };
-        match self.shared.hello(hello, server, within).await {
-            Err(ClientError::Server(ErrorCode::Unauthorized)) => {
-                self.shared.hello(Hello::Register, server, within).await?;
-                let s = self.shared.session();
-                self.last_observed = s.observed;
-                self.emit(Event::Reregistered { uuid: s.uuid });
-                Ok(())
-            }
-            r => {
-                self.last_observed = self.shared.session().observed;
-                r
-            }
+        })
+    }
+
+    /// Events for a session established anew: its new UUID, if it had to register.
+    fn settled(&mut self, how: Settled) {
+        let s = self.shared.session();
+        self.last_observed = s.observed;
+        if how == Settled::Registered {
+            self.emit(Event::Reregistered { uuid: s.uuid });
         }
     }
 
-    /// `UnknownSession`: resume at the same address, same port.
+    /// `UnknownSession`: resume at the same address, same port (or register anew there if the
+    /// session is gone). If that node says `Draining`, move elsewhere.
     async fn resume_here(&mut self) -> Result<(), ClientError> {
         let server = self.shared.session().server;
-        let uuid = self.shared.session().uuid;
-        self.resume_or_register(server).await?;
-        if self.shared.session().uuid == uuid {
-            self.emit(Event::Resumed { server });
+        let hello = self.resume_hello()?;
+        let within = self.shared.cfg.request_timeout;
+        match self.shared.settle_at(hello, server, within, true).await {
+            Ok(how) => {
+                self.settled(how);
+                if how == Settled::Resumed {
+                    self.emit(Event::Resumed { server });
+                }
+                Ok(())
+            }
+            Err(Refused::Elsewhere { to, .. }) => self.away_from_draining(to).await,
+            Err(Refused::Failed(e)) => Err(e),
         }
-        Ok(())
     }
 
-    /// Move to a new local port and resume at the first of `servers` that takes it, cycling
-    /// through them with backoff (each attempt from a new port) until one does. Returns the
-    /// server; fails only when the client closes.
-    async fn relocate(&mut self, servers: &[SocketAddr]) -> Result<SocketAddr, ClientError> {
-        let mut pause = Backoff::reconnect();
-        for attempt in 0usize.. {
-            let server = servers[attempt % servers.len()];
-            match self.shared.rebind().await {
-                Ok(local) => tracing::debug!(%local, %server, "relocating"),
-                Err(ClientError::Closed) => return Err(ClientError::Closed),
-                Err(e) => tracing::warn!(error = %e, "rebind failed"),
-            }
-            match self.resume_or_register(server).await {
-                Ok(()) => return Ok(server),
-                Err(ClientError::Closed) => return Err(ClientError::Closed),
-                Err(e) => {
-                    tracing::debug!(error = %e, %server, "resume failed; trying the next");
-                    // A pause after each full round; the next address at once otherwise.
-                    if (attempt + 1) % servers.len() == 0 {
-                        sleep(pause.next_jittered()).await;
-                    }
-                }
-            }
+    /// The node holding the session said `Draining` (naming `to`, or nothing): never try it
+    /// again this round; go to `to`, then the other addresses.
+    async fn away_from_draining(&mut self, to: Option<SocketAddr>) -> Result<(), ClientError> {
+        let current = self.shared.session().server;
+        self.relocate(to, Some(current), true, Move::Migrate)
+            .await
+            .map(|_| ())
+    }
+
+    /// Moves to a new local port and takes the session to the first address that takes it:
+    /// `first` (named by a router), the configured servers, the addresses routers named
+    /// before, and `leaving` last (skipped altogether when `leaving_refused`: it said
+    /// `Draining`). Rounds repeat with a capped, jittered pause, each failed round reported
+    /// as [`Event::Stranded`], until one address takes the session; fails only when the
+    /// client closes. Reports the move as `why` says.
+    async fn relocate(
+        &mut self,
+        first: Option<SocketAddr>,
+        leaving: Option<SocketAddr>,
+        leaving_refused: bool,
+        why: Move,
+    ) -> Result<SocketAddr, ClientError> {
+        let hello = self.resume_hello()?;
+        let servers = self.shared.cfg.servers();
+        let mut walk = Walk::new(first, leaving, &servers, &self.shared.told());
+        if let (Some(l), true) = (leaving, leaving_refused) {
+            walk.refused(l, first);
         }
-        Err(ClientError::Closed)
+        let events = self.events.clone();
+        let (server, how) = self
+            .shared
+            .walk(hello, walk, None, true, true, |tried, retry_in| {
+                tracing::debug!(?tried, ?retry_in, "no router took the session");
+                if events
+                    .try_send(Event::Stranded { tried, retry_in })
+                    .is_err()
+                {
+                    tracing::debug!("event queue full or closed; event dropped");
+                }
+            })
+            .await?;
+        self.settled(how);
+        self.emit(match why {
+            Move::Migrate => Event::Migrated { to: server },
+            Move::Rehome => Event::Rehomed { server },
+        });
+        Ok(server)
     }
 }

@@ -5,6 +5,8 @@
 //! acknowledged). The behaviour against the real router is in the root crate's
 //! `tests/client_lib.rs`.
 
+#[path = "scripted/draining.rs"]
+mod draining;
 #[path = "scripted/retries.rs"]
 mod retries;
 #[path = "scripted/router.rs"]

@@ -38,6 +38,7 @@ pub(crate) struct EventCounts {
     pub(crate) rehomed: AtomicU64,
     pub(crate) resumed: AtomicU64,
     pub(crate) reregistered: AtomicU64,
+    pub(crate) stranded: AtomicU64,
 }
 
 impl EventCounts {
@@ -51,8 +52,23 @@ impl EventCounts {
             "rehomed": l(&self.rehomed),
             "resumed": l(&self.resumed),
             "reregistered": l(&self.reregistered),
+            "stranded": l(&self.stranded),
         })
     }
+}
+
+/// Clients per loopback address.
+const CLIENTS_PER_IP: usize = 128;
+
+/// Where client `i` binds: one of many loopback addresses (127.1.0.0 and up, 128 clients
+/// each), port chosen by the system. Every client takes a new port at each move (and, behind
+/// nginx, so does the proxy for each new client port, holding it for its 60 s session
+/// timeout); on one address, 10,000 clients and the proxy exhaust the 28,000 ephemeral ports
+/// within two drains, and a client that cannot take a new port stays on the old one, which
+/// the proxy keeps sending to the draining node. Spread over addresses, each has its own.
+fn client_bind(i: usize) -> SocketAddr {
+    let k = i / CLIENTS_PER_IP;
+    SocketAddr::from(([127, 1 + (k >> 16) as u8, (k >> 8) as u8, k as u8], 0))
 }
 
 /// The registered clients.
@@ -91,6 +107,7 @@ fn spawn_events(
                 Event::Migrated { .. } => &ev.migrated,
                 Event::Rehomed { .. } => &ev.rehomed,
                 Event::Resumed { .. } => &ev.resumed,
+                Event::Stranded { .. } => &ev.stranded,
                 Event::Reregistered { uuid } => {
                     *uuids[index].lock().unwrap_or_else(PoisonError::into_inner) = uuid;
                     &ev.reregistered
@@ -116,6 +133,7 @@ impl Fleet {
         for i in 0..n {
             let mut cfg = ClientConfig::new(servers[i % servers.len()]);
             cfg.fallback_servers = fallbacks.to_vec();
+            cfg.bind = Some(client_bind(i));
             let sem = sem.clone();
             regs.spawn(async move {
                 let _permit = sem.acquire_owned().await;

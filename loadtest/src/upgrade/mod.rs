@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 
 mod fleet;
-mod procs;
+pub(crate) mod procs;
 mod report;
 
 use fleet::Fleet;

@@ -147,6 +147,34 @@ impl Redis {
     pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The number of keys (`DBSIZE`), if Redis answers within a second.
+    pub(crate) async fn dbsize(&self) -> Option<u64> {
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(1),
+            TcpStream::connect(loopback(self.port)),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        s.write_all(b"DBSIZE\r\n").await.ok()?;
+        let mut buf = [0u8; 32];
+        let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .strip_prefix(':')?
+            .trim()
+            .parse()
+            .ok()
+    }
 }
 
 impl Drop for Redis {
@@ -232,6 +260,22 @@ impl Node {
             log: s.dir.join(format!("{id}.log")),
             child: None,
         })
+    }
+
+    /// Adds flags for the next start.
+    pub(crate) fn add_args(&mut self, args: &[String]) {
+        self.args.extend(args.iter().cloned());
+    }
+
+    /// The node's `/metrics` page, if it answers.
+    pub(crate) async fn metrics_page(&self) -> Option<String> {
+        let page = http_get(self.metrics, "/metrics").await?;
+        page.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    }
+
+    /// The process id, while running.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts the process (logs appended to DIR/<id>.log).
@@ -344,8 +388,16 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// An nginx stream (UDP) proxy in front of the nodes, one process (`master_process off`, so
-/// killing it leaves no worker behind), configured like `k8s/nginx-udp.conf.yaml`.
+/// Worker processes of the nginx proxy. nginx holds one socket per client port for its
+/// 60 s session timeout, and a process may not open more files than the system allows it
+/// (20,000 on the project's machines, a hard limit a container cannot raise): a fleet of
+/// 10,000 clients that each take a new port at every drain needs more, so the sessions are
+/// spread over several workers (`reuseport`, as `k8s/overlays/nginx/nginx.conf` does).
+const NGINX_WORKERS: usize = 4;
+
+/// An nginx stream (UDP) proxy in front of the nodes: a master and [`NGINX_WORKERS`]
+/// workers, configured like `k8s/overlays/nginx/nginx.conf`; stopped with SIGTERM, which
+/// takes the workers down with the master.
 pub(crate) struct Nginx {
     /// The address clients use.
     pub(crate) addr: SocketAddr,
@@ -401,16 +453,31 @@ impl Nginx {
         let load = module
             .map(|m| format!("load_module {};\n", m.display()))
             .unwrap_or_default();
+        // Where nginx's upstream sockets are bound: 127.2.0.1 to 127.2.0.10 by the last digit
+        // of the client's port. One loopback address has 28,000 ephemeral ports, and nginx
+        // holds one per client session for its 60 s timeout: a fleet of 10,000 clients that
+        // each take a new port at every drain runs out of them on one address (connect()
+        // fails with EAGAIN, nginx marks every node down and answers nothing for 10 s).
+        let src_map: String =
+            std::iter::once("    map $remote_port $sigrouter_src {\n".to_string())
+                .chain((0..10).map(|d| format!("        ~{d}$ 127.2.0.{};\n", d + 1)))
+                .chain(std::iter::once("    }\n".to_string()))
+                .collect();
         let servers: String = upstreams
             .iter()
             .map(|u| format!("        server {u};\n"))
             .collect();
         let conf = format!(
-            "{load}daemon off;\nmaster_process off;\nworker_rlimit_nofile 262144;\n\
+            "{load}daemon off;\nmaster_process on;\nworker_processes {NGINX_WORKERS};\n\
+             worker_rlimit_nofile 262144;\n\
              error_log {home}/logs/error.log warn;\npid {home}/nginx.pid;\n\n\
              events {{\n    worker_connections 131072;\n}}\n\n\
-             stream {{\n    access_log off;\n    upstream sigrouter {{\n{servers}    }}\n\
-             \x20   server {{\n        listen {addr} udp;\n        proxy_pass sigrouter;\n\
+             stream {{\n    access_log off;\n{src_map}    upstream sigrouter {{\n{servers}    }}\n\
+             \x20   server {{\n        listen {addr} udp reuseport;\n        proxy_pass sigrouter;\n\
+             \x20       # one upstream socket per client session, held 60 s: spread over ten\n\
+             \x20       # source addresses (by the client port's last digit), each with its\n\
+             \x20       # own ephemeral ports, apart from the clients' addresses.\n\
+             \x20       proxy_bind $sigrouter_src;\n\
              \x20       # above the heartbeat interval (15 s); no proxy_responses: pushes\n\
              \x20       # arrive without a request.\n        proxy_timeout 60s;\n    }}\n}}\n",
             home = home.display(),
@@ -471,6 +538,17 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        stop_child(&mut self.child);
+        // SIGTERM: the master stops its workers, then exits.
+        if let Some(mut c) = self.child.take() {
+            let stopped = signal(c.id(), "-TERM").is_ok()
+                && (0..500).any(|_| {
+                    std::thread::sleep(Duration::from_millis(10));
+                    matches!(c.try_wait(), Ok(Some(_)))
+                });
+            if !stopped {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 }

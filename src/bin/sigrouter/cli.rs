@@ -242,6 +242,11 @@ fn event_json(ev: &Event) -> Value {
         Event::ObservedChanged { observed } => {
             json!({"event": "observed_changed", "observed": observed.to_string()})
         }
+        Event::Stranded { tried, retry_in } => json!({
+            "event": "stranded",
+            "tried": tried.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "retry_in_ms": retry_in.as_millis() as u64,
+        }),
         other => json!({"event": "other", "debug": format!("{other:?}")}),
     }
 }
