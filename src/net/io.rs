@@ -370,10 +370,7 @@ mod tests {
     }
 
     fn t(to: SocketAddr, tag: u8, len: usize) -> Transmit {
-        Transmit {
-            to,
-            bytes: vec![tag; len],
-        }
+        Transmit::new(to, vec![tag; len])
     }
 
     /// Reads `n` datagrams (or fails after a deadline): what a client would see.
@@ -422,7 +419,7 @@ mod tests {
         let want = |to: SocketAddr| -> Vec<Vec<u8>> {
             q.iter()
                 .filter(|x| x.to == to)
-                .map(|x| x.bytes.clone())
+                .map(|x| x.bytes.to_vec())
                 .collect()
         };
         assert_eq!(read(&a, 23).await, want(ta));

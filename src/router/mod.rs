@@ -212,7 +212,7 @@ impl Router {
                 } else {
                     view.addr
                 };
-                out.send_client(to, bytes.to_vec());
+                out.send_client(to, &bytes);
                 return;
             }
             (Seen::Duplicate, Some(Remembered::Pending)) => {

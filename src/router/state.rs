@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use rand::RngCore;
-use sigrouter_proto::{self as proto, Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secret};
+use sigrouter_proto::{Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secret};
 use uuid::Uuid;
 
 use super::conns::{Conns, Remote};
@@ -287,8 +287,8 @@ impl State {
         msg: &Message,
         out: &mut Outbox,
     ) {
-        match proto::encode(msg, None) {
-            Ok(bytes) if bytes.len() <= req_len => out.send_client(to, bytes),
+        match out.encode(msg, None).map(<[u8]>::len) {
+            Ok(len) if len <= req_len => out.send_encoded(to),
             Ok(_) => self.metrics.drop(DropReason::Amplification),
             Err(e) => tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"),
         }
@@ -335,25 +335,22 @@ impl State {
         mac: bool,
         out: &mut Outbox,
     ) {
-        match proto::encode(msg, mac.then_some(&view.secret)) {
+        match out.encode(msg, mac.then_some(&view.secret)) {
             Ok(bytes) => {
-                self.sessions.remember(
-                    &view.uuid,
-                    rid,
-                    Remembered::Answer(bytes.as_slice().into()),
-                    now,
-                );
-                out.send_client(view.addr, bytes);
+                self.sessions
+                    .remember(&view.uuid, rid, Remembered::Answer(bytes.into()), now);
+                out.send_encoded(view.addr);
             }
             Err(e) => tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"),
         }
     }
 
     /// Sends an answer for the sender, MAC'd with its secret, to its address (not remembered:
-    /// heartbeat acks and query results are answered afresh when asked again).
+    /// heartbeat acks and query results are answered afresh when asked again). Encoded into
+    /// the outbox's reused buffers: no allocation.
     pub(crate) fn send(&self, view: &SenderView, msg: Message, out: &mut Outbox) {
-        match proto::encode(&msg, Some(&view.secret)) {
-            Ok(bytes) => out.send_client(view.addr, bytes),
+        match out.encode(&msg, Some(&view.secret)) {
+            Ok(_) => out.send_encoded(view.addr),
             Err(e) => tracing::error!(error = %e, ty = ?msg.ty(), "encoding an answer failed"),
         }
     }
@@ -407,7 +404,7 @@ impl State {
         } else {
             PushKind::Plain
         };
-        let bytes = match proto::encode(&msg, Some(&to.secret)) {
+        let bytes = match out.encode(&msg, Some(&to.secret)) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, ty = ?msg.ty(), "encoding a push failed");
@@ -415,9 +412,9 @@ impl State {
             }
         };
         self.pushes
-            .insert((to.uuid, to.push), to.addr, &bytes, now, kind);
+            .insert((to.uuid, to.push), to.addr, bytes, now, kind);
         self.metrics.pushes_sent.increment(1);
-        out.send_client(to.addr, bytes);
+        out.send_encoded(to.addr);
     }
 
     /// Sends a node-to-node request and keeps it for retransmission until answered.
