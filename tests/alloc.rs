@@ -114,7 +114,7 @@ fn heartbeats_allocate_nothing_per_datagram() {
         for (src, b) in batch {
             r.handle(now, *src, b, out);
         }
-        pending.extend(out.client.drain(..));
+        pending.append(&mut out.client);
         assert_eq!(pending.len(), batch.len(), "one answer per heartbeat");
         pending.clear(); // sent
         out.reclaim();
