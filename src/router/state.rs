@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use hmac::{Hmac, Mac};
 use rand::RngCore;
+use sha2::Sha256;
 use sigrouter_proto::{Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secret};
 use uuid::Uuid;
 
@@ -142,8 +144,9 @@ pub(crate) struct State {
     /// Connections whose end here moved to another node, with that node: a Signal still sent
     /// here for them is passed on for a while.
     pub(crate) moved_conns: DashMap<Uuid, (Remote, Instant)>,
-    /// Keys the UUIDs this node derives for new sessions (random per process).
-    pub(crate) uuid_key: [u8; 32],
+    /// Keys the UUIDs this node derives for new sessions (a random key per process, its HMAC
+    /// state computed once: each UUID then costs two SHA-256 blocks instead of four).
+    uuid_mac: Hmac<Sha256>,
     /// Time zero of the compact clocks (rate limiters, session timestamps).
     pub(crate) epoch: Instant,
     /// Set while the node drains: no new sessions.
@@ -159,6 +162,7 @@ impl State {
         let epoch = Instant::now();
         let mut uuid_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut uuid_key);
+        let uuid_mac = <Hmac<Sha256> as Mac>::new_from_slice(&uuid_key).expect("any key length");
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self {
             settings: Settings {
@@ -206,12 +210,17 @@ impl State {
             migrating: DashMap::new(),
             migrations: DashMap::new(),
             moved_conns: DashMap::new(),
-            uuid_key,
+            uuid_mac,
             epoch,
             draining: AtomicBool::new(false),
             cluster,
             metrics,
         }
+    }
+
+    /// The HMAC that derives session UUIDs, keyed and ready for the derivation's input.
+    pub(crate) fn uuid_mac(&self) -> Hmac<Sha256> {
+        self.uuid_mac.clone()
     }
 
     /// Nanoseconds of the router's clock at `now`.
