@@ -5,14 +5,21 @@
 //! process keep separate figures. Handles are registered once at start; the packet path only
 //! increments them. Label values come from small enums, never from a UUID or an address.
 //!
+//! Counters that every datagram touches (datagrams in and out, requests by type, drops by
+//! reason, duplicates, routed and forwarded requests) are [`HotCounter`]s: each thread adds to
+//! its own cache-padded row of cells, so socket loops on different cores never write to the
+//! same cache line; `/metrics` sums the rows when it is rendered.
+//!
 //! Figures that are ages or read from the OS (process CPU, memory, open files; the age of the
 //! node table and of the oldest waiting request) are computed when `/metrics` is scraped, by
 //! collectors registered with [`Metrics::on_render`]: a stuck task cannot freeze them.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crossbeam::utils::CachePadded;
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
@@ -155,6 +162,77 @@ pub const COMMIT: &str = match option_env!("SIGROUTER_COMMIT") {
     None => "unknown",
 };
 
+/// Rows of hot-counter cells: one per thread (threads beyond [`HOT_ROWS`] share rows).
+const HOT_ROWS: usize = 16;
+/// Hot counters per node (cells per row).
+const HOT_COLS: usize = 32;
+
+/// One thread's cells of every hot counter of a node, on cache lines of its own.
+type HotRow = CachePadded<[AtomicU64; HOT_COLS]>;
+
+/// This thread's row (assigned round-robin the first time a thread counts).
+fn hot_row() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static ROW: usize = NEXT.fetch_add(1, Ordering::Relaxed) % HOT_ROWS;
+    }
+    ROW.with(|r| *r)
+}
+
+/// A counter bumped on the packet path: each thread adds to its own cache-padded cell, and the
+/// cells are summed into the exported counter when `/metrics` is rendered. Increments from one
+/// thread never contend with another core's.
+#[derive(Clone)]
+pub struct HotCounter {
+    rows: Arc<[HotRow]>,
+    col: usize,
+}
+
+impl HotCounter {
+    /// Adds `n`.
+    #[inline]
+    pub fn increment(&self, n: u64) {
+        self.rows[hot_row()][self.col].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The sum over every thread.
+    pub fn value(&self) -> u64 {
+        self.rows
+            .iter()
+            .map(|r| r[self.col].load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+/// Hands out the hot counters of one node and remembers which exported counter each feeds.
+struct HotCounters {
+    rows: Arc<[HotRow]>,
+    exported: Vec<(HotCounter, Counter)>,
+}
+
+impl HotCounters {
+    fn new() -> Self {
+        Self {
+            rows: (0..HOT_ROWS)
+                .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+            exported: Vec::new(),
+        }
+    }
+
+    /// A hot counter summed into `to` at each render.
+    fn feed(&mut self, to: Counter) -> HotCounter {
+        let col = self.exported.len();
+        assert!(col < HOT_COLS, "more hot counters than HOT_COLS");
+        let h = HotCounter {
+            rows: self.rows.clone(),
+            col,
+        };
+        self.exported.push((h.clone(), to));
+        h
+    }
+}
+
 type Collector = Box<dyn Fn() + Send + Sync>;
 
 /// Every metric handle a node uses.
@@ -164,14 +242,16 @@ pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     collectors: Arc<Mutex<Vec<Collector>>>,
     process: metrics_process::Collector,
-    requests: [Counter; 10],
-    dropped: [Counter; 15],
+    /// Every hot counter with the exported counter it is summed into.
+    hot: Arc<[(HotCounter, Counter)]>,
+    requests: [HotCounter; 10],
+    dropped: [HotCounter; 15],
     cluster_refused: [Counter; 4],
     outcomes: [Counter; 5],
     /// Datagrams received on the client port.
-    pub rx_datagrams: Counter,
+    pub rx_datagrams: HotCounter,
     /// Datagrams sent on the client port.
-    pub tx_datagrams: Counter,
+    pub tx_datagrams: HotCounter,
     /// Datagrams dropped because a socket's outbound queue was full.
     pub tx_dropped_queue: Counter,
     /// Datagrams the kernel refused to send.
@@ -197,7 +277,7 @@ pub struct Metrics {
     /// Session addresses moved by a NAT rebinding.
     pub rebinds: Counter,
     /// Retransmitted requests answered from memory.
-    pub duplicates: Counter,
+    pub duplicates: HotCounter,
     /// Requests refused by a per-session rate limit.
     pub rate_limited: Counter,
     /// Register/Resume refused by the per-source rate limit.
@@ -239,12 +319,12 @@ pub struct Metrics {
     /// Datagrams forwarded to other nodes.
     pub forwarded: Counter,
     /// Datagrams received from other nodes.
-    pub forwarded_in: Counter,
+    pub forwarded_in: HotCounter,
     /// Migrate pushes sent while draining.
     pub migrates: Counter,
     /// Routed requests (Connect, Accept, Reject, Signal, Query) — the denominator of Redis
     /// commands per routed request.
-    pub routed: Counter,
+    pub routed: HotCounter,
     /// Membership and lookups among nodes (cluster mode).
     pub peers: PeerMetrics,
 }
@@ -379,19 +459,22 @@ impl Metrics {
                 Histogram::noop()
             }
         };
+        let mut hot = HotCounters::new();
+        let requests = requests.map(|c| hot.feed(c));
+        let dropped = dropped.map(|c| hot.feed(c));
         Self {
             requests,
             dropped,
             cluster_refused,
             outcomes,
-            rx_datagrams: c(
+            rx_datagrams: hot.feed(c(
                 "sigrouter_rx_datagrams_total",
                 "Datagrams received on the client port.",
-            ),
-            tx_datagrams: c(
+            )),
+            tx_datagrams: hot.feed(c(
                 "sigrouter_tx_datagrams_total",
                 "Datagrams sent on the client port.",
-            ),
+            )),
             tx_dropped_queue: tx_dropped("queue_full"),
             tx_dropped_error: tx_dropped("send_error"),
             stun_answered: c(
@@ -418,10 +501,10 @@ impl Metrics {
                 "sigrouter_rebinds_total",
                 "Session addresses moved by a NAT rebinding.",
             ),
-            duplicates: c(
+            duplicates: hot.feed(c(
                 "sigrouter_duplicate_requests_total",
                 "Retransmitted requests answered from memory.",
-            ),
+            )),
             rate_limited: limited("session"),
             rate_limited_source: limited("source"),
             rate_limited_new_sessions: limited("new_sessions"),
@@ -481,19 +564,20 @@ impl Metrics {
                 "sigrouter_forwarded_total",
                 "Datagrams forwarded to other nodes.",
             ),
-            forwarded_in: cc(
+            forwarded_in: hot.feed(cc(
                 "sigrouter_forwarded_in_total",
                 "Datagrams received from other nodes.",
-            ),
+            )),
             migrates: cc(
                 "sigrouter_migrates_total",
                 "Migrate pushes sent while draining.",
             ),
-            routed: c(
+            routed: hot.feed(c(
                 "sigrouter_routed_requests_total",
                 "Connect, Accept, Reject, Signal and Query requests.",
-            ),
+            )),
             peers: PeerMetrics::new(r, &md, cluster),
+            hot: hot.exported.into(),
             handle,
             recorder,
             collectors: Arc::default(),
@@ -572,6 +656,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of this node's metrics.
     pub fn render(&self) -> String {
+        for (h, c) in self.hot.iter() {
+            c.absolute(h.value());
+        }
         metrics::with_local_recorder(&*self.recorder, || self.process.collect());
         for f in self
             .collectors
@@ -773,4 +860,63 @@ pub async fn serve_http(
 /// Binds the HTTP endpoint.
 pub async fn bind_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Hot counters bumped from many threads (more than there are rows) add up in /metrics,
+    /// and each node keeps its own figures.
+    #[test]
+    fn hot_counters_from_every_thread_are_summed_at_render() {
+        let m = Metrics::new();
+        let other = Metrics::new();
+        std::thread::scope(|s| {
+            for _ in 0..(2 * HOT_ROWS + 3) {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        m.rx_datagrams.increment(1);
+                        m.request(MsgType::Heartbeat);
+                    }
+                    m.tx_datagrams.increment(7);
+                    m.drop(DropReason::BadMac);
+                });
+            }
+        });
+        other.rx_datagrams.increment(5);
+        let threads = (2 * HOT_ROWS + 3) as f64;
+        let text = m.render();
+        assert_eq!(
+            value(&text, "sigrouter_rx_datagrams_total"),
+            Some(1000.0 * threads)
+        );
+        assert_eq!(
+            value(&text, "sigrouter_requests_total{type=\"heartbeat\"}"),
+            Some(1000.0 * threads)
+        );
+        assert_eq!(
+            value(&text, "sigrouter_tx_datagrams_total"),
+            Some(7.0 * threads)
+        );
+        assert_eq!(
+            value(&text, "sigrouter_dropped_total{reason=\"bad_mac\"}"),
+            Some(threads)
+        );
+        assert_eq!(
+            value(&other.render(), "sigrouter_rx_datagrams_total"),
+            Some(5.0)
+        );
+        // Rendering again changes nothing; later increments show at the next render.
+        m.rx_datagrams.increment(1);
+        assert_eq!(
+            value(&m.render(), "sigrouter_rx_datagrams_total"),
+            Some(1000.0 * threads + 1.0)
+        );
+    }
 }

@@ -282,6 +282,10 @@ pub(crate) async fn run_socket(
         if !pending.is_empty() {
             blocked = flush(&sock, &mut tx, &d.router, &mut pending);
         }
+        if pending.is_empty() {
+            // Every answer of this turn is sent: their arena chunk is free for the next turn.
+            out.reclaim();
+        }
         if blocked {
             // The kernel's buffer is full: wait until it drains (or stop).
             tokio::select! {
@@ -334,6 +338,7 @@ pub(crate) async fn run_timers(
             _ = ticker.tick() => {}
         }
         let now = Instant::now();
+        out.reclaim();
         d.router.tick(now, &mut out);
         d.route(&mut out, false, false);
         if now.saturating_duration_since(last_sweep) >= sweep {

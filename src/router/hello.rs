@@ -5,9 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use rand::RngCore;
-use sha2::Sha256;
 use sigrouter_proto::{self as proto, Addr, ErrorCode, ErrorMsg, Message, Secret, MIN_HELLO_LEN};
 use uuid::Uuid;
 
@@ -249,7 +248,7 @@ pub(crate) fn complete_resume(
 /// source, the request id and the epoch under this node's own random key, so it is as
 /// unpredictable as a random UUID, and a retransmission finds the session it created.
 fn derived_uuid(st: &State, h: Hello, epoch: u64) -> Uuid {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&st.uuid_key).expect("any key length");
+    let mut m = st.uuid_mac();
     match h.src.ip() {
         std::net::IpAddr::V4(ip) => m.update(&ip.octets()),
         std::net::IpAddr::V6(ip) => m.update(&ip.octets()),

@@ -178,24 +178,29 @@ impl Router {
             src,
             req_len: buf.len(),
         };
-        let Some(secret) = st.sessions.secret(&uuid) else {
-            // Not held here: tell the client to Resume. The Error is smaller than any
-            // authenticated request (those carry a 16-byte MAC), so this cannot amplify.
-            if !matches!(msg, Message::PushAck(_)) {
-                st.error(now, from_source, rid, ErrorCode::UnknownSession, out);
+        if let Message::PushAck(a) = msg {
+            // No request id, no answer: only the MAC, then the push it acknowledges.
+            match st.sessions.secret(&uuid) {
+                Some(secret) if proto::verify_mac(buf, &secret) => {
+                    relay::push_ack(st, now, uuid, a, out)
+                }
+                Some(_) => st.metrics.drop(DropReason::BadMac),
+                None => {}
             }
             return;
-        };
-        if !proto::verify_mac(buf, &secret) {
-            st.metrics.drop(DropReason::BadMac);
-            return;
         }
-        if let Message::PushAck(a) = msg {
-            relay::push_ack(st, now, uuid, a, out);
-            return;
-        }
-        let view = match st.sessions.touch(&uuid, src, rid, now) {
-            Touch::Gone => return,
+        let verify = |secret: &proto::Secret| proto::verify_mac(buf, secret);
+        let view = match st.sessions.touch(&uuid, src, rid, now, verify) {
+            Touch::Gone => {
+                // Not held here: tell the client to Resume. The Error is smaller than any
+                // authenticated request (those carry a 16-byte MAC), so this cannot amplify.
+                st.error(now, from_source, rid, ErrorCode::UnknownSession, out);
+                return;
+            }
+            Touch::BadMac => {
+                st.metrics.drop(DropReason::BadMac);
+                return;
+            }
             Touch::RateLimited => {
                 st.metrics.rate_limited.increment(1);
                 st.error(now, from_source, rid, ErrorCode::RateLimited, out);
@@ -217,7 +222,7 @@ impl Router {
                 } else {
                     view.addr
                 };
-                out.send_client(to, bytes.to_vec());
+                out.send_client(to, bytes);
                 return;
             }
             (Seen::Duplicate, Some(Remembered::Pending)) => {

@@ -132,6 +132,17 @@ pub(super) fn bind_for(to: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Whether `bin serve` takes `flag` (older builds lack some limits).
+fn serve_takes(bin: &str, flag: &str) -> bool {
+    Command::new(bin)
+        .args(["serve", "--help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false)
+}
+
 /// Starts a router binary on a free loopback port with load-test limits.
 pub(super) fn spawn_router(
     bin: &str,
@@ -146,8 +157,12 @@ pub(super) fn spawn_router(
     cmd.arg("serve")
         .args(["--listen", &addr.to_string(), "--metrics-listen", "off"])
         .args(["--register-rate", &big, "--register-burst", &big])
-        .args(["--session-rate", &big, "--session-burst", &big])
-        .args(["--max-sessions", &(sessions + 1024).to_string()])
+        .args(["--session-rate", &big, "--session-burst", &big]);
+    // The node-wide budget of new sessions (builds that have one) would pace registration.
+    if serve_takes(bin, "--new-session-rate") {
+        cmd.args(["--new-session-rate", &big, "--new-session-burst", &big]);
+    }
+    cmd.args(["--max-sessions", &(sessions + 1024).to_string()])
         // Sessions must outlive the phases in which they get no heartbeat (another target is
         // measured): 200 missed heartbeats of 15 s.
         .args(["--missed-heartbeats", "200"])

@@ -384,8 +384,11 @@ pub(super) fn only_job(out: &Outbox) -> &Job {
 
 /// Asserts `out` holds exactly these client datagrams, in this order.
 pub(super) fn assert_client(out: &Outbox, expected: &[(SocketAddr, Vec<u8>)]) {
-    let got: Vec<(SocketAddr, Vec<u8>)> =
-        out.client.iter().map(|t| (t.to, t.bytes.clone())).collect();
+    let got: Vec<(SocketAddr, Vec<u8>)> = out
+        .client
+        .iter()
+        .map(|t| (t.to, t.bytes.to_vec()))
+        .collect();
     assert!(
         got == expected,
         "got {:?}\nexpected {:?}",
