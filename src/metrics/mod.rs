@@ -14,143 +14,28 @@
 //! node table and of the oldest waiting request) are computed when `/metrics` is scraped, by
 //! collectors registered with [`Metrics::on_render`]: a stuck task cannot freeze them.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+mod hot;
+mod http;
+mod peer;
+mod reasons;
 
-use crossbeam::utils::CachePadded;
+pub use hot::HotCounter;
+pub use http::{bind_http, serve_http, Health};
+pub use peer::{PeerMetrics, PeerOutcome};
+pub use reasons::{ClusterRefusal, DropReason};
+
+use std::sync::{Arc, Mutex};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use sigrouter_proto::{DecodeError, FailReason, MsgType};
+use sigrouter_proto::{FailReason, MsgType};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use hot::HotCounters;
+use reasons::{OUTCOMES, REQ_TYPES, WIRE_ERRORS};
 
-/// Why a datagram was dropped without an answer. Bounded: used as a metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// The codec rejected it.
-    Decode(DecodeError),
-    /// A message type only the server sends.
-    WrongDirection,
-    /// MAC missing or wrong for the named session.
-    BadMac,
-    /// A Register or Resume shorter than the padding rule.
-    Unpadded,
-    /// An answer to an unauthenticated request would have been larger than the request.
-    Amplification,
-    /// A STUN datagram that is not a well-formed Binding request.
-    Stun,
-    /// Rate limited without an answer (answers would feed a flood).
-    RateLimited,
-    /// A node-to-node datagram without a valid cluster MAC, or replayed.
-    ClusterAuth,
-    /// An authenticated request seen before and no longer remembered, or older than the
-    /// replay window.
-    Replay,
-}
-
-impl DropReason {
-    const ALL: [Self; 15] = [
-        Self::Decode(DecodeError::Truncated),
-        Self::Decode(DecodeError::Oversized),
-        Self::Decode(DecodeError::BadMagic),
-        Self::Decode(DecodeError::UnknownVersion),
-        Self::Decode(DecodeError::UnknownType),
-        Self::Decode(DecodeError::Malformed),
-        Self::Decode(DecodeError::OutOfRange),
-        Self::WrongDirection,
-        Self::BadMac,
-        Self::Unpadded,
-        Self::Amplification,
-        Self::Stun,
-        Self::RateLimited,
-        Self::ClusterAuth,
-        Self::Replay,
-    ];
-
-    fn index(self) -> usize {
-        match self {
-            Self::Decode(e) => e as usize,
-            Self::WrongDirection => 7,
-            Self::BadMac => 8,
-            Self::Unpadded => 9,
-            Self::Amplification => 10,
-            Self::Stun => 11,
-            Self::RateLimited => 12,
-            Self::ClusterAuth => 13,
-            Self::Replay => 14,
-        }
-    }
-
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Decode(e) => e.name(),
-            Self::WrongDirection => "wrong_direction",
-            Self::BadMac => "bad_mac",
-            Self::Unpadded => "unpadded",
-            Self::Amplification => "amplification",
-            Self::Stun => "stun",
-            Self::RateLimited => "rate_limited",
-            Self::ClusterAuth => "cluster_auth",
-            Self::Replay => "replay",
-        }
-    }
-}
-
-const REQ_TYPES: [MsgType; 10] = [
-    MsgType::Register,
-    MsgType::Resume,
-    MsgType::Heartbeat,
-    MsgType::Query,
-    MsgType::Connect,
-    MsgType::Accept,
-    MsgType::Reject,
-    MsgType::Signal,
-    MsgType::Bye,
-    MsgType::PushAck,
-];
-
-/// Why a node-to-node datagram was refused. Bounded: used as a metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClusterRefusal {
-    /// Missing or wrong MAC (another cluster key, or a forgery).
-    BadMac,
-    /// Timestamp outside the freshness window (a replay, or clock skew).
-    Stale,
-    /// Addressed to another node, or claiming to come from this one.
-    Misaddressed,
-    /// Not our format.
-    Malformed,
-}
-
-impl ClusterRefusal {
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::BadMac => "bad_mac",
-            Self::Misaddressed => "misaddressed",
-            Self::Stale => "stale",
-        }
-    }
-}
-
-const WIRE_ERRORS: [ClusterRefusal; 4] = [
-    ClusterRefusal::BadMac,
-    ClusterRefusal::Stale,
-    ClusterRefusal::Misaddressed,
-    ClusterRefusal::Malformed,
-];
-
-/// Outcomes of Connect, as seen by the initiator.
-const OUTCOMES: [&str; 5] = ["connected", "offline", "rejected", "timeout", "retry-later"];
+type Collector = Box<dyn Fn() + Send + Sync>;
 
 /// The version of this build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -161,79 +46,6 @@ pub const COMMIT: &str = match option_env!("SIGROUTER_COMMIT") {
     Some(c) => c,
     None => "unknown",
 };
-
-/// Rows of hot-counter cells: one per thread (threads beyond [`HOT_ROWS`] share rows).
-const HOT_ROWS: usize = 16;
-/// Hot counters per node (cells per row).
-const HOT_COLS: usize = 32;
-
-/// One thread's cells of every hot counter of a node, on cache lines of its own.
-type HotRow = CachePadded<[AtomicU64; HOT_COLS]>;
-
-/// This thread's row (assigned round-robin the first time a thread counts).
-fn hot_row() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static ROW: usize = NEXT.fetch_add(1, Ordering::Relaxed) % HOT_ROWS;
-    }
-    ROW.with(|r| *r)
-}
-
-/// A counter bumped on the packet path: each thread adds to its own cache-padded cell, and the
-/// cells are summed into the exported counter when `/metrics` is rendered. Increments from one
-/// thread never contend with another core's.
-#[derive(Clone)]
-pub struct HotCounter {
-    rows: Arc<[HotRow]>,
-    col: usize,
-}
-
-impl HotCounter {
-    /// Adds `n`.
-    #[inline]
-    pub fn increment(&self, n: u64) {
-        self.rows[hot_row()][self.col].fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The sum over every thread.
-    pub fn value(&self) -> u64 {
-        self.rows
-            .iter()
-            .map(|r| r[self.col].load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add)
-    }
-}
-
-/// Hands out the hot counters of one node and remembers which exported counter each feeds.
-struct HotCounters {
-    rows: Arc<[HotRow]>,
-    exported: Vec<(HotCounter, Counter)>,
-}
-
-impl HotCounters {
-    fn new() -> Self {
-        Self {
-            rows: (0..HOT_ROWS)
-                .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
-                .collect(),
-            exported: Vec::new(),
-        }
-    }
-
-    /// A hot counter summed into `to` at each render.
-    fn feed(&mut self, to: Counter) -> HotCounter {
-        let col = self.exported.len();
-        assert!(col < HOT_COLS, "more hot counters than HOT_COLS");
-        let h = HotCounter {
-            rows: self.rows.clone(),
-            col,
-        };
-        self.exported.push((h.clone(), to));
-        h
-    }
-}
-
-type Collector = Box<dyn Fn() + Send + Sync>;
 
 /// Every metric handle a node uses.
 #[derive(Clone)]
@@ -329,7 +141,7 @@ pub struct Metrics {
     pub peers: PeerMetrics,
 }
 
-fn name(s: &'static str) -> KeyName {
+pub(super) fn name(s: &'static str) -> KeyName {
     KeyName::from_const_str(s)
 }
 
@@ -672,198 +484,15 @@ impl Metrics {
     }
 }
 
-/// Outcomes of presence lookups asked of the other nodes.
-const PEER_OUTCOMES: [&str; 5] = ["found", "nowhere", "unanswered", "limited", "refused"];
-
-/// How a presence lookup asked of the other nodes ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PeerOutcome {
-    /// A node said it holds the client.
-    Found,
-    /// Every node said it does not.
-    Nowhere,
-    /// Some nodes did not answer in time (or were not asked) and none holds it.
-    Unanswered,
-    /// Not asked: the node's lookup budget was spent.
-    Limited,
-    /// The holder said the secret a Resume presented is wrong.
-    Refused,
-}
-
-/// Metrics of membership and of lookups among nodes (cluster mode).
-#[derive(Clone)]
-pub struct PeerMetrics {
-    lookups: [Counter; 5],
-    events: [Counter; 2],
-    /// Presence lookups from other nodes answered from this node's sessions.
-    pub answered: Counter,
-    /// Other nodes this node's membership sees alive or suspect.
-    pub members: Gauge,
-}
-
-impl PeerMetrics {
-    fn new(r: &PrometheusRecorder, md: &Metadata<'_>, cluster: bool) -> Self {
-        let counter = |n: &'static str, d: &'static str, labels: Vec<Label>| {
-            if !cluster {
-                return Counter::noop();
-            }
-            r.describe_counter(name(n), Some(Unit::Count), SharedString::const_str(d));
-            r.register_counter(&Key::from_parts(n, labels), md)
-        };
-        let lookups = PEER_OUTCOMES.map(|o| {
-            counter(
-                "sigrouter_peer_lookups_total",
-                "Presence lookups asked of the other nodes (Redis unavailable or slow), by outcome.",
-                vec![Label::from_static_parts("outcome", o)],
-            )
-        });
-        let events = ["up", "down"].map(|e| {
-            counter(
-                "sigrouter_membership_events_total",
-                "Other nodes seen coming up or going down by membership.",
-                vec![Label::from_static_parts("event", e)],
-            )
-        });
-        let members = if cluster {
-            let n = "sigrouter_membership_members";
-            r.describe_gauge(
-                name(n),
-                None,
-                SharedString::const_str("Other nodes membership sees alive or suspect."),
-            );
-            r.register_gauge(&Key::from_name(n), md)
-        } else {
-            Gauge::noop()
-        };
-        Self {
-            lookups,
-            events,
-            answered: counter(
-                "sigrouter_peer_lookups_answered_total",
-                "Presence lookups from other nodes answered from this node's sessions.",
-                vec![],
-            ),
-            members,
-        }
-    }
-
-    /// Counts a presence lookup asked of the other nodes.
-    pub fn lookup(&self, o: PeerOutcome) {
-        self.lookups[o as usize].increment(1);
-    }
-
-    /// Counts a member coming up (`true`) or going down.
-    pub fn member_event(&self, up: bool) {
-        self.events[usize::from(!up)].increment(1);
-    }
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
 }
 
-/// Readiness flag: on while the node takes new sessions, off while it drains.
-#[derive(Debug, Default)]
-pub struct Health {
-    ready: AtomicBool,
-}
-
-impl Health {
-    /// Sets readiness.
-    pub fn set_ready(&self, v: bool) {
-        self.ready.store(v, Ordering::Relaxed);
-    }
-
-    /// Reads readiness.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-}
-
-/// Serves `GET /metrics`, `/healthz` (always 200 while the process runs: it never looks at
-/// Redis) and `/readyz` (200 when ready, 503 while starting or draining) until `stop`.
-///
-/// A deliberately small HTTP/1.0-style responder: one request per connection, a 2 s read
-/// deadline, no bodies accepted. Scrapers and kubelet probes need nothing more.
-pub async fn serve_http(
-    listener: TcpListener,
-    metrics: Metrics,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let health = health.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let mut n = 0;
-            let read = tokio::time::timeout(Duration::from_secs(2), async {
-                loop {
-                    let k = stream.read(&mut buf[n..]).await?;
-                    n += k;
-                    if k == 0 || buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || n == buf.len() {
-                        return Ok::<_, std::io::Error>(());
-                    }
-                }
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let line = buf[..n].split(|b| *b == b'\n').next().unwrap_or_default();
-            let line = String::from_utf8_lossy(line);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if health.is_ready() => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".to_string(),
-                ),
-                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "method not allowed\n".to_string(),
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-/// Binds the HTTP endpoint.
-pub async fn bind_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
 #[cfg(test)]
 mod tests {
+    use super::hot::HOT_ROWS;
     use super::*;
 
     fn value(text: &str, series: &str) -> Option<f64> {
