@@ -4,6 +4,7 @@
 //! inside the window and, once answered, for the dedup time. A pending entry (the answer is not
 //! known yet) is never evicted while a retransmission of it can still arrive.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::window::ReplayWindow;
@@ -26,19 +27,23 @@ struct Entry {
     what: Remembered,
 }
 
-/// The remembered requests of one session.
+/// The remembered requests of one session, in request-id order. Ids mostly arrive in order,
+/// so a new entry is nearly always appended; lookups are binary searches, and forgetting
+/// looks only at the oldest entries (what the window left behind and answers past their
+/// time, up to the first entry that must stay). An expired answer behind a pending request
+/// stays until that one goes, but `get` no longer returns it, and the window bounds them all.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Replies {
-    entries: Vec<Entry>,
+    entries: VecDeque<Entry>,
 }
 
 impl Replies {
     /// What is remembered for `rid` at `now_ms` (an answer older than `keep_ms` is not).
     pub(crate) fn get(&self, rid: u64, now_ms: u64, keep_ms: u64) -> Option<Remembered> {
-        self.entries
-            .iter()
-            .find(|e| e.rid == rid)
-            .filter(|e| e.what == Remembered::Pending || now_ms.saturating_sub(e.at_ms) <= keep_ms)
+        self.find(rid)
+            .ok()
+            .map(|i| &self.entries[i])
+            .filter(|e| e.live(now_ms, keep_ms))
             .map(|e| e.what.clone())
     }
 
@@ -56,30 +61,50 @@ impl Replies {
         if !window.covers(rid) {
             return; // a retransmission of it would be refused as stale anyway
         }
-        match self.entries.iter_mut().find(|e| e.rid == rid) {
-            Some(e) => {
-                e.at_ms = now_ms;
-                e.what = what;
-            }
-            None => self.entries.push(Entry {
-                rid,
-                at_ms: now_ms,
-                what,
-            }),
+        let entry = Entry {
+            rid,
+            at_ms: now_ms,
+            what,
+        };
+        match self.find(rid) {
+            Ok(i) => self.entries[i] = entry,
+            Err(i) if i == self.entries.len() => self.entries.push_back(entry),
+            Err(i) => self.entries.insert(i, entry),
         }
     }
 
-    /// Forgets entries outside the window, and answers older than `keep_ms`.
+    /// Forgets the oldest entries while they are outside the window or answers older than
+    /// `keep_ms`.
     pub(crate) fn prune(&mut self, now_ms: u64, window: &ReplayWindow, keep_ms: u64) {
-        self.entries.retain(|e| {
-            window.covers(e.rid)
-                && (e.what == Remembered::Pending || now_ms.saturating_sub(e.at_ms) <= keep_ms)
-        });
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| !window.covers(e.rid) || !e.live(now_ms, keep_ms))
+        {
+            self.entries.pop_front();
+        }
     }
 
     /// Whether nothing is remembered.
     pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Where `rid` is (`Err`: where it would go).
+    fn find(&self, rid: u64) -> Result<usize, usize> {
+        // Most lookups are for the newest request.
+        match self.entries.back() {
+            Some(e) if e.rid == rid => Ok(self.entries.len() - 1),
+            Some(e) if e.rid < rid => Err(self.entries.len()),
+            _ => self.entries.binary_search_by_key(&rid, |e| e.rid),
+        }
+    }
+}
+
+impl Entry {
+    /// Whether it may still be returned: pending, or answered within `keep_ms`.
+    fn live(&self, now_ms: u64, keep_ms: u64) -> bool {
+        self.what == Remembered::Pending || now_ms.saturating_sub(self.at_ms) <= keep_ms
     }
 }
 
@@ -112,5 +137,24 @@ mod tests {
         w.check(2 + super::super::window::WINDOW);
         r.prune(40_000, &w, 30_000);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn requests_out_of_order_are_found_and_replaced() {
+        let mut w = ReplayWindow::starting_at(1);
+        let mut r = Replies::default();
+        for rid in [5, 3, 9, 4] {
+            w.check(rid);
+            r.put(rid, Remembered::Pending, 0, &w, 30_000);
+        }
+        for rid in [3, 4, 5, 9] {
+            assert_eq!(r.get(rid, 0, 30_000), Some(Remembered::Pending), "{rid}");
+        }
+        assert_eq!(r.get(6, 0, 30_000), None);
+        r.put(4, answer(4), 10, &w, 30_000);
+        assert_eq!(r.get(4, 10, 30_000), Some(answer(4)));
+        assert_eq!(r.get(3, 10, 30_000), Some(Remembered::Pending));
+        // An answer past its time is not returned, even while a pending one keeps it stored.
+        assert_eq!(r.get(4, 40_011, 30_000), None);
     }
 }
