@@ -61,6 +61,7 @@ fn register(r: &Router, addr: SocketAddr) -> Sess {
     let mut m = Message::Register(proto::Register {
         rid: 1,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     let b = proto::encode_hello(&mut m).expect("encode Register");

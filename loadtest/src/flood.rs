@@ -266,6 +266,7 @@ async fn flood(server: SocketAddr, a: &Args, count: Arc<FloodCount>) -> anyhow::
                     let mut m = Message::Register(proto::Register {
                         rid,
                         local: vec![],
+                        token: Vec::new(),
                         pad: vec![],
                     });
                     let Ok(d) = proto::encode_hello(&mut m) else {

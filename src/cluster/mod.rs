@@ -388,7 +388,6 @@ impl Cluster {
         }
     }
 
-
     /// Stores a new snapshot (the simulated-time tests write tables by hand).
     #[cfg(test)]
     pub(crate) fn store_table(&self, nodes: Vec<NodeInfo>) {

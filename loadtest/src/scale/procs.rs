@@ -95,6 +95,7 @@ pub(super) async fn wait_ready(
     let mut m = Message::Register(proto::Register {
         rid: 1,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     let bytes = proto::encode_hello(&mut m)?;

@@ -245,6 +245,7 @@ pub(super) fn register_datagram(rid: u64, local: Vec<Addr>) -> Vec<u8> {
     let mut m = Message::Register(proto::Register {
         rid,
         local,
+        token: Vec::new(),
         pad: vec![],
     });
     proto::encode_hello(&mut m).unwrap()
@@ -257,6 +258,7 @@ pub(super) fn resume_datagram(c: &Client, rid: u64, secret: Secret) -> Vec<u8> {
         uuid: c.uuid,
         secret,
         local: c.local.clone(),
+        token: Vec::new(),
         pad: vec![],
     });
     proto::encode_hello(&mut m).unwrap()
