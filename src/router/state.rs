@@ -17,9 +17,10 @@ use uuid::Uuid;
 use super::conns::{Conns, Remote};
 use super::outbox::Outbox;
 use super::retransmit::{Retransmit, Schedule};
+use super::token::Tokens;
 use crate::cluster::wire::Body;
 use crate::cluster::{Cluster, PresenceOp};
-use crate::config::Config;
+use crate::config::{AddressValidation, Config};
 use crate::limit::{Keyed, Quota, Shared, SourceKey, Sources};
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{self, PeerView, Remembered, Seen, SenderView, Sessions};
@@ -45,6 +46,8 @@ pub(crate) struct Settings {
     pub(crate) dedup_window: Duration,
     /// Most sessions held.
     pub(crate) max_sessions: usize,
+    /// When Register and Resume from a new address must prove their source address.
+    pub(crate) address_validation: AddressValidation,
 }
 
 /// What a server push is: a Migrate, once acknowledged, lets the session go from a draining
@@ -147,6 +150,8 @@ pub(crate) struct State {
     /// Keys the UUIDs this node derives for new sessions (a random key per process, its HMAC
     /// state computed once: each UUID then costs two SHA-256 blocks instead of four).
     uuid_mac: Hmac<Sha256>,
+    /// Issues and checks address-validation tokens (rotating secrets, nothing per token).
+    pub(crate) tokens: Tokens,
     /// Time zero of the compact clocks (rate limiters, session timestamps).
     pub(crate) epoch: Instant,
     /// Set while the node drains: no new sessions.
@@ -171,6 +176,7 @@ impl State {
                 connect_timeout: cfg.connect_timeout,
                 dedup_window: cfg.dedup_window,
                 max_sessions: cfg.max_sessions,
+                address_validation: cfg.address_validation,
             },
             sessions: Sessions::new(
                 session::Limits {
@@ -211,6 +217,7 @@ impl State {
             migrations: DashMap::new(),
             moved_conns: DashMap::new(),
             uuid_mac,
+            tokens: Tokens::new(),
             epoch,
             draining: AtomicBool::new(false),
             cluster,
@@ -256,6 +263,15 @@ impl State {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node is under pressure, for `--address-validation pressure`: its node-wide
+    /// budget of new sessions is more than half used, or it holds more than 90% of its session
+    /// cap. (Per-prefix limits are not a signal: one prefix is held by its own limit, and a
+    /// flood of forged sources spreads over many prefixes, which the budget sees.)
+    pub(crate) fn under_pressure(&self, now: Instant) -> bool {
+        self.new_sessions.more_than_half_used(self.ns(now))
+            || self.sessions.len().saturating_mul(10) > self.settings.max_sessions.saturating_mul(9)
     }
 
     /// Queues a presence write (cluster mode).
