@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{eventually, metric, test_config, Node};
-use sigrouter::Config;
+use sigrouter::{AddressValidation, Config};
 use sigrouter_client::{
     Client, ClientConfig, ClientError, ConnectOutcome, ErrorCode, Event, Events, FailReason,
 };
@@ -183,6 +183,45 @@ async fn resume_keeps_uuid_from_a_new_socket() {
     let (_, peer, _, payload) = connected(b.connect(uuid, b"still yours?").await.unwrap());
     assert_eq!((peer, payload), (uuid, b"a2 here".to_vec()));
     a2.heartbeat().await.unwrap();
+}
+
+/// Against a node that validates every source address (`--address-validation always`), the
+/// client follows each `Retry` by itself: Register, Resume from a new socket, connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_and_resumes_through_address_validation() {
+    let node = Node::start(Config {
+        address_validation: AddressValidation::Always,
+        ..test_config()
+    })
+    .await;
+    let validation = |o: &str| {
+        metric(
+            &node,
+            &format!("sigrouter_address_validation_total{{outcome=\"{o}\"}}"),
+        )
+    };
+    let (t, te) = register(&node).await;
+    let _t_events = answer_all(&t, te, true, b"validated");
+    let (i, _ie) = register(&node).await;
+    assert_eq!(
+        validation("retry_sent"),
+        2.0,
+        "each Register was asked for a token"
+    );
+    assert_eq!(validation("valid"), 2.0, "and came back with it");
+    assert_eq!(metric(&node, "sigrouter_sessions_registered_total"), 2.0);
+    let (_, peer, _, payload) = connected(i.connect(t.uuid(), b"hi").await.unwrap());
+    assert_eq!((peer, payload), (t.uuid(), b"validated".to_vec()));
+
+    // Resume from a new socket is a new address: validated too; from the same one it is not.
+    let (uuid, secret) = (i.uuid(), i.secret());
+    i.close().await;
+    let (i2, _ie2) = Client::resume(cfg(&node), uuid, secret).await.unwrap();
+    assert_eq!(i2.uuid(), uuid);
+    assert_eq!(validation("retry_sent"), 3.0);
+    assert_eq!(validation("valid"), 3.0);
+    assert_eq!(i2.observed().port(), i2.local_addr().port());
+    assert_eq!(i2.query(&[t.uuid()]).await.unwrap(), [true]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

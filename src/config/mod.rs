@@ -378,6 +378,24 @@ mod tests {
     }
 
     #[test]
+    fn address_validation_flag() {
+        let mode = |extra: &[&str]| Config::from_args(&args(extra)).unwrap().address_validation;
+        assert_eq!(mode(&[]), AddressValidation::Pressure);
+        for (v, want) in [
+            ("never", AddressValidation::Never),
+            ("pressure", AddressValidation::Pressure),
+            ("always", AddressValidation::Always),
+        ] {
+            assert_eq!(mode(&["--address-validation", v]), want);
+        }
+        let e = Cli::try_parse_from(["sigrouter", "--address-validation", "sometimes"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("never") && e.contains("always"), "{e}");
+    }
+
+    #[test]
     fn redacts_every_url_form() {
         assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");
         assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:<redacted>@h:1/0");
