@@ -3,7 +3,7 @@
 //! for retransmission until answered.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,9 @@ const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Most deferred jobs (lookups) one session may have in flight; past that its requests that
 /// need one get retry-later at once, so one client cannot hold the node's job slots.
 pub(crate) const MAX_JOBS_PER_SESSION: u16 = 8;
+
+/// How long `--address-validation pressure` keeps validating after the last sign of pressure.
+pub(crate) const PRESSURE_HOLD: Duration = Duration::from_secs(30);
 
 /// Timings and bounds from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -152,6 +155,8 @@ pub(crate) struct State {
     uuid_mac: Hmac<Sha256>,
     /// Issues and checks address-validation tokens (rotating secrets, nothing per token).
     pub(crate) tokens: Tokens,
+    /// Until when (router clock, ns) the node counts as under pressure ([`State::under_pressure`]).
+    pressure_until: AtomicU64,
     /// Time zero of the compact clocks (rate limiters, session timestamps).
     pub(crate) epoch: Instant,
     /// Set while the node drains: no new sessions.
@@ -218,6 +223,7 @@ impl State {
             moved_conns: DashMap::new(),
             uuid_mac,
             tokens: Tokens::new(),
+            pressure_until: AtomicU64::new(0),
             epoch,
             draining: AtomicBool::new(false),
             cluster,
@@ -267,11 +273,23 @@ impl State {
 
     /// Whether the node is under pressure, for `--address-validation pressure`: its node-wide
     /// budget of new sessions is more than half used, or it holds more than 90% of its session
-    /// cap. (Per-prefix limits are not a signal: one prefix is held by its own limit, and a
-    /// flood of forged sources spreads over many prefixes, which the budget sees.)
+    /// cap, or either was so within the last [`PRESSURE_HOLD`]. (Per-prefix limits are not a
+    /// signal: one prefix is held by its own limit, and a flood of forged sources spreads over
+    /// many prefixes, which the budget sees.) The hold matters: once validation is on, a flood
+    /// of forged sources no longer spends the budget, which refills in seconds; without the
+    /// hold, validation would turn off again and the flood would take half the burst each
+    /// time.
     pub(crate) fn under_pressure(&self, now: Instant) -> bool {
-        self.new_sessions.more_than_half_used(self.ns(now))
-            || self.sessions.len().saturating_mul(10) > self.settings.max_sessions.saturating_mul(9)
+        let ns = self.ns(now);
+        let signal = self.new_sessions.more_than_half_used(ns)
+            || self.sessions.len().saturating_mul(10)
+                > self.settings.max_sessions.saturating_mul(9);
+        if signal {
+            let until = ns.saturating_add(PRESSURE_HOLD.as_nanos() as u64);
+            self.pressure_until.fetch_max(until, Ordering::Relaxed);
+            return true;
+        }
+        ns < self.pressure_until.load(Ordering::Relaxed)
     }
 
     /// Queues a presence write (cluster mode).

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::config::AddressValidation;
+use crate::router::state::PRESSURE_HOLD;
 use crate::router::token::{LIFETIME, TOKEN_LEN};
 
 fn with_mode(mode: AddressValidation) -> Config {
@@ -306,10 +307,16 @@ fn pressure_mode_validates_only_while_the_budget_is_more_than_half_used() {
     // A real client meanwhile: one round trip more, and the budget still has room for it.
     let real = v4(1, 4000);
     register_validated(&sim, real);
-    // The budget refills (100/s): after a second the node is idle again, no Retry.
-    sim.advance(Duration::from_secs(1));
+    // The budget refills (100/s) within a second, but validation holds while the flood may
+    // go on: half a minute after the last sign of pressure.
+    sim.advance(Duration::from_secs(2));
     let src = v4(2, 4000);
-    registered_client(&sim, &sim.recv(src, &register_datagram(1, vec![])), src, 1);
+    let req = register_datagram(1, vec![]);
+    retry_token(&sim.recv(src, &req), src, 1, req.len());
+    sim.advance(PRESSURE_HOLD);
+    registered_client(&sim, &sim.recv(src, &req), src, 1);
+    // Over those 30 s the flood created nothing more.
+    assert_eq!(sim.router.session_count(), 53);
 }
 
 #[test]
