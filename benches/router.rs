@@ -475,7 +475,10 @@ fn registrations(iters: u64, mode: AddressValidation, retry_only: bool) -> Durat
     while done < iters {
         let r = router_with(mode);
         let n = (iters - done).min(PER_ROUTER);
-        let srcs: Vec<SocketAddr> = (0..n).map(|i| src(i as u32 + 1)).collect();
+        // Distinct sources (10.0.0.1 upwards), so no Register is a retransmission of another.
+        let srcs: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddr::new(Ipv4Addr::from(0x0a00_0001 + i as u32).into(), 40000))
+            .collect();
         // The Retry answers, kept (moved out of the outbox, not copied) for the second step.
         let mut answers = Vec::with_capacity(if keep { n as usize } else { 0 });
         let start = Instant::now();
