@@ -6,6 +6,11 @@
 //! - `router`: [`Router::handle`] on a Heartbeat and a Query from registered sessions, a full
 //!   Connect → Incoming → PushAck → Accept → Connected exchange, and [`Router::tick`] with
 //!   nothing due (the fixed cost the timer task pays every 25 ms).
+//! - `validation`: address validation (`--address-validation`). `register/never`: a Register
+//!   that creates a session at once; `register/always`: the validated registration, a
+//!   Register answered with Retry then the Register with its token that creates the session
+//!   (two datagrams); `retry`: a tokenless Register answered with Retry, what each datagram of
+//!   a forged-source flood costs a validating node; `token_issue_and_check`: the token alone.
 //! - `snapshot_read`: the baseline for the cluster node table: `arc_swap::ArcSwap::load`
 //!   against `tokio::sync::RwLock::read` (and std's), alone and with a second thread reading
 //!   the same value. arc-swap is often said to be orders of magnitude faster; this measures it.
@@ -26,8 +31,9 @@ use arc_swap::{ArcSwap, Cache};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use sigrouter::metrics::Metrics;
 use sigrouter::proto::{self, Message, Payload, Secret};
+use sigrouter::router::token::Tokens;
 use sigrouter::router::{Outbox, Router};
-use sigrouter::Config;
+use sigrouter::{AddressValidation, Config};
 use uuid::Uuid;
 
 /// A session registered through the router, as a client would hold it.
@@ -45,7 +51,12 @@ fn src(i: u32) -> SocketAddr {
 }
 
 fn router() -> Router {
+    router_with(AddressValidation::Pressure)
+}
+
+fn router_with(address_validation: AddressValidation) -> Router {
     let cfg = Config {
+        address_validation,
         register_rate: 1_000_000,
         register_burst: 1_000_000,
         session_rate: 1_000_000_000,
@@ -57,13 +68,18 @@ fn router() -> Router {
     Router::new(&cfg, Metrics::new(), None)
 }
 
-fn register(r: &Router, addr: SocketAddr) -> Sess {
+fn register_datagram(rid: u64, token: Vec<u8>) -> Vec<u8> {
     let mut m = Message::Register(proto::Register {
-        rid: 1,
+        rid,
         local: vec![],
+        token,
         pad: vec![],
     });
-    let b = proto::encode_hello(&mut m).expect("encode Register");
+    proto::encode_hello(&mut m).expect("encode Register")
+}
+
+fn register(r: &Router, addr: SocketAddr) -> Sess {
+    let b = register_datagram(1, Vec::new());
     let mut out = Outbox::default();
     r.handle(Instant::now(), addr, &b, &mut out);
     match out.client.first().map(|t| proto::decode(&t.bytes)) {
@@ -443,6 +459,91 @@ fn bench_snapshot_read(c: &mut Criterion) {
     g.finish();
 }
 
+/// `iters` registrations from distinct sources into fresh routers (a new one every 20,000,
+/// built outside the timed part, so the session map stays small as in the other benchmarks).
+/// Only the router's work is timed: `Router::handle` on each Register, and with `always`
+/// (the validated registration) on the Register with its token; decoding the Retry and
+/// encoding that second Register, client work, are not. With `retry_only`, only the first
+/// Register (answered with Retry) is sent.
+fn registrations(iters: u64, mode: AddressValidation, retry_only: bool) -> Duration {
+    const PER_ROUTER: u64 = 20_000;
+    let plain = register_datagram(1, Vec::new());
+    let keep = mode == AddressValidation::Always && !retry_only;
+    let mut out = Outbox::default();
+    let mut total = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let r = router_with(mode);
+        let n = (iters - done).min(PER_ROUTER);
+        // Distinct sources (10.0.0.1 upwards), so no Register is a retransmission of another.
+        let srcs: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddr::new(Ipv4Addr::from(0x0a00_0001 + i as u32).into(), 40000))
+            .collect();
+        // The Retry answers, kept (moved out of the outbox, not copied) for the second step.
+        let mut answers = Vec::with_capacity(if keep { n as usize } else { 0 });
+        let start = Instant::now();
+        for a in &srcs {
+            r.handle(Instant::now(), *a, &plain, &mut out);
+            if keep {
+                answers.append(&mut out.client);
+            } else {
+                out.client.clear();
+                out.reclaim();
+            }
+        }
+        total += start.elapsed();
+        done += n;
+        if !keep {
+            continue;
+        }
+        let again: Vec<Vec<u8>> = answers
+            .iter()
+            .map(|t| match proto::decode(&t.bytes) {
+                Ok(Message::Retry(t)) => register_datagram(2, t.token),
+                other => panic!("expected Retry, got {other:?}"),
+            })
+            .collect();
+        drop(answers);
+        let start = Instant::now();
+        for (a, b) in srcs.iter().zip(&again) {
+            r.handle(Instant::now(), *a, b, &mut out);
+            out.client.clear();
+            out.reclaim();
+        }
+        total += start.elapsed();
+        assert_eq!(
+            r.session_count(),
+            n as usize,
+            "every validated Register took"
+        );
+    }
+    total
+}
+
+fn bench_validation(c: &mut Criterion) {
+    let mut g = c.benchmark_group("validation");
+    g.bench_function("register/never", |b| {
+        b.iter_custom(|iters| registrations(iters, AddressValidation::Never, false))
+    });
+    g.bench_function("register/always", |b| {
+        b.iter_custom(|iters| registrations(iters, AddressValidation::Always, false))
+    });
+    g.bench_function("retry", |b| {
+        b.iter_custom(|iters| registrations(iters, AddressValidation::Always, true))
+    });
+    let tokens = Tokens::new();
+    let a = src(7);
+    g.bench_function("token_issue_and_check", |b| {
+        let mut ns = 1_000_000_000u64;
+        b.iter(|| {
+            ns += 1;
+            let t = tokens.issue(a, ns);
+            black_box(tokens.check(black_box(&t), a, ns))
+        })
+    });
+    g.finish();
+}
+
 /// What `criterion_group!`/`criterion_main!` expand to, written out so every item is
 /// documented: modest sampling, since the benchmark machine has two cores.
 fn main() {
@@ -453,6 +554,7 @@ fn main() {
         .configure_from_args();
     bench_codec(&mut c);
     bench_handle(&mut c);
+    bench_validation(&mut c);
     bench_snapshot_read(&mut c);
     c.final_summary();
 }

@@ -39,5 +39,5 @@ pub mod store;
 pub mod stun;
 mod timer;
 
-pub use config::{Config, ServeArgs};
+pub use config::{AddressValidation, Config, ServeArgs};
 pub use sigrouter_proto as proto;

@@ -101,6 +101,13 @@ impl Shared {
         }
     }
 
+    /// Whether more than half the burst is used at `now_ns` (the bucket is less than half
+    /// full). Reads only.
+    pub(crate) fn more_than_half_used(&self, now_ns: u64) -> bool {
+        let ahead = self.tat.load(Ordering::Relaxed).saturating_sub(now_ns);
+        ahead > self.quota.tolerance / 2
+    }
+
     /// Takes one cell at `now_ns` if the quota allows.
     pub(crate) fn check(&self, now_ns: u64) -> bool {
         let mut cur = self.tat.load(Ordering::Relaxed);
@@ -228,6 +235,18 @@ mod tests {
         });
         assert_eq!(taken, 100, "exactly the burst, however the threads race");
         assert!(b.check(S + 1_000_000));
+    }
+
+    #[test]
+    fn a_shared_budget_says_when_more_than_half_is_used() {
+        let b = Shared::new(Quota::per_second(10, 10));
+        assert!(!b.more_than_half_used(S));
+        assert!((0..5).all(|_| b.check(S)));
+        assert!(!b.more_than_half_used(S), "exactly half");
+        assert!(b.check(S));
+        assert!(b.more_than_half_used(S));
+        // It refills at the sustained rate: one cell per 100 ms.
+        assert!(!b.more_than_half_used(S + S / 10));
     }
 
     #[test]

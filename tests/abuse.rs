@@ -45,6 +45,7 @@ async fn wrong_secret_from_another_address_changes_nothing() {
         uuid: a.uuid,
         secret: forged,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     attacker
@@ -94,6 +95,7 @@ async fn unauthenticated_answers_are_never_larger_than_requests() {
         &Message::Register(proto::Register {
             rid: 1,
             local: vec![],
+            token: Vec::new(),
             pad: vec![],
         }),
         None,
@@ -106,6 +108,7 @@ async fn unauthenticated_answers_are_never_larger_than_requests() {
     let mut m = Message::Register(proto::Register {
         rid: 2,
         local: vec![proto::Addr("[2001:db8::1]:5000".parse().unwrap()); 4],
+        token: Vec::new(),
         pad: vec![],
     });
     probes.push(proto::encode_hello(&mut m).unwrap());
@@ -114,6 +117,7 @@ async fn unauthenticated_answers_are_never_larger_than_requests() {
         uuid: Uuid::new_v4(),
         secret: Secret([1; 32]),
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     probes.push(proto::encode_hello(&mut m).unwrap());
@@ -164,6 +168,7 @@ async fn rate_limits_per_ip_and_per_session() {
         let mut m = Message::Register(proto::Register {
             rid: 1000 + rid,
             local: vec![],
+            token: Vec::new(),
             pad: vec![],
         });
         sock.send_to(&proto::encode_hello(&mut m).unwrap(), node.addr)
@@ -217,6 +222,7 @@ async fn session_cap_refuses_registers() {
     let mut m = Message::Register(proto::Register {
         rid: 1,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     sock.send_to(&proto::encode_hello(&mut m).unwrap(), node.addr)
@@ -285,6 +291,7 @@ async fn garbage_is_counted_and_dropped_while_real_clients_keep_working() {
         proto::encode_hello(&mut Message::Register(proto::Register {
             rid: 9,
             local: vec![],
+            token: Vec::new(),
             pad: vec![],
         }))
         .unwrap(),

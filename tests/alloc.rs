@@ -88,6 +88,7 @@ fn heartbeats_allocate_nothing_per_datagram() {
         let mut m = Message::Register(proto::Register {
             rid: 1,
             local: vec![],
+            token: Vec::new(),
             pad: vec![],
         });
         let b = proto::encode_hello(&mut m).expect("encode Register");

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{eventually, metric, test_config, Node};
-use sigrouter::Config;
+use sigrouter::{AddressValidation, Config};
 use sigrouter_client::{
     Client, ClientConfig, ClientError, ConnectOutcome, ErrorCode, Event, Events, FailReason,
 };
@@ -183,6 +183,106 @@ async fn resume_keeps_uuid_from_a_new_socket() {
     let (_, peer, _, payload) = connected(b.connect(uuid, b"still yours?").await.unwrap());
     assert_eq!((peer, payload), (uuid, b"a2 here".to_vec()));
     a2.heartbeat().await.unwrap();
+}
+
+/// Against a node that validates every source address (`--address-validation always`), the
+/// client follows each `Retry` by itself: Register, Resume from a new socket, connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_and_resumes_through_address_validation() {
+    let node = Node::start(Config {
+        address_validation: AddressValidation::Always,
+        ..test_config()
+    })
+    .await;
+    let validation = |o: &str| {
+        metric(
+            &node,
+            &format!("sigrouter_address_validation_total{{outcome=\"{o}\"}}"),
+        )
+    };
+    let (t, te) = register(&node).await;
+    let _t_events = answer_all(&t, te, true, b"validated");
+    let (i, _ie) = register(&node).await;
+    assert_eq!(
+        validation("retry_sent"),
+        2.0,
+        "each Register was asked for a token"
+    );
+    assert_eq!(validation("valid"), 2.0, "and came back with it");
+    assert_eq!(metric(&node, "sigrouter_sessions_registered_total"), 2.0);
+    let (_, peer, _, payload) = connected(i.connect(t.uuid(), b"hi").await.unwrap());
+    assert_eq!((peer, payload), (t.uuid(), b"validated".to_vec()));
+
+    // Resume from a new socket is a new address: validated too; from the same one it is not.
+    let (uuid, secret) = (i.uuid(), i.secret());
+    i.close().await;
+    let (i2, _ie2) = Client::resume(cfg(&node), uuid, secret).await.unwrap();
+    assert_eq!(i2.uuid(), uuid);
+    assert_eq!(validation("retry_sent"), 3.0);
+    assert_eq!(validation("valid"), 3.0);
+    assert_eq!(i2.observed().port(), i2.local_addr().port());
+    assert_eq!(i2.query(&[t.uuid()]).await.unwrap(), [true]);
+}
+
+/// The real binary, `sigrouter serve` with `SIGROUTER_ADDRESS_VALIDATION=always`: a bare
+/// Register (a source that does not follow Retry) gets a Retry no larger than itself, and the
+/// client library registers through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_validates_addresses_when_told_and_the_client_follows() {
+    use sigrouter::proto::{self, Message};
+
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], common::stable_port()));
+    let _serve = Reap(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sigrouter"))
+            .args([
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--metrics-listen",
+                "off",
+            ])
+            .env("SIGROUTER_ADDRESS_VALIDATION", "always")
+            .env("SIGROUTER_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sigrouter serve"),
+    );
+    let mut m = Message::Register(proto::Register {
+        rid: 1,
+        local: vec![],
+        token: Vec::new(),
+        pad: vec![],
+    });
+    let req = proto::encode_hello(&mut m).unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let until = Instant::now() + WAIT;
+    let mut buf = [0u8; 2048];
+    // Until the node is up: send, wait a moment for the answer.
+    let answer = loop {
+        assert!(Instant::now() < until, "the node never answered");
+        sock.send_to(&req, addr).await.unwrap();
+        let wait = tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf));
+        if let Ok(Ok((n, _))) = wait.await {
+            break buf[..n].to_vec();
+        }
+    };
+    assert!(answer.len() <= req.len());
+    match proto::decode(&answer) {
+        Ok(Message::Retry(r)) => assert_eq!(r.rid, 1),
+        other => panic!("expected Retry, got {other:?}"),
+    }
+    let (c, _events) = Client::register(ClientConfig::new(addr))
+        .await
+        .expect("register through the Retry");
+    assert!(!c.uuid().is_nil());
+    c.heartbeat().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

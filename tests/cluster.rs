@@ -201,6 +201,7 @@ async fn resume_on_another_node_keeps_the_uuid() {
         uuid: a.uuid,
         secret: proto::Secret([9; 32]),
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     sock.send_to(&proto::encode_hello(&mut bad).unwrap(), n2.addr)
@@ -215,6 +216,7 @@ async fn resume_on_another_node_keeps_the_uuid() {
         uuid: a.uuid,
         secret: a.secret,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     sock.send_to(&proto::encode_hello(&mut m).unwrap(), n2.addr)

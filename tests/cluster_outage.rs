@@ -417,6 +417,7 @@ async fn resume_at(
         uuid,
         secret,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     sock.send_to(&proto::encode_hello(&mut m).unwrap(), node)

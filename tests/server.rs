@@ -37,6 +37,7 @@ async fn resume_keeps_uuid_from_a_new_address() {
         uuid: a.uuid,
         secret: a.secret,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     sock.send_to(&proto::encode_hello(&mut m).unwrap(), node.addr)
@@ -315,6 +316,7 @@ async fn duplicate_request_ids_do_nothing_twice() {
     let mut m = Message::Register(proto::Register {
         rid: 77,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     let reg = proto::encode_hello(&mut m).unwrap();

@@ -11,7 +11,9 @@
 //! heartbeat and connect percentiles and failures; for the flood, datagrams and bytes in and
 //! out, answers by kind, sessions created, and resident memory before, after and per flood
 //! datagram. `passed` is false when a live client failed a connect or a heartbeat, or when the
-//! flood created more sessions than the node-wide budget allows.
+//! flood created more sessions than the node-wide budget allows, or, with
+//! `--address-validation always`, any session at all: the flood's sources never send the
+//! `Retry` token back (as forged sources cannot), so they must create nothing.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -54,6 +56,9 @@ pub(crate) struct Args {
     /// Its --new-session-burst.
     #[arg(long, default_value_t = 20_000)]
     new_session_burst: u32,
+    /// The node's --address-validation: never, pressure or always.
+    #[arg(long, default_value = "pressure")]
+    address_validation: String,
     /// Extra flags for `sigrouter serve` (repeat: `--serve-flag=--stun-rate=5`).
     #[arg(long = "serve-flag")]
     serve_flags: Vec<String>,
@@ -118,6 +123,7 @@ fn start(a: &Args) -> anyhow::Result<Node> {
         .args(["--metrics-listen", &metrics.to_string()])
         .args(["--new-session-rate", &a.new_session_rate.to_string()])
         .args(["--new-session-burst", &a.new_session_burst.to_string()])
+        .args(["--address-validation", &a.address_validation])
         .args(&a.serve_flags)
         .env("SIGROUTER_LOG", "warn")
         .stdout(Stdio::null())
@@ -239,6 +245,7 @@ struct FloodCount {
     answers: AtomicU64,
     bytes_out: AtomicU64,
     registered: AtomicU64,
+    retry: AtomicU64,
     refused: AtomicU64,
 }
 
@@ -266,6 +273,7 @@ async fn flood(server: SocketAddr, a: &Args, count: Arc<FloodCount>) -> anyhow::
                     let mut m = Message::Register(proto::Register {
                         rid,
                         local: vec![],
+                        token: Vec::new(),
                         pad: vec![],
                     });
                     let Ok(d) = proto::encode_hello(&mut m) else {
@@ -287,6 +295,10 @@ async fn flood(server: SocketAddr, a: &Args, count: Arc<FloodCount>) -> anyhow::
                     match proto::decode(&buf[..n]) {
                         Ok(Message::Registered(_)) => {
                             count.registered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Not followed: a forged source never receives it.
+                        Ok(Message::Retry(_)) => {
+                            count.retry.fetch_add(1, Ordering::Relaxed);
                         }
                         _ => {
                             count.refused.fetch_add(1, Ordering::Relaxed);
@@ -347,6 +359,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
     let created =
         metric(node.metrics, "sigrouter_sessions_registered_total", "").await? - created_before;
     let limited = metric(node.metrics, "sigrouter_rate_limited_total", "").await?;
+    let retries_sent = metric(
+        node.metrics,
+        "sigrouter_address_validation_total",
+        "outcome=\"retry_sent\"",
+    )
+    .await?;
+    let always = a.address_validation == "always";
     let budget = f64::from(a.new_session_burst)
         + f64::from(a.new_session_rate) * took.as_secs_f64()
         + f64::from(a.new_session_rate); // the last second's tokens, for timing slack
@@ -369,6 +388,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             "bytes_out": ld(&count.bytes_out),
             "bytes_out_per_byte_in": ld(&count.bytes_out) as f64 / ld(&count.bytes_in).max(1) as f64,
             "registered_answers": ld(&count.registered),
+            "retry_answers": ld(&count.retry),
+            "address_validation": a.address_validation,
+            "address_validation_retries_sent": retries_sent,
             "refused_answers": ld(&count.refused),
             "sessions_created": created,
             "session_budget": budget,
@@ -379,6 +401,6 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             "after_bytes": rss_after,
             "growth_per_flood_datagram_bytes": (rss_after.saturating_sub(rss_before)) as f64 / sent as f64,
         },
-        "passed": live_ok && created <= budget,
+        "passed": live_ok && created <= budget && !(always && created > 0.0),
     })))
 }

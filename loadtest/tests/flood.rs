@@ -62,3 +62,41 @@ fn a_register_flood_stays_within_the_budget_and_live_clients_keep_working() {
         );
     }
 }
+
+#[test]
+fn with_address_validation_always_a_forged_flood_creates_no_session() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sigrouter-loadtest"))
+        .args(["--threads", "2", "flood"])
+        .args(["--router-bin", router_bin().to_str().unwrap()])
+        .args(["--registers", "3000", "--sources", "600", "--live", "4"])
+        .args(["--quiet-secs", "1", "--address-validation", "always"])
+        .output()
+        .expect("run sigrouter-loadtest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout).expect("one JSON summary");
+    assert_eq!(v["passed"], true, "{v:#}");
+    let f = &v["flood"];
+    assert_eq!(f["sessions_created"].as_f64(), Some(0.0), "{f}");
+    assert_eq!(f["registered_answers"].as_u64(), Some(0), "{f}");
+    assert!(f["retry_answers"].as_u64().unwrap() >= 2_900, "{f}");
+    // A Retry is a sixth of the Register it answers.
+    assert!(f["bytes_out_per_byte_in"].as_f64().unwrap() < 0.2, "{f}");
+    // The live clients (the client library) registered through their Retry and kept working.
+    for phase in ["live_quiet", "live_during_flood"] {
+        let p = &v[phase];
+        assert!(
+            p["failures"].as_object().unwrap().is_empty(),
+            "{phase}: {p}"
+        );
+        assert!(
+            p["connect_ms"]["count"].as_u64().unwrap() > 0,
+            "{phase}: {p}"
+        );
+    }
+}

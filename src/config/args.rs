@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::redact::Sensitive;
+use super::AddressValidation;
 
 /// Flags of `sigrouter serve`. Every flag can also be set as an environment variable.
 #[derive(Args, Clone, Debug)]
@@ -59,6 +60,16 @@ pub struct ServeArgs {
     /// every client shares the proxy's IP, so limits key on (IP, port) instead of the prefix.
     #[arg(long, env = "SIGROUTER_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// When Register, and Resume from a new address, must first prove the source address with
+    /// a Retry token: never, pressure (while the new-session budget is more than half used or
+    /// sessions exceed 90% of --max-sessions), always.
+    #[arg(
+        long,
+        env = "SIGROUTER_ADDRESS_VALIDATION",
+        value_enum,
+        default_value_t = AddressValidation::Pressure
+    )]
+    pub address_validation: AddressValidation,
     /// Requests allowed per session per second (sustained), after Register.
     #[arg(long, env = "SIGROUTER_SESSION_RATE", default_value_t = 50)]
     pub session_rate: u32,

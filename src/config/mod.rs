@@ -15,6 +15,23 @@ use std::time::Duration;
 
 use redact::url_has_password;
 
+/// When a node asks the source of a `Register` (or of a `Resume` from a new address) to prove
+/// it receives at that address before creating anything for it: a `Retry` with a token, and
+/// the request carried out only when it comes back with the token (docs/PROTOCOL.md 9.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddressValidation {
+    /// Never: every request is carried out at once (one round trip less, no protection from
+    /// forged source addresses but the rate limits).
+    Never,
+    /// Only while the node is under pressure: its node-wide budget of new sessions is more
+    /// than half used, or it holds more than 90% of `--max-sessions`.
+    #[default]
+    Pressure,
+    /// Always: no session is created, moved or looked up for a source that has not shown it
+    /// receives at its address.
+    Always,
+}
+
 /// Validated node configuration. Build it from [`ServeArgs`] or start from [`Config::default`]
 /// (what tests do) and change fields.
 #[derive(Clone, Debug)]
@@ -55,6 +72,8 @@ pub struct Config {
     pub stun_burst: u32,
     /// Sources that are UDP proxies: limits key on (IP, port) for them.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// When Register and Resume from a new address must prove their source address first.
+    pub address_validation: AddressValidation,
     /// Requests per session per second.
     pub session_rate: u32,
     /// Request burst per session.
@@ -90,6 +109,7 @@ impl Default for Config {
             stun_rate: 10,
             stun_burst: 20,
             trusted_proxies: Vec::new(),
+            address_validation: AddressValidation::Pressure,
             session_rate: 50,
             session_burst: 200,
             shutdown_grace: Duration::from_secs(5),
@@ -233,6 +253,7 @@ impl Config {
             stun_rate: a.stun_rate,
             stun_burst: a.stun_burst,
             trusted_proxies: a.trusted_proxies.clone(),
+            address_validation: a.address_validation,
             session_rate: a.session_rate,
             session_burst: a.session_burst,
             shutdown_grace: secs("shutdown-grace-secs", a.shutdown_grace_secs)?,
@@ -354,6 +375,24 @@ mod tests {
             shown.contains("rediss://user:<redacted>@redis.example:6380/0"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn address_validation_flag() {
+        let mode = |extra: &[&str]| Config::from_args(&args(extra)).unwrap().address_validation;
+        assert_eq!(mode(&[]), AddressValidation::Pressure);
+        for (v, want) in [
+            ("never", AddressValidation::Never),
+            ("pressure", AddressValidation::Pressure),
+            ("always", AddressValidation::Always),
+        ] {
+            assert_eq!(mode(&["--address-validation", v]), want);
+        }
+        let e = Cli::try_parse_from(["sigrouter", "--address-validation", "sometimes"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("never") && e.contains("always"), "{e}");
     }
 
     #[test]

@@ -100,6 +100,14 @@ pub struct Metrics {
     pub rate_limited_jobs: Counter,
     /// Register refused by the session cap.
     pub capacity_refused: Counter,
+    /// Address validation: `Retry` answers sent.
+    pub validation_retry_sent: Counter,
+    /// Address validation: tokens accepted.
+    pub validation_valid: Counter,
+    /// Address validation: tokens refused as not this node's for this address and port.
+    pub validation_invalid: Counter,
+    /// Address validation: tokens refused as too old.
+    pub validation_expired: Counter,
     /// Server pushes sent the first time.
     pub pushes_sent: Counter,
     /// Server push retransmissions.
@@ -239,6 +247,14 @@ impl Metrics {
                 vec![Label::from_static_parts("cause", cause)],
             )
         };
+        let validation = |outcome: &'static str| {
+            counter(
+                "sigrouter_address_validation_total",
+                Some(Unit::Count),
+                "Address validation of Register and Resume from a new address, by outcome: retry_sent (a Retry with a token answered the request; nothing was created), valid (a token came back and was accepted), invalid (a token that is not this node's for the source address and port), expired (a token too old).",
+                vec![Label::from_static_parts("outcome", outcome)],
+            )
+        };
         let tx_dropped = |reason: &'static str| {
             counter(
                 "sigrouter_tx_dropped_total",
@@ -325,6 +341,10 @@ impl Metrics {
                 "sigrouter_capacity_refused_total",
                 "Registers refused by the session cap.",
             ),
+            validation_retry_sent: validation("retry_sent"),
+            validation_valid: validation("valid"),
+            validation_invalid: validation("invalid"),
+            validation_expired: validation("expired"),
             pushes_sent: c("sigrouter_pushes_total", "Server pushes sent."),
             push_retransmits: c(
                 "sigrouter_push_retransmits_total",

@@ -1,20 +1,32 @@
 //! Register and Resume: the unauthenticated requests that create or take back a session.
 //! Their answers are never larger than the request (the client pads it), so a spoofed source
 //! gains nothing by sending them.
+//!
+//! Address validation (`--address-validation`): when it applies, a Register, or a Resume
+//! from an address that is not the session's, without a valid token gets `Retry` with a token
+//! for its source address and port ([`super::token`]) and creates nothing: no session, no
+//! remembered answer, no presence write, no lookup job. The order of the checks keeps every
+//! answer that needs no state first: duplicate Register (the session exists already), the
+//! per-prefix limit, draining, the session cap; then validation; then the node-wide budget
+//! and the session. A draining node creates nothing for a hello, so it does not validate.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use hmac::Mac;
 use rand::RngCore;
-use sigrouter_proto::{self as proto, Addr, ErrorCode, ErrorMsg, Message, Secret, MIN_HELLO_LEN};
+use sigrouter_proto::{
+    self as proto, Addr, ErrorCode, ErrorMsg, Message, Retry, Secret, MIN_HELLO_LEN,
+};
 use uuid::Uuid;
 
 use super::conns::Remote;
 use super::outbox::{Job, Outbox, ResumeLookup};
 use super::state::{ErrorTo, OnReply, State};
+use super::token::Check;
 use crate::cluster::wire::Body;
 use crate::cluster::PresenceOp;
+use crate::config::AddressValidation;
 use crate::metrics::DropReason;
 use crate::session::NewSession;
 
@@ -70,6 +82,40 @@ fn allowed(st: &State, now: Instant, h: Hello, out: &mut Outbox) -> bool {
     true
 }
 
+/// Whether `h` may go on: yes when the node does not validate addresses now, or `token` is
+/// valid for its source. Otherwise answers `Retry` with a fresh token (an invalid or expired
+/// token is counted first: after a NAT rebinding between the two datagrams, the client pays
+/// one more round trip) and returns false.
+fn validated(st: &State, now: Instant, h: Hello, token: &[u8], out: &mut Outbox) -> bool {
+    let needed = match st.settings.address_validation {
+        AddressValidation::Never => false,
+        AddressValidation::Always => true,
+        AddressValidation::Pressure => st.under_pressure(now),
+    };
+    if !needed {
+        return true;
+    }
+    let ns = st.ns(now);
+    if !token.is_empty() {
+        let m = &st.metrics;
+        match st.tokens.check(token, h.src, ns) {
+            Check::Valid => {
+                m.validation_valid.increment(1);
+                return true;
+            }
+            Check::Invalid => m.validation_invalid.increment(1),
+            Check::Expired => m.validation_expired.increment(1),
+        }
+    }
+    st.metrics.validation_retry_sent.increment(1);
+    let msg = Message::Retry(Retry {
+        rid: h.rid,
+        token: st.tokens.issue(h.src, ns).to_vec(),
+    });
+    st.reply_bounded(h.src, h.len, &msg, out);
+    false
+}
+
 /// Register: a new session with a fresh UUID and secret.
 pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, out: &mut Outbox) {
     if h.len < MIN_HELLO_LEN {
@@ -98,6 +144,9 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
     if st.sessions.len() >= st.settings.max_sessions {
         st.metrics.capacity_refused.increment(1);
         st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
+        return;
+    }
+    if !validated(st, now, h, &m.token, out) {
         return;
     }
     if !st.new_sessions.check(st.ns(now)) {
@@ -136,6 +185,11 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
 /// held elsewhere.
 pub(crate) fn resume(st: &State, now: Instant, h: Hello, m: proto::Resume, out: &mut Outbox) {
     if !allowed(st, now, h, out) {
+        return;
+    }
+    // From the address the session has now: nothing moves, no proof needed.
+    let from_current = st.sessions.peer(&m.uuid).is_some_and(|p| p.addr == h.src);
+    if !from_current && !st.is_draining() && !validated(st, now, h, &m.token, out) {
         return;
     }
     match st.sessions.secret(&m.uuid) {

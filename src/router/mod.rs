@@ -14,6 +14,7 @@
 //!   one way to send an error, pushes and node-to-node requests kept for retransmission).
 //! - `conns`: connections, with an explicit [role](conns::Role) for where their ends are.
 //! - `retransmit`: one retransmission queue, used by client pushes and node requests alike.
+//! - `token`: address-validation tokens (Retry), stateless.
 //! - `hello`: Register and Resume. `connect`: Connect to the target's answer. `relay`:
 //!   Signal and PushAck. `query`: Query. `peer`: requests from other nodes and replies to
 //!   ours. `timers`: tick and sweeps. `drain`: Migrate. `whohas`: presence lookups asked of
@@ -34,6 +35,7 @@ mod relay;
 mod retransmit;
 mod state;
 mod timers;
+pub mod token;
 mod whohas;
 
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! for retransmission until answered.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,10 @@ use uuid::Uuid;
 use super::conns::{Conns, Remote};
 use super::outbox::Outbox;
 use super::retransmit::{Retransmit, Schedule};
+use super::token::Tokens;
 use crate::cluster::wire::Body;
 use crate::cluster::{Cluster, PresenceOp};
-use crate::config::Config;
+use crate::config::{AddressValidation, Config};
 use crate::limit::{Keyed, Quota, Shared, SourceKey, Sources};
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{self, PeerView, Remembered, Seen, SenderView, Sessions};
@@ -31,6 +32,9 @@ const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Most deferred jobs (lookups) one session may have in flight; past that its requests that
 /// need one get retry-later at once, so one client cannot hold the node's job slots.
 pub(crate) const MAX_JOBS_PER_SESSION: u16 = 8;
+
+/// How long `--address-validation pressure` keeps validating after the last sign of pressure.
+pub(crate) const PRESSURE_HOLD: Duration = Duration::from_secs(30);
 
 /// Timings and bounds from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -45,6 +49,8 @@ pub(crate) struct Settings {
     pub(crate) dedup_window: Duration,
     /// Most sessions held.
     pub(crate) max_sessions: usize,
+    /// When Register and Resume from a new address must prove their source address.
+    pub(crate) address_validation: AddressValidation,
 }
 
 /// What a server push is: a Migrate, once acknowledged, lets the session go from a draining
@@ -147,6 +153,10 @@ pub(crate) struct State {
     /// Keys the UUIDs this node derives for new sessions (a random key per process, its HMAC
     /// state computed once: each UUID then costs two SHA-256 blocks instead of four).
     uuid_mac: Hmac<Sha256>,
+    /// Issues and checks address-validation tokens (rotating secrets, nothing per token).
+    pub(crate) tokens: Tokens,
+    /// Until when (router clock, ns) the node counts as under pressure ([`State::under_pressure`]).
+    pressure_until: AtomicU64,
     /// Time zero of the compact clocks (rate limiters, session timestamps).
     pub(crate) epoch: Instant,
     /// Set while the node drains: no new sessions.
@@ -171,6 +181,7 @@ impl State {
                 connect_timeout: cfg.connect_timeout,
                 dedup_window: cfg.dedup_window,
                 max_sessions: cfg.max_sessions,
+                address_validation: cfg.address_validation,
             },
             sessions: Sessions::new(
                 session::Limits {
@@ -211,6 +222,8 @@ impl State {
             migrations: DashMap::new(),
             moved_conns: DashMap::new(),
             uuid_mac,
+            tokens: Tokens::new(),
+            pressure_until: AtomicU64::new(0),
             epoch,
             draining: AtomicBool::new(false),
             cluster,
@@ -256,6 +269,27 @@ impl State {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node is under pressure, for `--address-validation pressure`: its node-wide
+    /// budget of new sessions is more than half used, or it holds more than 90% of its session
+    /// cap, or either was so within the last [`PRESSURE_HOLD`]. (Per-prefix limits are not a
+    /// signal: one prefix is held by its own limit, and a flood of forged sources spreads over
+    /// many prefixes, which the budget sees.) The hold matters: once validation is on, a flood
+    /// of forged sources no longer spends the budget, which refills in seconds; without the
+    /// hold, validation would turn off again and the flood would take half the burst each
+    /// time.
+    pub(crate) fn under_pressure(&self, now: Instant) -> bool {
+        let ns = self.ns(now);
+        let signal = self.new_sessions.more_than_half_used(ns)
+            || self.sessions.len().saturating_mul(10)
+                > self.settings.max_sessions.saturating_mul(9);
+        if signal {
+            let until = ns.saturating_add(PRESSURE_HOLD.as_nanos() as u64);
+            self.pressure_until.fetch_max(until, Ordering::Relaxed);
+            return true;
+        }
+        ns < self.pressure_until.load(Ordering::Relaxed)
     }
 
     /// Queues a presence write (cluster mode).

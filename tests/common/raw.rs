@@ -50,6 +50,7 @@ impl Raw {
         let mut m = Message::Register(proto::Register {
             rid: 1,
             local: vec![proto::Addr(sock.local_addr().unwrap())],
+            token: Vec::new(),
             pad: vec![],
         });
         let b = proto::encode_hello(&mut m).unwrap();

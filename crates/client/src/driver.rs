@@ -132,7 +132,8 @@ impl Driver {
                 return self.on_push(msg, push, body, from, s.uuid, secret);
             }
         } else if from != s.server {
-            // Registered and Error carry no MAC: accept them only from the router we asked.
+            // Registered, Error and Retry carry no MAC: accept them only from the router we
+            // asked.
             tracing::debug!(%from, ty = ty.name(), "unauthenticated datagram from a stranger");
             return None;
         }
@@ -148,7 +149,8 @@ impl Driver {
             | Message::Connected(_)
             | Message::ConnectFailed(_)
             | Message::Ack(_)
-            | Message::Error(_) => {
+            | Message::Error(_)
+            | Message::Retry(_) => {
                 let rid = msg.rid()?;
                 match self.shared.take_pending(rid) {
                     Some(tx) => {

@@ -45,6 +45,9 @@
 //!   [`ClientConfig::request_timeout`]; a request refused with `Draining` moves the session
 //!   first, then is sent again as a new request.
 //!   Request ids only grow, start below 2^32 and are never 0.
+//! - Answers a `Retry` (a router validating source addresses) by sending the same `Register`
+//!   or `Resume` again at once with the token it carries, as a new request (new id);
+//!   transparently, up to 3 times in a row for one request.
 //! - Keeps at most 15 application requests in flight (more wait their turn), plus its own
 //!   heartbeat: the router remembers the last 16 answers per session.
 //! - Heartbeats at the period the router gives in `Registered`.
@@ -57,7 +60,7 @@
 //!   session cannot be resumed (`Unauthorized`: it expired, or the node restarted), registers a
 //!   new one ([`Event::Reregistered`], new UUID).
 //! - Drops answers and pushes whose MAC does not verify, and unauthenticated answers
-//!   (`Registered`, `Error`) from anyone but the router it is talking to.
+//!   (`Registered`, `Error`, `Retry`) from anyone but the router it is talking to.
 //! - Acknowledges every copy of every push and surfaces each push once (remembered for 30 s;
 //!   a push is identified by its id *and* a hash of its body, so a node that numbers pushes
 //!   afresh after a move is never mistaken for a duplicate).

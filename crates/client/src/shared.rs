@@ -30,6 +30,10 @@ use crate::walk::Walk;
 /// `Draining`) before giving up.
 const MAX_RESUMES_PER_REQUEST: u32 = 3;
 
+/// `Retry` answers in a row one Register or Resume follows before it gives up: a router
+/// validating addresses asks once; one more covers a token refused after a NAT rebinding.
+const MAX_RETRIES_PER_HELLO: u32 = 3;
+
 /// Addresses routers named (Migrate targets, Draining redirects) kept to try later.
 const MAX_TOLD: usize = 16;
 
@@ -474,7 +478,9 @@ impl Shared {
     }
 
     /// Register or Resume at `server` (which becomes the current server), padded, retried
-    /// until `within` passes. `RateLimited` and `RetryLater` are retried there after a pause as
+    /// until `within` passes. A `Retry` answer (the router validates our address) is followed
+    /// at once by the same request with its token and a new rid, up to
+    /// [`MAX_RETRIES_PER_HELLO`] times in a row. `RateLimited` and `RetryLater` are retried there after a pause as
     /// for [`Shared::request`]. `Draining` and `Capacity` are not: this node takes no
     /// sessions, so the answer ([`Refused::Elsewhere`], with the node it names, if any) goes
     /// back to the caller at once, to try another address. On success the session takes the
@@ -489,15 +495,20 @@ impl Shared {
         let deadline = Instant::now() + within;
         let mut pause = Backoff::retry();
         let mut refused = None;
+        // The token of the last `Retry`, sent with every attempt after it.
+        let mut token: Vec<u8> = Vec::new();
+        let mut retries = 0;
         loop {
             let rid = self.next_rid();
             let exchanged = self
                 .exchange(rid, deadline, |s| {
                     let local = self.announced(s);
+                    let token = token.clone();
                     let mut m = match hello {
                         Hello::Register => Message::Register(Register {
                             rid,
                             local,
+                            token,
                             pad: Vec::new(),
                         }),
                         Hello::Resume { uuid, secret } => Message::Resume(Resume {
@@ -505,6 +516,7 @@ impl Shared {
                             uuid,
                             secret,
                             local,
+                            token,
                             pad: Vec::new(),
                         }),
                     };
@@ -519,10 +531,26 @@ impl Shared {
                 }
                 r => r?.0,
             };
+            if !matches!(msg, Message::Retry(_)) {
+                retries = 0;
+            }
             match msg {
                 Message::Registered(r) => {
                     self.apply(&r);
                     return Ok(());
+                }
+                // The router wants proof that we receive at our address: the same request
+                // again at once, with its token, as a new request (it carries other content;
+                // the router created nothing for the old rid).
+                Message::Retry(r) => {
+                    retries += 1;
+                    if retries > MAX_RETRIES_PER_HELLO {
+                        return Err(Refused::Failed(ClientError::Unexpected(
+                            "the router kept answering Retry",
+                        )));
+                    }
+                    tracing::debug!(%server, retries, "address validation: sending again with the token");
+                    token = r.token;
                 }
                 Message::Error(e) => match e.code {
                     ErrorCode::Draining | ErrorCode::Capacity => {

@@ -11,6 +11,8 @@ mod draining;
 mod retries;
 #[path = "scripted/router.rs"]
 mod router;
+#[path = "scripted/validation.rs"]
+mod validation;
 
 use std::net::SocketAddr;
 use std::time::Duration;

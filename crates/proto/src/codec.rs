@@ -46,6 +46,7 @@ pub fn encode_into(
         Message::ConnectFailed(m) => rmp_serde::encode::write_named(out, m),
         Message::Ack(m) => rmp_serde::encode::write_named(out, m),
         Message::Error(m) | Message::SessionError(m) => rmp_serde::encode::write_named(out, m),
+        Message::Retry(m) => rmp_serde::encode::write_named(out, m),
         Message::Incoming(m) => rmp_serde::encode::write_named(out, m),
         Message::SignalPush(m) => rmp_serde::encode::write_named(out, m),
         Message::Migrate(m) => rmp_serde::encode::write_named(out, m),
@@ -107,6 +108,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         MsgType::Ack => Message::Ack(body(b)?),
         MsgType::Error => Message::Error(body(b)?),
         MsgType::SessionError => Message::SessionError(body(b)?),
+        MsgType::Retry => Message::Retry(body(b)?),
         MsgType::Incoming => Message::Incoming(body(b)?),
         MsgType::SignalPush => Message::SignalPush(body(b)?),
         MsgType::Migrate => Message::Migrate(body(b)?),
@@ -165,6 +167,7 @@ mod tests {
         let mut m = Message::Register(Register {
             rid: 1,
             local: vec![Addr("10.0.0.2:5000".parse().unwrap())],
+            token: vec![],
             pad: vec![],
         });
         let b = encode_hello(&mut m).unwrap();
@@ -191,6 +194,7 @@ mod tests {
             Message::Register(Register {
                 rid: 1,
                 local: vec![a],
+                token: vec![7],
                 pad: vec![0],
             }),
             Message::Resume(Resume {
@@ -198,6 +202,7 @@ mod tests {
                 uuid: u,
                 secret: Secret([1; 32]),
                 local: vec![a],
+                token: vec![7],
                 pad: vec![0],
             }),
             Message::Heartbeat(Heartbeat { rid: 1, uuid: u }),
@@ -261,6 +266,10 @@ mod tests {
                 rid: 1,
                 code: ErrorCode::RateLimited,
                 to: Some(a),
+            }),
+            Message::Retry(Retry {
+                rid: 1,
+                token: vec![7; 21],
             }),
             Message::Incoming(Incoming {
                 push: 1,

@@ -57,6 +57,9 @@ pub enum MsgType {
     /// Request refused, with a code, MAC'd with the session's secret: the answer to an
     /// authenticated request of a known session. Same body as `Error`.
     SessionError = 0x88,
+    /// Answer to `Register` or `Resume` when the node wants proof that the source can receive
+    /// at its address: send the request again with the token it carries. Unauthenticated.
+    Retry = 0x89,
     /// Push: another client wants to connect.
     Incoming = 0x90,
     /// Push: a signaling message from the peer of a connection.
@@ -88,6 +91,7 @@ impl MsgType {
             0x86 => Ack,
             0x87 => Error,
             0x88 => SessionError,
+            0x89 => Retry,
             0x90 => Incoming,
             0x91 => SignalPush,
             0x92 => Migrate,
@@ -99,7 +103,7 @@ impl MsgType {
     pub const fn is_authenticated(self) -> bool {
         !matches!(
             self,
-            Self::Register | Self::Resume | Self::Registered | Self::Error
+            Self::Register | Self::Resume | Self::Registered | Self::Error | Self::Retry
         )
     }
 
@@ -130,6 +134,7 @@ impl MsgType {
             Ack => "ack",
             Error => "error",
             SessionError => "session_error",
+            Retry => "retry",
             Incoming => "incoming",
             SignalPush => "signal_push",
             Migrate => "migrate",

@@ -13,7 +13,7 @@
 //! type are rejected without touching the body. The body is a MessagePack map with named fields
 //! (see `docs/PROTOCOL.md`), so any language's MessagePack library can speak it.
 //!
-//! Every message type except `Register`, `Resume`, `Registered` and `Error` ends with a 16-byte
+//! Every message type except `Register`, `Resume`, `Registered`, `Error` and `Retry` ends with a 16-byte
 //! MAC: HMAC-SHA256 keyed by the session secret over everything before it, truncated to 16
 //! bytes. The receiver finds the key through the session named in the body and checks the tag in
 //! constant time ([`verify_mac`]).
@@ -41,7 +41,7 @@
 //!   check).
 //! - `error`: [`DecodeError`] and [`EncodeError`].
 //! - `limits`: the limits the protocol picks: [`MAX_DATAGRAM`], [`MIN_HELLO_LEN`],
-//!   [`MAX_LOCAL_ADDRS`], [`MAX_QUERY`] and the body nesting depth.
+//!   [`MAX_LOCAL_ADDRS`], [`MAX_QUERY`], [`MAX_TOKEN`] and the body nesting depth.
 //! - `codes`: [`FailReason`] and [`ErrorCode`], the enumerations carried in bodies.
 //! - `stun`: [`is_stun`] tells a STUN message apart from ours by its first byte and magic cookie.
 
@@ -61,12 +61,12 @@ pub use codec::{decode, encode, encode_hello, encode_into};
 pub use codes::{ErrorCode, FailReason};
 pub use error::{DecodeError, EncodeError};
 pub use header::{peek_header, Header, MsgType, HEADER_LEN, MAC_LEN, MAGIC, VERSION};
-pub use limits::{MAX_DATAGRAM, MAX_LOCAL_ADDRS, MAX_QUERY, MIN_HELLO_LEN};
+pub use limits::{MAX_DATAGRAM, MAX_LOCAL_ADDRS, MAX_QUERY, MAX_TOKEN, MIN_HELLO_LEN};
 pub use mac::verify_mac;
 pub use messages::{
     Ack, Answer, Bye, Connect, ConnectFailed, Connected, ErrorMsg, Heartbeat, HeartbeatAck,
-    Incoming, Message, Migrate, PushAck, Query, QueryResult, Register, Registered, Resume, Signal,
-    SignalPush,
+    Incoming, Message, Migrate, PushAck, Query, QueryResult, Register, Registered, Resume, Retry,
+    Signal, SignalPush,
 };
 pub use sizes::{max_len, MAX_PAYLOAD};
 pub use stun::{is_stun, STUN_MAGIC_COOKIE};

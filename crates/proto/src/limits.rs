@@ -15,6 +15,9 @@ pub const MIN_HELLO_LEN: usize = 256;
 pub const MAX_LOCAL_ADDRS: usize = 4;
 /// Most UUIDs in one `Query`.
 pub const MAX_QUERY: usize = 32;
+/// Longest address-validation token (`Retry.token`, and `token` in `Register` and `Resume`).
+/// The token is opaque to clients; the reference router's is 21 bytes.
+pub const MAX_TOKEN: usize = 64;
 
 /// Deepest MessagePack nesting a body may have, counting the body map itself: 7 levels. The
 /// deepest v1 field is an array of `bin` in the body map (2 levels); the rest leaves room for

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::codes::{ErrorCode, FailReason};
 use crate::header::MsgType;
 #[cfg(doc)]
-use crate::limits::{MAX_QUERY, MIN_HELLO_LEN};
+use crate::limits::{MAX_QUERY, MAX_TOKEN, MIN_HELLO_LEN};
 use crate::strict::{self, BinField, BinShape};
 use crate::types::{self, Addr, Payload, Secret};
 
@@ -18,6 +18,15 @@ pub struct Register {
     pub rid: u64,
     /// The client's local (LAN) addresses, for hole punching on the same network.
     pub local: Vec<Addr>,
+    /// Address-validation token from a `Retry` (empty: none, and then absent from the wire,
+    /// so the datagram is byte for byte what a client from before the field sends).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serde_bytes::serialize",
+        deserialize_with = "strict::token"
+    )]
+    pub token: Vec<u8>,
     /// Padding so the datagram is at least [`MIN_HELLO_LEN`] bytes; content ignored.
     #[serde(
         serialize_with = "serde_bytes::serialize",
@@ -38,6 +47,15 @@ pub struct Resume {
     pub secret: Secret,
     /// The client's local addresses.
     pub local: Vec<Addr>,
+    /// Address-validation token from a `Retry` (empty: none, and then absent from the wire,
+    /// so the datagram is byte for byte what a client from before the field sends).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serde_bytes::serialize",
+        deserialize_with = "strict::token"
+    )]
+    pub token: Vec<u8>,
     /// Padding so the datagram is at least [`MIN_HELLO_LEN`] bytes; content ignored.
     #[serde(
         serialize_with = "serde_bytes::serialize",
@@ -237,6 +255,21 @@ impl ErrorMsg {
     }
 }
 
+/// `Retry`: the answer to a `Register` or `Resume` that the node will carry out only once the
+/// source has shown it receives at its address: send the same request again (a new request
+/// id) with this token. Unauthenticated; never larger than the request it answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    /// The request id being answered.
+    pub rid: u64,
+    /// The token to send back, opaque to the client (at most [`MAX_TOKEN`] bytes).
+    #[serde(
+        serialize_with = "serde_bytes::serialize",
+        deserialize_with = "strict::pad"
+    )]
+    pub token: Vec<u8>,
+}
+
 /// `Incoming` push: someone wants to connect.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incoming {
@@ -304,6 +337,7 @@ pub enum Message {
     Ack(Ack),
     Error(ErrorMsg),
     SessionError(ErrorMsg),
+    Retry(Retry),
     Incoming(Incoming),
     SignalPush(SignalPush),
     Migrate(Migrate),
@@ -331,6 +365,7 @@ impl Message {
             Self::Ack(_) => MsgType::Ack,
             Self::Error(_) => MsgType::Error,
             Self::SessionError(_) => MsgType::SessionError,
+            Self::Retry(_) => MsgType::Retry,
             Self::Incoming(_) => MsgType::Incoming,
             Self::SignalPush(_) => MsgType::SignalPush,
             Self::Migrate(_) => MsgType::Migrate,
@@ -370,6 +405,7 @@ impl Message {
             Self::ConnectFailed(m) => m.rid,
             Self::Ack(m) => m.rid,
             Self::Error(m) | Self::SessionError(m) => m.rid,
+            Self::Retry(m) => m.rid,
             _ => return None,
         })
     }
@@ -390,11 +426,12 @@ impl Message {
 pub(crate) fn bin_fields(ty: MsgType) -> &'static [BinField] {
     use BinShape::{Bin, List, OptBin};
     match ty {
-        MsgType::Register => &[("local", List), ("pad", Bin)],
+        MsgType::Register => &[("local", List), ("token", OptBin), ("pad", Bin)],
         MsgType::Resume => &[
             ("uuid", Bin),
             ("secret", Bin),
             ("local", List),
+            ("token", OptBin),
             ("pad", Bin),
         ],
         MsgType::Heartbeat | MsgType::Bye | MsgType::PushAck => &[("uuid", Bin)],
@@ -407,6 +444,7 @@ pub(crate) fn bin_fields(ty: MsgType) -> &'static [BinField] {
         MsgType::HeartbeatAck => &[("observed", Bin)],
         MsgType::QueryResult | MsgType::Ack => &[],
         MsgType::Error | MsgType::SessionError => &[("to", OptBin)],
+        MsgType::Retry => &[("token", Bin)],
         MsgType::Connected => &[
             ("connection", Bin),
             ("peer", Bin),

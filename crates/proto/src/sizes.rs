@@ -20,7 +20,7 @@
 //! (`u64::MAX` is `0xcf` and 8 bytes), addresses as IPv6, lists full.
 
 use crate::header::{MsgType, HEADER_LEN, MAC_LEN};
-use crate::limits::{MAX_DATAGRAM, MAX_LOCAL_ADDRS, MAX_QUERY, MIN_HELLO_LEN};
+use crate::limits::{MAX_DATAGRAM, MAX_LOCAL_ADDRS, MAX_QUERY, MAX_TOKEN, MIN_HELLO_LEN};
 use crate::messages::Message;
 use crate::types::{Addr, Payload, SECRET_LEN};
 
@@ -62,6 +62,8 @@ const LOCALS: usize = array(MAX_LOCAL_ADDRS) + MAX_LOCAL_ADDRS * ADDR;
 const UUIDS: usize = array(MAX_QUERY) + MAX_QUERY * UUID;
 /// A full `QueryResult` list: array header and [`MAX_QUERY`] flags.
 const ONLINE: usize = array(MAX_QUERY) + MAX_QUERY * BOOL;
+/// A full token: `bin 8` of [`MAX_TOKEN`] bytes (checked below to fit a `bin 8`).
+const TOKEN: usize = 2 + MAX_TOKEN;
 /// A payload's `bin` header at its largest: `bin 16` (`0xc5` and a 2-byte length), since
 /// [`MAX_PAYLOAD`] is between 256 and 65535 (checked below). The payload bytes come on top.
 const PAYLOAD_HEADER: usize = 1 + 2;
@@ -133,6 +135,7 @@ const fn overhead(ty: MsgType) -> usize {
         }
         Ack => field("rid", U64),
         Error | SessionError => field("rid", U64) + field("code", CODE) + field("to", ADDR),
+        Retry => field("rid", U64) + field("token", TOKEN),
         Incoming => {
             field("push", U64)
                 + field("connection", UUID)
@@ -183,8 +186,9 @@ impl Message {
         let p = |p: &Payload| p.len() <= MAX_PAYLOAD;
         let l = |l: &[Addr]| l.len() <= MAX_LOCAL_ADDRS;
         match self {
-            Self::Register(m) => l(&m.local),
-            Self::Resume(m) => l(&m.local),
+            Self::Register(m) => l(&m.local) && m.token.len() <= MAX_TOKEN,
+            Self::Resume(m) => l(&m.local) && m.token.len() <= MAX_TOKEN,
+            Self::Retry(m) => m.token.len() <= MAX_TOKEN,
             Self::Query(m) => m.uuids.len() <= MAX_QUERY,
             Self::QueryResult(m) => m.online.len() <= MAX_QUERY,
             Self::Connect(m) => p(&m.payload),
@@ -204,6 +208,8 @@ const _: () = {
     // PAYLOAD_HEADER assumes a bin 16; LOCALS a fixarray.
     assert!(MAX_PAYLOAD >= 256 && MAX_PAYLOAD <= 65535);
     assert!(MAX_LOCAL_ADDRS <= 15);
+    // TOKEN assumes a bin 8.
+    assert!(MAX_TOKEN <= 255);
     // Every type, at its largest, fits in a datagram.
     let mut b = 0u8;
     loop {
@@ -219,6 +225,7 @@ const _: () = {
     // request the server answers (section 14 of PROTOCOL.md: no amplification).
     assert!(max_len(MsgType::Registered) <= MIN_HELLO_LEN);
     assert!(max_len(MsgType::Error) <= MIN_HELLO_LEN);
+    assert!(max_len(MsgType::Retry) <= MIN_HELLO_LEN);
 };
 
 #[cfg(test)]

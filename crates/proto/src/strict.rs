@@ -67,6 +67,20 @@ pub(crate) fn pad<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> 
     bin(d, "pad", |b| Some(b.to_vec()))
 }
 
+/// An address-validation token: `bin` of any length (the limit is checked after decoding),
+/// or nil, or absent (the struct's `default`): both mean "no token", the empty one.
+pub(crate) fn token<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    struct Bytes(Vec<u8>);
+    impl<'de> Deserialize<'de> for Bytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            bin(d, "token", |b| Some(Self(b.to_vec())))
+        }
+    }
+    Ok(Option::<Bytes>::deserialize(d)?
+        .map(|b| b.0)
+        .unwrap_or_default())
+}
+
 struct BinUuid(Uuid);
 
 impl<'de> Deserialize<'de> for BinUuid {

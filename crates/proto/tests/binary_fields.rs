@@ -155,6 +155,7 @@ fn secret_is_bin_only() {
         uuid: Uuid::from_bytes(UUID_A),
         secret: Secret(secret),
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     check("secret", &secret, resume, want);
@@ -194,6 +195,7 @@ fn addresses_are_bin_only() {
     let want = Message::Register(Register {
         rid: 1,
         local: vec![v4()],
+        token: Vec::new(),
         pad: vec![],
     });
     check("local[0]", &V4_BYTES, reg, want);
@@ -288,6 +290,7 @@ fn payload_and_pad_are_bin_only() {
     let want = Message::Register(Register {
         rid: 1,
         local: vec![],
+        token: Vec::new(),
         pad: vec![0; 4],
     });
     check("pad", &[0; 4], reg, want);
@@ -305,4 +308,66 @@ fn keys_are_strings() {
     assert_eq!(decode(&int_key), Err(DecodeError::Malformed));
     assert_eq!(decode(&bin_key), Err(DecodeError::Malformed));
     assert!(decode(&str_key).is_ok());
+}
+
+#[test]
+fn tokens_are_bin_only_and_optional() {
+    let tok = [0x01, 0x02, 0x03];
+    // Retry{rid: 1, token}: bin only, never absent.
+    let retry = |v: &[u8]| datagram(0x89, &[&[0x82], &key("rid"), &[0x01], &key("token"), v]);
+    let want = Message::Retry(Retry {
+        rid: 1,
+        token: tok.to_vec(),
+    });
+    check("Retry token", &tok, retry, want);
+    assert_eq!(
+        decode(&datagram(0x89, &[&[0x81], &key("rid"), &[0x01]])),
+        Err(DecodeError::Malformed),
+        "a Retry without its token"
+    );
+    // Register{rid: 1, local: [], token, pad: ""}: bin, nil or absent (both: no token).
+    let reg = |v: &[u8]| {
+        datagram(
+            0x01,
+            &[
+                &[0x84],
+                &key("rid"),
+                &[0x01],
+                &key("local"),
+                &[0x90],
+                &key("token"),
+                v,
+                &key("pad"),
+                &[0xc4, 0x00],
+            ],
+        )
+    };
+    let with = |token: Vec<u8>| {
+        Message::Register(Register {
+            rid: 1,
+            local: vec![],
+            token,
+            pad: vec![],
+        })
+    };
+    check("Register token", &tok, reg, with(tok.to_vec()));
+    assert_eq!(decode(&reg(&[0xc0])), Ok(with(vec![])));
+    let absent = datagram(
+        0x01,
+        &[
+            &[0x83],
+            &key("rid"),
+            &[0x01],
+            &key("local"),
+            &[0x90],
+            &key("pad"),
+            &[0xc4, 0x00],
+        ],
+    );
+    assert_eq!(decode(&absent), Ok(with(vec![])));
+    // An empty token is written as no token: the datagram of a client from before the field.
+    assert_eq!(encode(&with(vec![]), None).unwrap(), absent);
+    // Over the limit: out of range.
+    let long = vec![0x55; MAX_TOKEN + 1];
+    assert_eq!(decode(&reg(&bin(&long))), Err(DecodeError::OutOfRange));
 }

@@ -74,21 +74,38 @@ fn arb_answer() -> impl Strategy<Value = Answer> {
     )
 }
 
-/// Any message of any of the 21 types, within the documented limits.
+/// Any message of any of the 22 types, within the documented limits.
 fn arb_message() -> impl Strategy<Value = Message> {
     let pad = vec(any::<u8>(), 0..300);
+    let token = vec(any::<u8>(), 0..=MAX_TOKEN);
     prop_oneof![
-        (any::<u64>(), arb_locals(), pad.clone())
-            .prop_map(|(rid, local, pad)| Message::Register(Register { rid, local, pad })),
-        (any::<u64>(), arb_uuid(), arb_secret(), arb_locals(), pad).prop_map(
-            |(rid, uuid, secret, local, pad)| Message::Resume(Resume {
+        (any::<u64>(), arb_locals(), token.clone(), pad.clone()).prop_map(
+            |(rid, local, token, pad)| Message::Register(Register {
                 rid,
-                uuid,
-                secret,
                 local,
+                token,
                 pad
             })
         ),
+        (
+            any::<u64>(),
+            arb_uuid(),
+            arb_secret(),
+            arb_locals(),
+            token.clone(),
+            pad
+        )
+            .prop_map(
+                |(rid, uuid, secret, local, token, pad)| Message::Resume(Resume {
+                    rid,
+                    uuid,
+                    secret,
+                    local,
+                    token,
+                    pad
+                })
+            ),
+        (any::<u64>(), token).prop_map(|(rid, token)| Message::Retry(Retry { rid, token })),
         (any::<u64>(), arb_uuid())
             .prop_map(|(rid, uuid)| Message::Heartbeat(Heartbeat { rid, uuid })),
         (any::<u64>(), arb_uuid(), vec(arb_uuid(), 0..=MAX_QUERY))

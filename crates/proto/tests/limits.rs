@@ -128,6 +128,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                     0 => Message::Register(Register {
                         rid,
                         local: a.local.clone(),
+                        token: vec![0xff; MAX_TOKEN],
                         pad: vec![],
                     }),
                     1 => Message::Resume(Resume {
@@ -135,6 +136,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                         uuid: a.uuid,
                         secret: a.secret,
                         local: a.local.clone(),
+                        token: vec![0xff; MAX_TOKEN],
                         pad: vec![],
                     }),
                     2 => Message::Heartbeat(Heartbeat { rid, uuid: a.uuid }),
@@ -215,6 +217,13 @@ fn caused(c: &Case) -> Vec<(Message, Secret)> {
                     observed: a.observed,
                     heartbeat_ms: u32::MAX,
                     ttl_ms: u32::MAX,
+                }),
+                a.secret,
+            ));
+            out.push((
+                Message::Retry(Retry {
+                    rid,
+                    token: vec![0xff; MAX_TOKEN],
                 }),
                 a.secret,
             ));
@@ -410,6 +419,27 @@ fn worst_case_errors_are_exact() {
     let mac = encode(&Message::SessionError(e), Some(&key)).unwrap();
     assert_eq!(mac.len(), max_len(MsgType::SessionError));
     assert!(plain.len() <= MIN_HELLO_LEN);
+}
+
+/// The largest `Retry` (a token of `MAX_TOKEN` bytes) is exactly `max_len`, and far below the
+/// smallest `Register` or `Resume` the router answers: a Retry never amplifies.
+#[test]
+fn worst_case_retry_is_exact_and_smaller_than_any_hello() {
+    let r = Message::Retry(Retry {
+        rid: u64::MAX,
+        token: vec![0xff; MAX_TOKEN],
+    });
+    let b = encode(&r, None).unwrap();
+    assert_eq!(b.len(), max_len(MsgType::Retry));
+    assert!(b.len() <= MIN_HELLO_LEN);
+    let over = Message::Retry(Retry {
+        rid: 1,
+        token: vec![0; MAX_TOKEN + 1],
+    });
+    assert_eq!(
+        decode(&encode(&over, None).unwrap()),
+        Err(DecodeError::OutOfRange)
+    );
 }
 
 /// The case from the issue: a 1,113-byte `Connect` (a 1,024-byte payload) used to decode,

@@ -169,7 +169,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         if registered < a.clients {
             eprintln!(
                 "only {registered}/{} sessions registered in time; raise the server's \
-                 --register-rate/--register-burst for load tests",
+                 --register-rate/--register-burst and --new-session-rate/--new-session-burst, \
+                 and give it --address-validation never, for load tests",
                 a.clients
             );
         }

@@ -115,6 +115,7 @@ impl Worker {
             Message::Register(proto::Register {
                 rid,
                 local: vec![],
+                token: Vec::new(),
                 pad: vec![],
             })
         } else {
@@ -123,6 +124,7 @@ impl Worker {
                 uuid: s.uuid,
                 secret: s.secret,
                 local: vec![],
+                token: Vec::new(),
                 pad: vec![],
             })
         };

@@ -138,6 +138,7 @@ impl Sock {
             Message::Register(proto::Register {
                 rid,
                 local: vec![],
+                token: Vec::new(),
                 pad: vec![],
             })
         } else {
@@ -146,6 +147,7 @@ impl Sock {
                 uuid: s.uuid,
                 secret: s.secret,
                 local: vec![],
+                token: Vec::new(),
                 pad: vec![],
             })
         };

@@ -76,6 +76,7 @@ fn an_unpadded_register_is_dropped_and_counted() {
     let m = Message::Register(proto::Register {
         rid: 1,
         local: vec![],
+        token: Vec::new(),
         pad: vec![],
     });
     let out = sim.recv(v4(1, 1), &proto::encode(&m, None).unwrap());

@@ -16,6 +16,7 @@ mod limits;
 mod moves;
 mod peer;
 mod pushes;
+mod validation;
 mod whohas;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -102,7 +103,11 @@ impl Sim {
     /// Node `id` (internal address [`node_addr`]`(n)`) of a cluster; the node table holds it
     /// and `others`.
     pub(super) fn node(id: &str, n: u8, others: &[(&str, u8)]) -> Self {
-        let mut cfg = config();
+        Self::node_with(config(), id, n, others)
+    }
+
+    /// [`Sim::node`] with `cfg` (its cluster settings are replaced).
+    pub(super) fn node_with(mut cfg: Config, id: &str, n: u8, others: &[(&str, u8)]) -> Self {
         let mut cc = ClusterConfig::new("redis://127.0.0.1:1/", id, node_addr(n), KEY.to_vec());
         cc.public_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, n)), 7400);
         cfg.cluster = Some(cc.clone());
@@ -245,6 +250,7 @@ pub(super) fn register_datagram(rid: u64, local: Vec<Addr>) -> Vec<u8> {
     let mut m = Message::Register(proto::Register {
         rid,
         local,
+        token: Vec::new(),
         pad: vec![],
     });
     proto::encode_hello(&mut m).unwrap()
@@ -257,6 +263,7 @@ pub(super) fn resume_datagram(c: &Client, rid: u64, secret: Secret) -> Vec<u8> {
         uuid: c.uuid,
         secret,
         local: c.local.clone(),
+        token: Vec::new(),
         pad: vec![],
     });
     proto::encode_hello(&mut m).unwrap()

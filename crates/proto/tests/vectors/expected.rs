@@ -40,6 +40,15 @@ pub(crate) fn payload(s: &str) -> Payload {
     Payload::from(s.as_bytes().to_vec())
 }
 
+/// The address-validation token of the Retry vector, sent back by the register_token one. Opaque
+/// to clients; this one has the shape of the reference router's (format 1, issued at second 42,
+/// a 16-byte tag).
+pub(crate) fn token() -> Vec<u8> {
+    let mut t = vec![0x01, 0, 0, 0, 0x2a];
+    t.extend_from_slice(&[0xee; 16]);
+    t
+}
+
 /// One test vector: its name, which secret keys its MAC (if any), and the message.
 pub(crate) struct Vector {
     pub(crate) name: &'static str,
@@ -67,6 +76,18 @@ pub(crate) fn vectors() -> Vec<Vector> {
             msg: pad(Message::Register(Register {
                 rid: 1,
                 local: vec![v4(), v6()],
+                token: Vec::new(),
+                pad: vec![],
+            })),
+        },
+        Vector {
+            name: "register_token",
+            desc: "Register{rid: 2, local: [192.0.2.1:4000], token: the Retry's 21 bytes, pad: zeros up to 256 bytes}",
+            key: None,
+            msg: pad(Message::Register(Register {
+                rid: 2,
+                local: vec![v4()],
+                token: token(),
                 pad: vec![],
             })),
         },
@@ -79,6 +100,7 @@ pub(crate) fn vectors() -> Vec<Vector> {
                 uuid: uuid_a(),
                 secret: secret_a(),
                 local: vec![v4()],
+                token: Vec::new(),
                 pad: vec![],
             })),
         },
@@ -251,6 +273,15 @@ pub(crate) fn vectors() -> Vec<Vector> {
                 rid: 3,
                 code: ErrorCode::RateLimited,
                 to: None,
+            }),
+        },
+        Vector {
+            name: "retry",
+            desc: "Retry{rid: 1, token: 01 00 00 00 2a then sixteen 0xee bytes}",
+            key: None,
+            msg: Message::Retry(Retry {
+                rid: 1,
+                token: token(),
             }),
         },
         Vector {
