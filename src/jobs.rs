@@ -50,30 +50,7 @@ pub(crate) async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox 
             }
         }
         Job::Query { uuid, rid, uuids } => {
-            let mut online = Vec::with_capacity(uuids.len());
-            let mut failed = false;
-            for u in &uuids {
-                if router.is_local(u) {
-                    online.push(true);
-                    continue;
-                }
-                let now = Instant::now();
-                let node = match cluster.cached_presence(u, now) {
-                    Some(n) => n,
-                    None => match lookup::lookup_hedged(cluster, u).await {
-                        Ok(p) if p.is_some() || !cluster.presence_unsettled() => {
-                            let n = p.map(|(n, _)| n);
-                            cluster.cache_presence(*u, n.clone(), now);
-                            n
-                        }
-                        _ => {
-                            failed = true;
-                            break;
-                        }
-                    },
-                };
-                online.push(node.is_some_and(|n| *n != *cluster.id && cluster.node(&n).is_some()));
-            }
+            let (online, failed) = query_presence(router, cluster, &uuids).await;
             if failed {
                 // Redis cannot say: ask the other nodes about every client not held here.
                 let ask: Vec<_> = uuids
@@ -89,4 +66,51 @@ pub(crate) async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox 
         }
     }
     out
+}
+
+/// Whether each of `uuids` is online (here, or at a node of the table), with one Redis call
+/// (`MGET`, hedged like a single lookup) for those neither held here nor cached; `true` in
+/// the second place when Redis could not say and the other nodes must be asked.
+async fn query_presence(
+    router: &Router,
+    cluster: &Cluster,
+    uuids: &[uuid::Uuid],
+) -> (Vec<bool>, bool) {
+    let now = Instant::now();
+    let mut nodes: Vec<Option<Option<std::sync::Arc<str>>>> = uuids
+        .iter()
+        .map(|u| {
+            if router.is_local(u) {
+                Some(None) // answered by `is_local` below
+            } else {
+                cluster.cached_presence(u, now)
+            }
+        })
+        .collect();
+    let missing: Vec<usize> = (0..uuids.len()).filter(|&i| nodes[i].is_none()).collect();
+    if !missing.is_empty() {
+        let keys: Vec<&uuid::Uuid> = missing.iter().map(|&i| &uuids[i]).collect();
+        let Ok(found) = lookup::lookup_many_hedged(cluster, &keys).await else {
+            return (Vec::new(), true);
+        };
+        for (&i, p) in missing.iter().zip(found) {
+            if p.is_none() && cluster.presence_unsettled() {
+                // "Nowhere" from a Redis that may have lost records: the nodes decide.
+                return (Vec::new(), true);
+            }
+            let n = p.map(|(n, _)| n);
+            cluster.cache_presence(uuids[i], n.clone(), now);
+            nodes[i] = Some(n);
+        }
+    }
+    let online = uuids
+        .iter()
+        .zip(nodes)
+        .map(|(u, n)| {
+            router.is_local(u)
+                || n.flatten()
+                    .is_some_and(|n| *n != *cluster.id && cluster.node(&n).is_some())
+        })
+        .collect();
+    (online, false)
 }

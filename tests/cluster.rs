@@ -69,6 +69,25 @@ async fn three_nodes_connect_and_signal_across_nodes() {
         c.query(vec![a.uuid, b.uuid, Uuid::new_v4()]).await,
         vec![true, true, false]
     );
+    // A Query about clients this node has not looked up before is one Redis call (MGET),
+    // however many it names.
+    let mut fresh = Vec::new();
+    for _ in 0..5 {
+        let r = Raw::register(n1.addr).await;
+        wait_presence(&redis, &r.uuid, "n1").await;
+        fresh.push(r);
+    }
+    let before = redis.command_calls();
+    let mut asked: Vec<Uuid> = fresh.iter().map(|r| r.uuid).collect();
+    asked.extend([Uuid::new_v4(), Uuid::new_v4()]);
+    assert_eq!(
+        c.query(asked).await,
+        vec![true, true, true, true, true, false, false]
+    );
+    let after = redis.command_calls();
+    let delta =
+        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    assert_eq!((delta("mget"), delta("get")), (1, 0), "a Query is one MGET");
 
     // An offline target anywhere: offline.
     assert_offline(&mut a, Uuid::new_v4()).await;

@@ -4,10 +4,12 @@
 mod common;
 
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 use common::rcluster::RedisCluster;
 use common::{answer, cluster_config, connect, eventually, outcome, Node, Raw, T};
 use sigrouter::proto::Message;
+use uuid::Uuid;
 
 fn metric(node: &Node, line_prefix: &str) -> f64 {
     node.router
@@ -82,6 +84,14 @@ async fn nodes_route_through_a_real_redis_cluster() {
         .filter(|r| !rc.presence_on(&r.uuid, "n3"))
         .count();
     assert!(all, "{missing} of 100 presence records missing");
+    // A Query from n1 about clients whose records sit on every master: one MGET, which
+    // Redis Cluster cannot serve across slots by itself (the client splits it by slot).
+    let mut asked: Vec<Uuid> = many.iter().take(7).map(|r| r.uuid).collect();
+    asked.push(Uuid::new_v4());
+    let mut want = vec![true; 7];
+    want.push(false);
+    assert_eq!(a.query(asked).await, want);
+    assert_eq!(metric(&n1, "sigrouter_peer_lookups_total"), 0.0);
     for n in [&n1, &n2, &n3] {
         assert_eq!(metric(n, "sigrouter_redis_up"), 1.0);
         assert_eq!(metric(n, "sigrouter_redis_errors_total"), 0.0);

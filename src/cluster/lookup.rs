@@ -75,6 +75,29 @@ pub async fn lookup_hedged(
     }
 }
 
+/// Reads the presence of every one of `uuids` with one `MGET` (Redis Cluster splits it by
+/// slot), under the same hedge as [`lookup_hedged`]: `Err` means "ask the other nodes".
+pub async fn lookup_many_hedged(
+    cluster: &Cluster,
+    uuids: &[&Uuid],
+) -> Result<Vec<Option<(Arc<str>, [u8; 32])>>, ()> {
+    if !cluster.store.is_up() {
+        return Err(());
+    }
+    let mut cmd = redis::cmd("MGET");
+    for u in uuids {
+        cmd.arg(presence_key(u));
+    }
+    let read = cluster.store.query::<Vec<Option<String>>>(&cmd);
+    match tokio::time::timeout(cluster.cfg.redis_hedge, read).await {
+        Ok(Ok(v)) if v.len() == uuids.len() => Ok(v
+            .into_iter()
+            .map(|v| v.and_then(|v| parse_presence(&v)))
+            .collect()),
+        _ => Err(()),
+    }
+}
+
 /// Where a Connect's target is, as far as this node can tell without the other nodes.
 #[derive(Debug)]
 pub enum Resolved {
