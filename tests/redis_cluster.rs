@@ -4,7 +4,6 @@
 mod common;
 
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 
 use common::rcluster::RedisCluster;
 use common::{answer, cluster_config, connect, eventually, outcome, Node, Raw, T};
