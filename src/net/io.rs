@@ -51,12 +51,13 @@ impl Rx {
         })
     }
 
-    /// Receives what is waiting, up to one batch, and hands each datagram to `f`. Returns how
+    /// Receives what is waiting, up to one batch, and hands the datagrams to `f` as slices of
+    /// `(source, bytes)` (one call per batch, more only if GRO coalesced some). Returns how
     /// many arrived; `WouldBlock` when none did (the socket's readiness is then cleared).
     pub(crate) fn recv(
         &mut self,
         sock: &UdpSocket,
-        mut f: impl FnMut(SocketAddr, &[u8]),
+        mut f: impl FnMut(&[(SocketAddr, &[u8])]),
     ) -> io::Result<usize> {
         let Self { state, bufs, meta } = self;
         let n = {
@@ -65,19 +66,35 @@ impl Rx {
                 state.recv(sock.into(), &mut iovs, meta)
             })?
         };
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut batch: [(SocketAddr, &[u8]); RECV_BATCH] = [(unspecified, &[]); RECV_BATCH];
+        let mut len = 0;
         let mut count = 0;
         for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
             let data = &buf[..m.len.min(RECV_BUF)];
-            if m.stride == 0 || m.stride >= data.len() {
-                f(m.addr, data);
-                count += 1;
-            } else {
-                // Coalesced by GRO (should it be on after all): split at the stride.
-                for d in data.chunks(m.stride) {
-                    f(m.addr, d);
-                    count += 1;
+            let stride = if m.stride == 0 { data.len() } else { m.stride };
+            // More than one piece only if GRO coalesced datagrams (should it be on after all).
+            for d in data.chunks(stride.max(1)) {
+                if len == RECV_BATCH {
+                    f(&batch[..len]);
+                    len = 0;
                 }
+                batch[len] = (m.addr, d);
+                len += 1;
+                count += 1;
             }
+            if data.is_empty() {
+                if len == RECV_BATCH {
+                    f(&batch[..len]);
+                    len = 0;
+                }
+                batch[len] = (m.addr, data);
+                len += 1;
+                count += 1;
+            }
+        }
+        if len > 0 {
+            f(&batch[..len]);
         }
         Ok(count)
     }
@@ -487,7 +504,10 @@ mod tests {
                 .await
                 .expect("readable within 5 s")
                 .unwrap();
-            match rx.recv(&server, |src, b| got.push((src, b.to_vec()))) {
+            let r = rx.recv(&server, |batch| {
+                got.extend(batch.iter().map(|(src, b)| (*src, b.to_vec())))
+            });
+            match r {
                 Ok(n) => assert!(n <= RECV_BATCH),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => panic!("recv failed: {e}"),

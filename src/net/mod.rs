@@ -241,9 +241,13 @@ pub(crate) async fn run_socket(
         if !blocked && pending.len() < PENDING_LIMIT {
             for _ in 0..RECV_CALLS {
                 let now = Instant::now();
-                let r = rx.recv(&sock, |src, buf| match port {
-                    Port::Client => d.router.handle(now, src, buf, &mut out),
-                    Port::Cluster => d.router.handle_internal(now, src, buf, &mut out),
+                let r = rx.recv(&sock, |batch| match port {
+                    Port::Client => d.router.handle_batch(now, batch, &mut out),
+                    Port::Cluster => {
+                        for (src, buf) in batch {
+                            d.router.handle_internal(now, *src, buf, &mut out);
+                        }
+                    }
                 });
                 match r {
                     Ok(n) => received += n,

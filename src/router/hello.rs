@@ -125,14 +125,19 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
     // A retransmitted Register gets the session it already created: its UUID is derived from
     // the source, the request id and the time, so finding it needs no memory of its own.
     let epoch = st.ns(now) / st.settings.dedup_window.as_nanos().max(1) as u64;
-    for e in [epoch, epoch.saturating_sub(1)] {
-        let uuid = derived_uuid(st, h, e);
-        if let Some(p) = st.sessions.peer(&uuid).filter(|p| p.addr == h.src) {
-            st.metrics.duplicates.increment(1);
-            let msg = st.registered(h.rid, uuid, p.secret, h.src);
-            st.reply_bounded(h.src, h.len, &msg, out);
-            return;
-        }
+    // Derived once: the UUID a new session gets is the one looked for first.
+    let uuid = derived_uuid(st, h, epoch);
+    let answered = |u: Uuid, out: &mut Outbox| {
+        let Some(p) = st.sessions.peer(&u).filter(|p| p.addr == h.src) else {
+            return false;
+        };
+        st.metrics.duplicates.increment(1);
+        let msg = st.registered(h.rid, u, p.secret, h.src);
+        st.reply_bounded(h.src, h.len, &msg, out);
+        true
+    };
+    if answered(uuid, out) || (epoch > 0 && answered(derived_uuid(st, h, epoch - 1), out)) {
+        return;
     }
     if !allowed(st, now, h, out) {
         return;
@@ -154,7 +159,6 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
         st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
         return;
     }
-    let uuid = derived_uuid(st, h, epoch);
     // Cluster mode: a secret any node can check when Redis and the session's node are both
     // gone (see `Cluster::session_secret`).
     let secret = match &st.cluster {

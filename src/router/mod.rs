@@ -43,7 +43,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sigrouter_proto::{self as proto, Addr, ErrorCode, FailReason, HeartbeatAck, Message};
+use sigrouter_proto::{
+    self as proto, Addr, DecodeError, ErrorCode, FailReason, HeartbeatAck, Message,
+};
 use uuid::Uuid;
 
 pub use outbox::{ConnectLookup, Job, Outbox, ResumeLookup, Transmit};
@@ -121,9 +123,55 @@ impl Router {
 
     /// Handles one client datagram from `src` received at `now`.
     pub fn handle(&self, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
+        let decoded = (!proto::is_stun(buf)).then(|| proto::decode(buf));
+        self.dispatch(now, src, buf, decoded, out);
+    }
+
+    /// Handles a batch of client datagrams received at `now` (what one receive system call
+    /// brought), as [`Router::handle`] does one by one. First it decodes every datagram and
+    /// starts loading the session-map entries they name into the cache, then it handles
+    /// them: with a million sessions each lookup is a cache miss, and this way the misses of
+    /// a batch overlap instead of following one another.
+    pub fn handle_batch(&self, now: Instant, batch: &[(SocketAddr, &[u8])], out: &mut Outbox) {
+        const AHEAD: usize = 64;
+        for chunk in batch.chunks(AHEAD) {
+            let mut decoded: [Option<Result<Message, DecodeError>>; AHEAD] =
+                [const { None }; AHEAD];
+            for ((_, buf), d) in chunk.iter().zip(decoded.iter_mut()) {
+                if proto::is_stun(buf) {
+                    continue;
+                }
+                let r = proto::decode(buf);
+                if let Some(uuid) = r.as_ref().ok().and_then(Message::sender) {
+                    self.st.sessions.prefetch(&uuid);
+                }
+                *d = Some(r);
+            }
+            // By now the entries' control bytes and buckets are (mostly) in the cache: find
+            // each entry and start loading the session record it points to.
+            for d in decoded.iter().take(chunk.len()) {
+                if let Some(uuid) = d.as_ref().and_then(|r| r.as_ref().ok()?.sender()) {
+                    self.st.sessions.prefetch_record(&uuid);
+                }
+            }
+            for ((src, buf), d) in chunk.iter().zip(decoded.iter_mut()) {
+                self.dispatch(now, *src, buf, d.take(), out);
+            }
+        }
+    }
+
+    /// Handles one datagram, already decoded (`None`: a STUN datagram).
+    fn dispatch(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        buf: &[u8],
+        decoded: Option<Result<Message, DecodeError>>,
+        out: &mut Outbox,
+    ) {
         let st = &self.st;
         st.metrics.rx_datagrams.increment(1);
-        if proto::is_stun(buf) {
+        let Some(decoded) = decoded else {
             if !st.stun_limiter.check(st.sources.key(src), st.ns(now)) {
                 st.metrics.drop(DropReason::RateLimited);
                 return;
@@ -136,8 +184,8 @@ impl Router {
                 Err(_) => st.metrics.drop(DropReason::Stun),
             }
             return;
-        }
-        let msg = match proto::decode(buf) {
+        };
+        let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
                 st.metrics.drop(DropReason::Decode(e));

@@ -65,6 +65,19 @@ impl Hasher for UuidHasher {
 
 type Build = BuildHasherDefault<UuidHasher>;
 
+/// Asks the CPU to start loading the cache line at `p` (a hint: never faults, never waits).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never dereferences in the language's sense: any address is allowed.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// One client session.
 #[derive(Debug)]
 struct Session {
@@ -213,6 +226,49 @@ impl Sessions {
         }
         self.expiry.schedule(check_at_s, uuid);
         fresh
+    }
+
+    /// Starts loading the map entry of `uuid` into the cache: its control bytes and its most
+    /// likely bucket. Only a hint: it looks nothing up, changes nothing, and does nothing when
+    /// the shard is being written.
+    pub(crate) fn prefetch(&self, uuid: &Uuid) {
+        let hash = self.map.hash_usize(uuid);
+        let shard = &self.map.shards()[self.map.determine_shard(hash)];
+        let Some(table) = shard.try_read() else {
+            return;
+        };
+        if table.is_empty() {
+            return;
+        }
+        // hashbrown probes from `hash & mask`: the control group there, and (usually) the
+        // bucket of the same index, which sits below the control bytes.
+        let i = hash & (table.buckets() - 1);
+        let ctrl = table.data_end().as_ptr().cast::<u8>().wrapping_add(i);
+        // SAFETY: `i` is below `buckets()`, as `bucket` requires; the pointer is only used as
+        // a prefetch hint.
+        let bucket = unsafe { table.bucket(i) }.as_ptr();
+        prefetch(ctrl);
+        prefetch(bucket.cast::<u8>());
+    }
+
+    /// Starts loading the session record of `uuid` into the cache (its entry is found under
+    /// the shard's read lock, so best after [`Sessions::prefetch`] brought the entry in). Only
+    /// a hint: changes nothing, and does nothing when the shard is being written.
+    pub(crate) fn prefetch_record(&self, uuid: &Uuid) {
+        let hash = self.map.hash_usize(uuid);
+        let shard = &self.map.shards()[self.map.determine_shard(hash)];
+        let Some(table) = shard.try_read() else {
+            return;
+        };
+        let Some(bucket) = table.find(hash as u64, |(k, _)| k == uuid) else {
+            return;
+        };
+        // SAFETY: the bucket was just found in `table`, whose read guard is held.
+        let rec: &Session = unsafe { bucket.as_ref() }.1.get();
+        let p = (rec as *const Session).cast::<u8>();
+        for off in (0..size_of::<Session>()).step_by(64) {
+            prefetch(p.wrapping_add(off));
+        }
     }
 
     /// The secret of a session, to check a MAC.

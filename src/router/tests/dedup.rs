@@ -244,3 +244,51 @@ fn a_signal_replayed_after_its_answer_was_forgotten_is_not_delivered_again() {
         1.0
     );
 }
+
+/// A batch received in one system call is handled as its datagrams would be one by one, in
+/// order: a heartbeat seen twice in it is answered twice, garbage in the middle is dropped
+/// and counted, a request from an unknown session still gets its error.
+#[test]
+fn a_batch_is_handled_like_its_datagrams_one_by_one() {
+    let sim = Sim::new();
+    let (mut a, mut b) = pair(&sim);
+    let (ra, rb) = (a.next_rid(), b.next_rid());
+    let ack = |c: &Client, rid| {
+        c.expect(&Message::HeartbeatAck(HeartbeatAck {
+            rid,
+            observed: Addr(c.addr),
+        }))
+    };
+    let stranger = v4(99, 4000);
+    let unknown = Client {
+        uuid: Uuid::from_u128(5),
+        secret: Secret([3; 32]),
+        addr: stranger,
+        local: vec![],
+        rid: 1,
+    };
+    let (ha, hb, hu) = (a.heartbeat(ra), b.heartbeat(rb), unknown.heartbeat(9));
+    let batch: Vec<(SocketAddr, &[u8])> = vec![
+        (a.addr, &ha),
+        (a.addr, b"not a datagram of ours"),
+        (b.addr, &hb),
+        (a.addr, &ha),
+        (stranger, &hu),
+    ];
+    let before = sim.metric("sigrouter_rx_datagrams_total");
+    let out = sim.recv_batch(&batch);
+    assert_client(
+        &out,
+        &[
+            (a.addr, ack(&a, ra)),
+            (b.addr, ack(&b, rb)),
+            (a.addr, ack(&a, ra)),
+            (stranger, error(9, proto::ErrorCode::UnknownSession)),
+        ],
+    );
+    assert_eq!(sim.metric("sigrouter_rx_datagrams_total") - before, 5.0);
+    assert_eq!(
+        sim.metric("sigrouter_dropped_total{reason=\"bad_magic\"}"),
+        1.0
+    );
+}

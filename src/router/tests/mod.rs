@@ -165,6 +165,13 @@ impl Sim {
         out
     }
 
+    /// Client datagrams received together (one receive system call's batch).
+    pub(super) fn recv_batch(&self, batch: &[(SocketAddr, &[u8])]) -> Outbox {
+        let mut out = Outbox::default();
+        self.router.handle_batch(self.now, batch, &mut out);
+        out
+    }
+
     /// A node-to-node datagram.
     pub(super) fn recv_node(&self, t: &Transmit, from: SocketAddr) -> Outbox {
         let mut out = Outbox::default();
