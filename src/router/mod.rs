@@ -96,6 +96,13 @@ impl Router {
         self.st.conns.pending_count() + self.st.node_requests.len()
     }
 
+    /// Sessions that acknowledged a `Migrate` and whose new node has not said `Moved` yet:
+    /// clients resuming elsewhere right now. A drain tells no more clients while too many are
+    /// on their way (the other nodes are behind).
+    pub fn migrating_count(&self) -> usize {
+        self.st.migrating.len()
+    }
+
     /// Stops taking new sessions (Register answers `Draining`).
     pub fn set_draining(&self, v: bool) {
         self.st.draining.store(v, Ordering::Relaxed);
