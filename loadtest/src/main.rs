@@ -13,6 +13,10 @@
 //! - `rolling-upgrade`: starts a whole cluster on loopback (redis-server, `sigrouter serve`
 //!   processes, optionally nginx), restarts every node in turn under open-loop connect load,
 //!   and writes `result.json` and `report.svg`. Run through `loadtest/rolling-upgrade`.
+//! - `drain`: starts a cluster, registers many simulated sessions on one node (many per
+//!   socket, each from its own loopback address), SIGTERMs that node while the others carry
+//!   heartbeats, and reports how long until every session resumed elsewhere, resumes by cause,
+//!   heartbeat latency on the other nodes, and whether every session is reachable afterwards.
 //! - `scale`: registers many sessions (many per socket), heartbeats them at a steady total
 //!   rate, and reports the server's memory per session, registration time, acks/s, latency,
 //!   losses and CPU time per answer, for routers and the echo server side by side.
@@ -28,6 +32,7 @@
 //! - `echo`: the echo server.
 //! - `upgrade`: the rolling-upgrade run (processes, client fleet, report).
 //! - `scale`: the many-sessions run and its process readings (`/proc`).
+//! - `drain`: the million-session drain (conductor, simulated fleet).
 //! - `stats`: latency summaries and the target-address guard.
 
 use std::process::ExitCode;
@@ -35,6 +40,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod connect;
+mod drain;
 mod echo;
 mod heartbeat;
 mod scale;
@@ -66,6 +72,10 @@ enum Command {
     /// A whole cluster on this machine, every node restarted in turn under connect load;
     /// writes result.json and report.svg (normally run through `loadtest/rolling-upgrade`).
     RollingUpgrade(upgrade::Args),
+    /// One node holding many sessions drains while the others heartbeat: time until every
+    /// session resumed elsewhere, resumes by cause, heartbeat latency on the other nodes,
+    /// reachability afterwards.
+    Drain(drain::Args),
     /// Many sessions at a steady heartbeat rate: memory per session, registration time,
     /// acks/s, latency, losses and server CPU per answer, routers and the echo server
     /// interleaved.
@@ -92,6 +102,7 @@ fn main() -> ExitCode {
             Command::EchoServer(a) => echo::run(a).await,
             Command::RollingUpgrade(a) => upgrade::run(a).await,
             Command::Scale(a) => scale::run(a).await,
+            Command::Drain(a) => drain::run(a).await,
         }
     });
     // Client tasks that outlive the run must not hold the process open.
