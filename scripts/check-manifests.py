@@ -22,8 +22,8 @@ Renders every kustomize overlay under k8s/overlays/ and k8s/monitoring with `kub
   selects on, the ServiceMonitor selects the headless Service and its port, and the
   PrometheusRule's groups are exactly those of k8s/monitoring/sigrouter.rules.yaml;
 - the Grafana dashboard uses a ${datasource} Prometheus variable, names only metrics that
-  src/metrics.rs defines, and has a panel for every metric src/metrics.rs defines;
-- the alert rules name only sigrouter metrics that src/metrics.rs defines, depend on no job
+  src/metrics/ defines, and has a panel for every metric src/metrics/ defines;
+- the alert rules name only sigrouter metrics that src/metrics/ defines, depend on no job
   name, and each has a promtool unit test under k8s/monitoring/tests/ that makes it fire;
 - with promtool on PATH: every alert and every dashboard query parses as PromQL;
 - no file in the repository refers to files outside it.
@@ -109,17 +109,17 @@ if opts.write_prometheusrule:
     sys.exit(0)
 
 # ------------------------------------------------------------------ what the code defines
-config_rs = read("src/config.rs")
+config_rs = "".join(read(os.path.relpath(f, ROOT)) for f in files_under("src/config", (".rs",)))
 main_rs = read("src/bin/sigrouter/main.rs")
 known_env = set(re.findall(r'env\s*=\s*"(SIGROUTER_[A-Z0-9_]+)"', config_rs))
 known_env |= set(re.findall(r'"(SIGROUTER_[A-Z0-9_]+)"', main_rs))
-check(len(known_env) > 5, f"found only {sorted(known_env)} SIGROUTER_* names in src/config.rs")
+check(len(known_env) > 5, f"found only {sorted(known_env)} SIGROUTER_* names in src/config/")
 
-metrics_rs = read("src/metrics.rs")
+metrics_rs = "".join(read(os.path.relpath(f, ROOT)) for f in files_under("src/metrics", (".rs",)))
 known_metrics = set(re.findall(r'"(sigrouter_[a-z0-9_]+)"', metrics_rs))
 histograms = set(re.findall(r'hist\(\s*"(sigrouter_[a-z0-9_]+)"', metrics_rs))
-check(len(known_metrics) > 10, f"found only {len(known_metrics)} metric names in src/metrics.rs")
-check(histograms, "no histogram found in src/metrics.rs (the hist(...) helper changed?)")
+check(len(known_metrics) > 10, f"found only {len(known_metrics)} metric names in src/metrics/")
+check(histograms, "no histogram found in src/metrics/ (the hist(...) helper changed?)")
 
 
 def base_metric(name):
@@ -234,7 +234,7 @@ def check_fleet(ov, docs):
     env, order = env_of(docs, c)
     for name in env:
         if name.startswith("SIGROUTER_"):
-            check(name in known_env, f"{ov}: {name} is not read by sigrouter (src/config.rs)")
+            check(name in known_env, f"{ov}: {name} is not read by sigrouter (src/config/)")
 
     def val(name):
         return str(env.get(name, {}).get("value", ""))
@@ -399,7 +399,7 @@ if rules_file:
         for r in g["rules"]:
             rule_exprs.append((r.get("alert") or r.get("record"), r["expr"]))
             for m in metrics_in(r["expr"]):
-                check(m in known_metrics, f"alert {r.get('alert')}: {m} is not defined in src/metrics.rs")
+                check(m in known_metrics, f"alert {r.get('alert')}: {m} is not defined in src/metrics/")
             check(not re.search(r'job\s*=~?\s*"', r["expr"]),
                   f"alert {r.get('alert')}: must not depend on the scrape job's name")
 # Every alert has a promtool unit test that expects it to fire.
@@ -464,9 +464,9 @@ for path, d in json_docs:
             dash_exprs.append((p.get("title"), e))
             for m in metrics_in(e):
                 used.add(m)
-                check(m in known_metrics, f"{rel}: panel {p.get('title')!r} uses {m}, not in src/metrics.rs")
+                check(m in known_metrics, f"{rel}: panel {p.get('title')!r} uses {m}, not in src/metrics/")
     for m in sorted(known_metrics - used):
-        check(False, f"{rel}: no panel for {m} (src/metrics.rs)")
+        check(False, f"{rel}: no panel for {m} (src/metrics/)")
 
 # ------------------------------------------------------------------ PromQL syntax (promtool)
 promtool = shutil.which("promtool")

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{tasks, Cluster, NodeTable, PresenceOp};
+use crate::cluster::{tasks, Cluster, NodeTable, PresenceRx};
 use crate::config::Config;
 use crate::metrics::{self, Health, Metrics};
 use crate::net::{self, Dispatch, Port};
@@ -48,7 +48,7 @@ const MAX_JOBS: usize = 4096;
 
 struct ClusterParts {
     cluster: Arc<Cluster>,
-    presence_rx: mpsc::Receiver<PresenceOp>,
+    presence_rx: PresenceRx,
     socket: std::net::UdpSocket,
 }
 
@@ -103,6 +103,7 @@ impl Server {
                     cc.public_addr = local_addr;
                 }
                 let (cluster, presence_rx) = Cluster::new(cc, store, metrics.clone());
+                tasks::claim_node_id(&cluster, cluster.cfg.registry_period).await?;
                 Some(ClusterParts {
                     cluster,
                     presence_rx,
@@ -214,6 +215,11 @@ impl Server {
                 c.clone(),
                 self.router.clone(),
                 cc.registry_period,
+                bg_stop.clone(),
+            ));
+            bg.spawn(tasks::run_seeds(
+                c.clone(),
+                cc.peers.clone(),
                 bg_stop.clone(),
             ));
             bg.spawn(tasks::run_presence_writer(
@@ -411,6 +417,11 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         "drain finished"
     );
     tasks::unpublish_self(c).await;
+    // Leave membership last: a few members hear it at once and the rest within a gossip round.
+    let mut out = Outbox::default();
+    router.leave_cluster(Instant::now(), &mut out);
+    d.route_all(&mut out);
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 #[cfg(test)]

@@ -204,7 +204,7 @@ impl Store {
                 tracing::info!("redis reachable again");
             } else {
                 let error = err.map(ToString::to_string).unwrap_or_default();
-                tracing::warn!(%error, "redis unreachable; local routing continues, cross-node requests get retry-later");
+                tracing::warn!(%error, "redis unreachable; local routing continues, presence lookups ask the other nodes");
             }
         }
         self.metrics.redis_up.set(if ok { 1.0 } else { 0.0 });
@@ -223,7 +223,10 @@ impl Store {
                         .conn
                         .get_or_try_init(|| b.client.get_async_connection())
                         .await?;
-                    what.send(&mut c.clone()).await
+                    match what {
+                        Packed::Many(p, _) => send_each(c, p).await,
+                        Packed::One(_) => what.send(&mut c.clone()).await,
+                    }
                 }
             }
         };
@@ -259,6 +262,20 @@ impl Store {
         let _: String = self.query(&redis::cmd("PING")).await?;
         Ok(())
     }
+}
+
+/// Redis Cluster refuses a pipeline whose keys live in different slots (CROSSSLOT): each
+/// command goes on its own, all at once over the multiplexed cluster connection, to the master
+/// of its key's slot.
+async fn send_each(c: &ClusterConnection, p: &Pipeline) -> Result<Vec<Value>, RedisError> {
+    let each = p.cmd_iter().map(|cmd| {
+        let mut c = c.clone();
+        async move { c.req_packed_command(cmd).await }
+    });
+    futures_util::future::join_all(each)
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// Credentials and TLS roots for Redis.

@@ -21,6 +21,9 @@
 //!   rate, and reports the server's memory per session, registration time, acks/s, latency,
 //!   losses and CPU time per answer, for routers and the echo server side by side.
 //!
+//! - `flood`: a Register flood from many loopback source addresses against a node with live
+//!   clients; what it costs the node and the clients.
+//!
 //! Every run is bounded in time and stops by itself, and traffic goes only to the addresses
 //! given, which must be loopback unless `--allow-remote` says otherwise. Results are one JSON
 //! object on stdout; progress goes to stderr. Exit 0 on success, 1 when a run's criteria
@@ -33,6 +36,7 @@
 //! - `upgrade`: the rolling-upgrade run (processes, client fleet, report).
 //! - `scale`: the many-sessions run and its process readings (`/proc`).
 //! - `drain`: the million-session drain (conductor, simulated fleet).
+//! - `flood`: the Register flood.
 //! - `stats`: latency summaries and the target-address guard.
 
 use std::process::ExitCode;
@@ -42,6 +46,7 @@ use clap::{Parser, Subcommand};
 mod connect;
 mod drain;
 mod echo;
+mod flood;
 mod heartbeat;
 mod scale;
 mod stats;
@@ -80,6 +85,9 @@ enum Command {
     /// acks/s, latency, losses and server CPU per answer, routers and the echo server
     /// interleaved.
     Scale(scale::Args),
+    /// A Register flood from many sources against a node with live clients: what it costs
+    /// the node (sessions, memory, bytes) and its clients (latency, failures).
+    Flood(flood::Args),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +111,7 @@ fn main() -> ExitCode {
             Command::RollingUpgrade(a) => upgrade::run(a).await,
             Command::Scale(a) => scale::run(a).await,
             Command::Drain(a) => drain::run(a).await,
+            Command::Flood(a) => flood::run(a).await,
         }
     });
     // Client tasks that outlive the run must not hold the process open.

@@ -1,23 +1,36 @@
 //! Cluster state behind clear seams.
 //!
-//! - [`NodeTable`]: an immutable snapshot of the registry behind [`ArcSwap`]. Exactly one task,
-//!   the refresher in [`tasks`], builds and stores new snapshots; everything else only loads.
-//!   A request that misses a node calls [`Cluster::wait_for_node`]: it nudges the refresher
-//!   (nudges coalesce into one Redis read) and waits for a newer generation with a deadline,
-//!   holding nothing, then gives up with retry-later. The post-mortem's deadlock (a read guard
-//!   held while asking for the write guard) has no place to happen: there is no guard to hold.
+//! - [`NodeTable`]: an immutable snapshot of the registry and the membership view behind
+//!   [`ArcSwap`]. Exactly one task, the refresher in [`tasks`], builds and stores new
+//!   snapshots; everything else only loads. A request that misses a node calls
+//!   [`Cluster::wait_for_node`]: it nudges the refresher (nudges coalesce into one Redis read)
+//!   and waits for a newer generation with a deadline, holding nothing, then gives up with
+//!   retry-later. The post-mortem's deadlock (a read guard held while asking for the write
+//!   guard) has no place to happen: there is no guard to hold.
 //!   `/metrics` shows the table's age and the age of the oldest waiting request, computed at
 //!   scrape time, so a stuck refresher or a wait without an end shows even if every task hangs.
-//! - Presence: where each client is. Writes go through a channel to one batching writer task;
-//!   reads hit a short-lived local cache first, Redis on a miss (only from deferred jobs, never
-//!   from a socket loop).
-//! - [`wire`]: the authenticated node-to-node datagram format.
+//! - Presence (`presence.rs`): where each client is. Writes go through a channel to one
+//!   batching writer task; reads hit a short-lived local cache first, Redis on a miss (only
+//!   from deferred jobs, never from a socket loop).
+//! - [`wire`]: the authenticated node-to-node datagram format; `envelope.rs` seals and opens
+//!   it for this node (refusals counted and logged at a bounded rate).
+//! - [`membership`]: SWIM membership over the cluster port, merged with the registry into the
+//!   node table by the refresher, so nodes know each other while Redis is away; `members.rs`
+//!   drives it for this node.
 
+mod envelope;
 pub mod lookup;
+mod members;
+pub mod membership;
+mod presence;
+mod table;
 pub mod tasks;
 pub mod wire;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+pub use presence::{LocalSessions, PresenceOp, PresenceRx};
+pub use table::{NodeInfo, NodeState, NodeTable};
+
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,144 +38,34 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 use uuid::Uuid;
 
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use membership::{MemberId, Membership};
+use presence::PresenceCache;
 
-/// How long a cached presence answer is trusted (a failed forward invalidates it sooner).
-const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
-/// How long "not online anywhere" is cached.
-const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(1);
+/// A presence write waiting on Redis longer than this tells the other nodes (see
+/// [`Cluster::presence_behind`]).
+const WRITE_STUCK_MS: u64 = 100;
 /// Node-to-node datagrams older or newer than this are refused as replays.
 const FRESHNESS_MS: u64 = 30_000;
-/// At most one log line per this many milliseconds about refused node-to-node datagrams.
-const REFUSED_LOG_EVERY_MS: u64 = 10_000;
-
-/// A node's lifecycle state in the registry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeState {
-    /// Takes new sessions.
-    Active,
-    /// Moving its clients away; never chosen for new sessions.
-    Draining,
-}
-
-/// One node's registry record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// Node id.
-    pub id: String,
-    /// Client-facing address.
-    pub public: SocketAddr,
-    /// Internal (node-to-node) address.
-    pub internal: SocketAddr,
-    /// Lifecycle state.
-    pub state: NodeState,
-    /// Software version.
-    pub version: String,
-    /// Sessions held at the last renewal.
-    pub sessions: u64,
-    /// Start time, ms since the Unix epoch.
-    pub started_ms: u64,
-    /// The record is void after this time, ms since the Unix epoch.
-    pub expires_ms: u64,
-}
-
-/// An immutable snapshot of the live nodes.
-#[derive(Debug, Default)]
-pub struct NodeTable {
-    /// Increases with every snapshot the refresher stores.
-    pub generation: u64,
-    nodes: HashMap<String, Arc<NodeInfo>>,
-}
-
-impl NodeTable {
-    /// Builds a snapshot.
-    pub fn new(generation: u64, nodes: impl IntoIterator<Item = NodeInfo>) -> Self {
-        Self {
-            generation,
-            nodes: nodes
-                .into_iter()
-                .map(|n| (n.id.clone(), Arc::new(n)))
-                .collect(),
-        }
-    }
-
-    /// A node by id.
-    pub fn get(&self, id: &str) -> Option<Arc<NodeInfo>> {
-        self.nodes.get(id).cloned()
-    }
-
-    /// Number of nodes.
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
-    /// Every active node other than `except`.
-    pub fn active_except(&self, except: &str) -> Vec<Arc<NodeInfo>> {
-        self.nodes
-            .values()
-            .filter(|n| n.state == NodeState::Active && n.id != except)
-            .cloned()
-            .collect()
-    }
-
-    /// Best of two random active nodes other than `except` (fewer sessions wins): spreads
-    /// clients without herding them all onto the newest, emptiest node.
-    pub fn pick_active(&self, except: &str) -> Option<Arc<NodeInfo>> {
-        let active: Vec<&Arc<NodeInfo>> = self
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Active && n.id != except)
-            .collect();
-        let mut rng = rand::thread_rng();
-        let two: Vec<&&Arc<NodeInfo>> = active.choose_multiple(&mut rng, 2).collect();
-        two.into_iter()
-            .min_by_key(|n| n.sessions)
-            .map(|n| Arc::clone(n))
-    }
-}
-
-/// What the cluster's background tasks need to know of the sessions this node holds. The
-/// router implements it, so cluster code never depends on the router.
-pub trait LocalSessions: Send + Sync {
-    /// Number of sessions held.
-    fn session_count(&self) -> usize;
-    /// Every session held, with its Resume verifier (for presence re-publication).
-    fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])>;
-}
-
-/// A presence write for the batching writer.
-#[derive(Clone, Debug)]
-pub enum PresenceOp {
-    /// The client is held here; `verifier` validates its Resume elsewhere.
-    Put(Uuid, [u8; 32]),
-    /// The client left this node.
-    Del(Uuid),
-}
-
-#[derive(Clone, Debug)]
-struct Cached {
-    node: Option<Arc<str>>,
-    at: Instant,
-}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// HMAC-SHA256 of `data` under `key`.
+fn derive_key(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    m.update(data);
+    m.finalize().into_bytes().into()
 }
 
 /// A node's cluster state, shared by its socket loops, deferred jobs and background tasks.
@@ -178,8 +81,8 @@ pub struct Cluster {
     nudge: Notify,
     nudged: AtomicBool,
     published: Notify,
-    presence: DashMap<Uuid, Cached>,
-    presence_tx: mpsc::Sender<PresenceOp>,
+    presence: PresenceCache,
+    presence_tx: mpsc::Sender<(PresenceOp, u64)>,
     /// Set when Redis may have lost our writes: the writer re-publishes every session.
     pub republish: AtomicBool,
     seq: AtomicU64,
@@ -198,6 +101,17 @@ pub struct Cluster {
     /// (ms since `clock`, `u64::MAX`: never).
     refused: AtomicU64,
     refused_logged_ms: AtomicU64,
+    /// SWIM membership. Locked only in synchronous code, for one call, never across an await.
+    membership: Mutex<Membership>,
+    members_changed: Notify,
+    /// One-shot datagrams (membership, lookups) seen recently: (sender, seq, is a reply).
+    oneshot: DashMap<(Arc<str>, u64, bool), Instant>,
+    /// Keys derived session secrets (see [`Cluster::session_secret`]).
+    secret_key: [u8; 32],
+    /// When the presence writer's current Redis call began (ms since the epoch; 0: idle).
+    presence_busy_since: AtomicU64,
+    /// Presence writes waiting for a retry.
+    presence_backlog: AtomicU64,
     /// Resumes whose cause waits for the next node table: the node that held the session,
     /// and when the resume arrived ([`Cluster::count_resume`]).
     unsure_resumes: Mutex<VecDeque<(Arc<str>, Instant)>>,
@@ -224,14 +138,13 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Datagrams for other nodes: (internal address, bytes).
+pub type Sends = Vec<(SocketAddr, Vec<u8>)>;
+
 impl Cluster {
     /// Builds the state; returns it with the receiving end of the presence channel (for the
     /// writer task).
-    pub fn new(
-        cfg: ClusterConfig,
-        store: Arc<Store>,
-        metrics: Metrics,
-    ) -> (Arc<Self>, mpsc::Receiver<PresenceOp>) {
+    pub fn new(cfg: ClusterConfig, store: Arc<Store>, metrics: Metrics) -> (Arc<Self>, PresenceRx) {
         let (presence_tx, rx) = mpsc::channel(65_536);
         let (generation, _) = watch::channel(0);
         metrics.set_cluster_keys(
@@ -241,6 +154,17 @@ impl Cluster {
                 .map(crate::config::key_fingerprint)
                 .as_deref(),
         );
+        let started_ms = now_ms();
+        let me = MemberId {
+            id: cfg.node_id.clone(),
+            internal: cfg.advertise,
+            public: cfg.public_addr,
+            started_ms,
+            bump: 0,
+        };
+        let settings = membership::Settings::lan(cfg.probe_period, cfg.registry_period);
+        let membership = Membership::new(me, settings, rand::random());
+        let secret_key = derive_key(&cfg.cluster_key, b"sigrouter-v1-session-secret-key");
         let c = Arc::new(Self {
             id: cfg.node_id.as_str().into(),
             cfg,
@@ -250,7 +174,7 @@ impl Cluster {
             nudge: Notify::new(),
             nudged: AtomicBool::new(false),
             published: Notify::new(),
-            presence: DashMap::new(),
+            presence: PresenceCache::default(),
             presence_tx,
             republish: AtomicBool::new(false),
             // Random start: a restarted node must not reuse sequence numbers that the others
@@ -258,8 +182,14 @@ impl Cluster {
             seq: AtomicU64::new(rand::random::<u64>() >> 1),
             seen: DashMap::new(),
             draining: AtomicBool::new(false),
-            started_ms: now_ms(),
+            started_ms,
             metrics: metrics.clone(),
+            membership: Mutex::new(membership),
+            members_changed: Notify::new(),
+            oneshot: DashMap::new(),
+            secret_key,
+            presence_busy_since: AtomicU64::new(0),
+            presence_backlog: AtomicU64::new(0),
             waiters: Mutex::default(),
             waiter_ids: AtomicU64::new(0),
             refreshed_ms: AtomicU64::new(0),
@@ -331,6 +261,79 @@ impl Cluster {
         self.table.load().get(id)
     }
 
+    /// Stores the registry's `nodes` merged with the membership view, and this node itself
+    /// if neither lists it. Only the refresher task calls this. Unless `always`, an unchanged
+    /// table is not stored again.
+    /// (`fresh`: the registry was just read successfully; the table's age restarts.)
+    pub(crate) fn store_merged(&self, registry: &[NodeInfo], always: bool, fresh: bool) {
+        let view = self.membership_view();
+        let unsettled = view
+            .iter()
+            .any(|m| m.active && m.meta.as_ref().is_some_and(|x| x.unpublished));
+        let mut nodes = membership::merge(registry, &view);
+        if !nodes.iter().any(|n| *n.id == *self.id) {
+            nodes.push(self.own_info());
+        }
+        if !always {
+            let current = self.table.load();
+            let same = current.len() == nodes.len()
+                && current.unsettled == unsettled
+                && nodes
+                    .iter()
+                    .all(|n| current.get(&n.id).is_some_and(|c| *c == *n));
+            if same {
+                return;
+            }
+        }
+        self.store_table_flagged(nodes, unsettled);
+        if fresh {
+            self.refreshed_ms.store(self.clock_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether Redis may lack presence records: it came back from a failure moments ago (and
+    /// may have lost its data), or another node says its presence writes failed or are stuck.
+    /// A "nowhere" from Redis is then checked with the other nodes.
+    pub fn presence_unsettled(&self) -> bool {
+        self.store.recovered_within(self.recovery_grace()) || self.table.load().unsettled
+    }
+
+    /// Whether this node's presence writes are behind: some failed and wait for a retry, a
+    /// re-publication is due after a failure, or a write has been waiting on Redis for more
+    /// than [`WRITE_STUCK_MS`].
+    pub fn presence_behind(&self) -> bool {
+        let busy = self.presence_busy_since.load(Ordering::Relaxed);
+        self.presence_backlog.load(Ordering::Relaxed) > 0
+            || self.republish.load(Ordering::Relaxed)
+            || (busy != 0 && now_ms().saturating_sub(busy) > WRITE_STUCK_MS)
+    }
+
+    /// The presence writer reports its state (see [`Cluster::presence_behind`]).
+    pub(crate) fn presence_progress(&self, busy_since_ms: u64, backlog: usize) {
+        self.presence_busy_since
+            .store(busy_since_ms, Ordering::Relaxed);
+        self.presence_backlog
+            .store(backlog as u64, Ordering::Relaxed);
+    }
+
+    /// This node's record as membership would describe it.
+    fn own_info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.id.to_string(),
+            public: self.cfg.public_addr,
+            internal: self.cfg.advertise,
+            state: if self.is_draining() {
+                NodeState::Draining
+            } else {
+                NodeState::Active
+            },
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            sessions: self.lock_membership().sessions(),
+            started_ms: self.started_ms,
+            expires_ms: 0,
+        }
+    }
+
     /// Counts a resume, here, of a session node `old` held: `migrate` when `old` is draining
     /// (it told the client to move), `failover` otherwise. The table may not show yet a drain
     /// that began a moment ago (it is read every few seconds, and the first clients arrive
@@ -385,14 +388,19 @@ impl Cluster {
         }
     }
 
-    /// Stores a new snapshot. Only the refresher task calls this.
+    /// Stores a new snapshot (the simulated-time tests write tables by hand).
+    #[cfg(test)]
     pub(crate) fn store_table(&self, nodes: Vec<NodeInfo>) {
+        self.store_table_flagged(nodes, false);
+    }
+
+    fn store_table_flagged(&self, nodes: Vec<NodeInfo>, unsettled: bool) {
         let generation = self.table.load().generation + 1;
         self.metrics.cluster_nodes.set(nodes.len() as f64);
-        self.table
-            .store(Arc::new(NodeTable::new(generation, nodes)));
+        let mut t = NodeTable::new(generation, nodes);
+        t.unsettled = unsettled;
+        self.table.store(Arc::new(t));
         self.metrics.table_refreshes.increment(1);
-        self.refreshed_ms.store(self.clock_ms(), Ordering::Relaxed);
         self.generation.send_replace(generation);
     }
 
@@ -479,18 +487,12 @@ impl Cluster {
     /// The cached location of a client: `Some(Some(node))`, `Some(None)` for "nowhere", or
     /// `None` when the cache has nothing fresh.
     pub fn cached_presence(&self, uuid: &Uuid, now: Instant) -> Option<Option<Arc<str>>> {
-        let c = self.presence.get(uuid).map(|c| c.clone())?;
-        let ttl = if c.node.is_some() {
-            PRESENCE_CACHE_TTL
-        } else {
-            NEGATIVE_CACHE_TTL
-        };
-        (now.saturating_duration_since(c.at) <= ttl).then_some(c.node)
+        self.presence.get(uuid, now)
     }
 
     /// Remembers a lookup.
     pub fn cache_presence(&self, uuid: Uuid, node: Option<Arc<str>>, now: Instant) {
-        self.presence.insert(uuid, Cached { node, at: now });
+        self.presence.insert(uuid, node, now);
     }
 
     /// Forgets a cached location (after a failed forward).
@@ -500,7 +502,7 @@ impl Cluster {
 
     /// Queues a presence write; never waits. A full queue marks a full re-publication.
     pub fn publish(&self, op: PresenceOp) {
-        if self.presence_tx.try_send(op).is_err() {
+        if self.presence_tx.try_send((op, now_ms())).is_err() {
             self.republish.store(true, Ordering::Relaxed);
         }
     }
@@ -516,98 +518,23 @@ impl Cluster {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Marks this node draining (the registry task publishes it).
+    /// Marks this node draining (the registry task publishes it; membership broadcasts it
+    /// with its next datagrams, at the latest at the next tick).
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.lock_membership()
+            .set_state(Instant::now(), NodeState::Draining);
     }
 
-    /// Builds an authenticated datagram for node `to`; returns its sequence number too.
-    pub fn envelope(&self, to: &str, seq: Option<u64>, body: wire::Body) -> Option<(u64, Vec<u8>)> {
-        let seq = seq.unwrap_or_else(|| self.seq.fetch_add(1, Ordering::Relaxed));
-        let env = wire::Envelope {
-            from: self.id.to_string(),
-            to: to.to_string(),
-            ts: now_ms(),
-            seq,
-            body,
-        };
-        // Always the first key: the second one is only ever accepted (key rotation).
-        wire::encode(&env, &self.cfg.cluster_key).map(|b| (seq, b))
+    /// The secret of a session this cluster creates for client `uuid`: a MAC of the UUID under
+    /// a key derived from the cluster key. Any node can then check a Resume when neither Redis
+    /// nor the node that held the session can (a node killed during a Redis outage).
+    pub fn session_secret(&self, uuid: &Uuid) -> [u8; 32] {
+        derive_key(&self.secret_key, uuid.as_bytes())
     }
 
-    /// Authenticates an internal datagram: MAC (by this node's key, or its second, accepted
-    /// key), addressed to us, fresh. `Err` is a counted drop, and logged at most once per
-    /// 10 s with the number refused since the last line.
-    pub fn open(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
-        let r = self.authenticate(buf);
-        if let Err(e) = r {
-            self.refused(e, buf);
-        }
-        r
-    }
-
-    fn authenticate(&self, buf: &[u8]) -> Result<wire::Envelope, wire::WireError> {
-        let mut keys: Vec<&[u8]> = vec![&self.cfg.cluster_key];
-        keys.extend(self.cfg.cluster_next_key.as_deref());
-        let (env, _) = wire::decode_any(buf, &keys)?;
-        if env.to != *self.id || env.from == *self.id {
-            return Err(wire::WireError::Misaddressed);
-        }
-        if now_ms().abs_diff(env.ts) > FRESHNESS_MS {
-            return Err(wire::WireError::Stale);
-        }
-        Ok(env)
-    }
-
-    /// Counts a refused datagram; writes the rate-limited log line.
-    fn refused(&self, e: wire::WireError, buf: &[u8]) {
-        self.metrics.cluster_refused(e.into());
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        let now = self.clock_ms();
-        let last = self.refused_logged_ms.load(Ordering::Relaxed);
-        let due = last == u64::MAX || now.saturating_sub(last) >= REFUSED_LOG_EVERY_MS;
-        if !due
-            || self
-                .refused_logged_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        let refused = self.refused.swap(0, Ordering::Relaxed);
-        // Unauthenticated text: bounded, and logged escaped (Debug) so it cannot forge lines.
-        let claimed_from: String = wire::claimed_sender(buf)
-            .unwrap_or_default()
-            .chars()
-            .take(64)
-            .collect();
-        let hint = match e {
-            wire::WireError::BadMac => {
-                "the sender uses another cluster key: check SIGROUTER_CLUSTER_KEY_FILE (and SIGROUTER_CLUSTER_NEXT_KEY_FILE during a rotation) on every node"
-            }
-            wire::WireError::Stale => "clocks apart by more than 30 s, or a replay",
-            wire::WireError::Misaddressed => {
-                "meant for another node id: briefly after a restart at a reused address, or two nodes share a node id"
-            }
-            wire::WireError::Malformed => "not sigrouter node traffic",
-        };
-        tracing::warn!(
-            reason = e.name(),
-            claimed_from = ?claimed_from,
-            refused_since_last_line = refused,
-            hint,
-            "refused node-to-node datagrams (counted in sigrouter_cluster_refused_total by reason; at most one line per 10 s)"
-        );
-    }
-
-    /// The reply already given to request (`from`, `seq`), if it is a repeat.
-    pub fn seen(&self, from: &str, seq: u64) -> Option<wire::Status> {
-        self.seen.get(&(Arc::from(from), seq)).map(|e| e.0)
-    }
-
-    /// Remembers the reply to request (`from`, `seq`).
-    pub fn remember(&self, from: &str, seq: u64, status: wire::Status, now: Instant) {
-        self.seen.insert((Arc::from(from), seq), (status, now));
+    fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forgets replies older than the freshness window (repeats older than that are refused
@@ -616,7 +543,8 @@ impl Cluster {
         let keep = Duration::from_millis(FRESHNESS_MS * 2);
         self.seen
             .retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
-        self.presence
-            .retain(|_, c| now.saturating_duration_since(c.at) <= PRESENCE_CACHE_TTL);
+        self.oneshot
+            .retain(|_, t| now.saturating_duration_since(*t) <= keep);
+        self.presence.sweep(now);
     }
 }

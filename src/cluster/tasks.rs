@@ -2,16 +2,17 @@
 //! of the snapshot), the registry publisher (this node's own record) and the presence writer
 //! (batched, pipelined presence updates).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Pipeline;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::lookup::format_presence;
-use super::{now_ms, Cluster, LocalSessions, NodeInfo, NodeState, PresenceOp};
+use super::{now_ms, Cluster, LocalSessions, NodeInfo, NodeState, PresenceOp, PresenceRx};
 use crate::store::{presence_key, NODES_KEY};
 
 /// Registry records live this many renewal periods without a renewal.
@@ -22,15 +23,36 @@ const REGISTRY_KEY_TTL_MS: u64 = 120_000;
 const NUDGE_DEBOUNCE: Duration = Duration::from_millis(20);
 /// Least time between two registry reads.
 const MIN_GAP: Duration = Duration::from_millis(50);
+/// How often a node that knows no other member asks its `--peers` again.
+const SEED_PERIOD: Duration = Duration::from_secs(2);
 /// Most presence commands in one pipeline.
 const BATCH: usize = 512;
 
-/// Sets the presence of a client this node holds, if absent or already ours (periodic refresh
-/// must not take a client back from the node it moved to).
+/// A node claims a client (Register, Resume, or a claim retried after Redis failed): sets the
+/// presence unless the record holds a later claim (its ` t<ms>` suffix; a record without one,
+/// from an older node, counts as 0). A claim that could not be written during an outage is
+/// retried with its original time, so it can never overwrite the claim of the node the client
+/// moved to next.
+const CLAIM_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local t = tonumber(string.match(v, ' t(%d+)$') or '0')
+  if t > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])";
+
+/// Periodic renewal of a client this node holds: extends the record if it is ours, writes it if
+/// absent (Redis lost it; claim time 0, so any real claim wins), and never takes a client from
+/// another node.
 const REFRESH_SCRIPT: &str = r"
 local v = redis.call('GET', KEYS[1])
-if (not v) or string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+if not v then
   return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+if string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 return 0";
 
@@ -42,8 +64,14 @@ if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
 end
 return 0";
 
-/// Rebuilds the node table every `period` and whenever nudged; the only writer of it. On a
-/// Redis failure the last snapshot stays in use.
+/// Most presence writes kept for a retry after a Redis failure; past it, the writer falls back
+/// to a full re-publication.
+const MAX_RETRY: usize = 1 << 20;
+
+/// Rebuilds the node table every `period`, whenever nudged (after a Redis read) and whenever
+/// the membership view changes (without reading Redis); the only writer of it. The table is
+/// the last registry read merged with the membership view, so a Redis failure leaves the
+/// registry part as it was while membership keeps the rest current.
 pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: CancellationToken) {
     // The first table should include this node: wait (briefly) for its first publication.
     tokio::select! {
@@ -52,26 +80,38 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
         _ = tokio::time::sleep(period) => {}
     }
     let mut last = tokio::time::Instant::now();
+    let mut registry: Vec<NodeInfo> = Vec::new();
     loop {
         cluster.take_nudge();
         last = last.max(tokio::time::Instant::now());
         let read_started = std::time::Instant::now();
-        match read_nodes(&cluster).await {
+        let fresh = match read_nodes(&cluster).await {
             Ok((live, expired)) => {
-                cluster.store_table(live);
-                cluster.count_unsure_resumes(read_started);
+                // Nodes in the registry that membership does not know yet are announced to.
+                cluster.membership_seed(std::time::Instant::now(), &live);
+                registry = live;
                 if !expired.is_empty() {
                     let mut p = redis::pipe();
                     p.cmd("HDEL").arg(NODES_KEY).arg(&expired).ignore();
                     let _ = cluster.store.pipeline(&p, 1).await;
                 }
+                true
             }
-            Err(()) => tracing::debug!("node table refresh failed; keeping the last snapshot"),
+            Err(()) => {
+                tracing::debug!("registry read failed; keeping its last contents");
+                false
+            }
+        };
+        // Always a new generation after a read attempt: requests waiting for one stop waiting.
+        cluster.store_merged(&registry, true, fresh);
+        if fresh {
+            cluster.count_unsure_resumes(read_started);
         }
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(last + period) => break,
+                _ = cluster.members_changed() => cluster.store_merged(&registry, false, false),
                 _ = cluster.nudged() => {
                     // Gather the misses that arrive together, and keep reads apart, so a storm
                     // of misses costs one read.
@@ -82,6 +122,35 @@ pub async fn run_refresher(cluster: Arc<Cluster>, period: Duration, stop: Cancel
                     }
                 }
             }
+        }
+    }
+}
+
+/// Seeds membership from `--peers` (host names resolved here) while this node knows no other
+/// member: at start and every few seconds after, so a node that starts while Redis is down
+/// still joins.
+pub async fn run_seeds(cluster: Arc<Cluster>, peers: Vec<String>, stop: CancellationToken) {
+    if peers.is_empty() {
+        return;
+    }
+    loop {
+        if cluster.membership_active() == 0 {
+            let mut addrs = Vec::new();
+            for p in &peers {
+                match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(p)).await
+                {
+                    Ok(Ok(found)) => addrs.extend(found),
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %p, error = %e, "cannot resolve --peers entry")
+                    }
+                    Err(_) => tracing::warn!(peer = %p, "resolving a --peers entry timed out"),
+                }
+            }
+            cluster.membership_join_addrs(&addrs);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SEED_PERIOD) => {}
         }
     }
 }
@@ -123,6 +192,43 @@ pub fn own_record(cluster: &Cluster, router: &dyn LocalSessions, period: Duratio
         started_ms: cluster.started_ms,
         expires_ms: now_ms()
             + u64::try_from((period * RECORD_PERIODS).as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// Refuses to start with a node id that a live node at another address holds (two nodes with
+/// one id would each take the other's node-to-node traffic and presence records). A record of
+/// this id that stops being renewed (a previous life of this node that did not remove it) is
+/// waited out, up to its lifetime; one at this node's own addresses is its previous life.
+/// With Redis away the check is skipped (and logged): starting matters more.
+pub async fn claim_node_id(cluster: &Cluster, period: Duration) -> anyhow::Result<()> {
+    let lifetime = period * RECORD_PERIODS + Duration::from_secs(1);
+    let give_up = tokio::time::Instant::now() + lifetime;
+    loop {
+        let cmd = redis::cmd("HGET").arg(NODES_KEY).arg(&*cluster.id).clone();
+        let json: Option<String> = match cluster.store.query(&cmd).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check that this node id is free (Redis away)");
+                return Ok(());
+            }
+        };
+        let Some(rec) = json.and_then(|j| serde_json::from_str::<NodeInfo>(&j).ok()) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let ours = rec.internal == cluster.cfg.advertise && rec.public == cluster.cfg.public_addr;
+        if ours || rec.expires_ms <= now {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < give_up,
+            "node id {:?} is held by a live node (internal {}, public {}): give this node another --node-id",
+            &*cluster.id,
+            rec.internal,
+            rec.public
+        );
+        let left = Duration::from_millis(rec.expires_ms - now);
+        tokio::time::sleep(left.min(Duration::from_millis(250))).await;
     }
 }
 
@@ -182,17 +288,21 @@ pub async fn run_registry(
 /// Applies presence writes in pipelined batches, refreshes every session's presence TTL every
 /// `refresh`, and re-publishes everything after a failure. Never blocks a request: requests
 /// only enqueue.
+///
+/// Writes that fail (Redis down) are kept, the newest per client, and retried first once Redis
+/// answers: a claim only while the client is still held here, a deletion only while it is not.
 pub async fn run_presence_writer(
     cluster: Arc<Cluster>,
     router: Arc<dyn LocalSessions>,
-    mut rx: mpsc::Receiver<PresenceOp>,
+    mut rx: PresenceRx,
     ttl: Duration,
     refresh: Duration,
     stop: CancellationToken,
 ) {
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     let mut last_refresh = tokio::time::Instant::now();
-    let mut ops: Vec<PresenceOp> = Vec::with_capacity(BATCH);
+    let mut ops: Vec<(PresenceOp, u64)> = Vec::with_capacity(BATCH);
+    let mut retry: HashMap<Uuid, (PresenceOp, u64)> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -205,21 +315,50 @@ pub async fn run_presence_writer(
             last_refresh = tokio::time::Instant::now();
         }
         let mut failed = false;
+        if !retry.is_empty() {
+            // Oldest first, then what came since: the newest write per client lands last.
+            let mut again: Vec<(PresenceOp, u64)> = retry
+                .drain()
+                .map(|(_, v)| v)
+                .filter(|(op, _)| match op {
+                    PresenceOp::Put(u, _) => router.holds(u),
+                    PresenceOp::Del(u) => !router.holds(u),
+                })
+                .collect();
+            again.sort_by_key(|(_, t)| *t);
+            again.append(&mut ops);
+            ops = again;
+        }
+        let mut kept = Vec::new();
         for chunk in ops.chunks(BATCH) {
             let mut p = redis::pipe();
-            for op in chunk {
-                add_op(&mut p, &cluster, op, ttl_ms, false);
+            for (op, t) in chunk {
+                add_op(&mut p, &cluster, op, *t, ttl_ms, false);
             }
-            failed |= cluster.store.pipeline(&p, chunk.len()).await.is_err();
+            cluster.presence_progress(now_ms(), retry.len());
+            if cluster.store.pipeline(&p, chunk.len()).await.is_err() {
+                failed = true;
+                kept.extend_from_slice(chunk);
+            }
         }
         ops.clear();
+        for (op, t) in kept {
+            if retry.len() >= MAX_RETRY {
+                break;
+            }
+            let u = match &op {
+                PresenceOp::Put(u, _) | PresenceOp::Del(u) => *u,
+            };
+            retry.insert(u, (op, t));
+        }
         if full && !failed {
             let all = router.presence_snapshot();
             for chunk in all.chunks(BATCH) {
                 let mut p = redis::pipe();
                 for (u, v) in chunk {
-                    add_op(&mut p, &cluster, &PresenceOp::Put(*u, *v), ttl_ms, true);
+                    add_op(&mut p, &cluster, &PresenceOp::Put(*u, *v), 0, ttl_ms, true);
                 }
+                cluster.presence_progress(now_ms(), retry.len());
                 if cluster.store.pipeline(&p, chunk.len()).await.is_err() {
                     failed = true;
                     break;
@@ -229,10 +368,18 @@ pub async fn run_presence_writer(
         if failed {
             cluster.republish.store(true, Ordering::Relaxed);
         }
+        cluster.presence_progress(0, retry.len());
     }
 }
 
-fn add_op(p: &mut Pipeline, cluster: &Cluster, op: &PresenceOp, ttl_ms: u64, refresh: bool) {
+fn add_op(
+    p: &mut Pipeline,
+    cluster: &Cluster,
+    op: &PresenceOp,
+    claimed_ms: u64,
+    ttl_ms: u64,
+    refresh: bool,
+) {
     match op {
         PresenceOp::Put(u, v) if refresh => {
             p.cmd("EVAL")
@@ -240,15 +387,17 @@ fn add_op(p: &mut Pipeline, cluster: &Cluster, op: &PresenceOp, ttl_ms: u64, ref
                 .arg(1)
                 .arg(presence_key(u))
                 .arg(&*cluster.id)
-                .arg(format_presence(&cluster.id, v))
+                .arg(format_presence(&cluster.id, v, 0))
                 .arg(ttl_ms)
                 .ignore();
         }
         PresenceOp::Put(u, v) => {
-            p.cmd("SET")
+            p.cmd("EVAL")
+                .arg(CLAIM_SCRIPT)
+                .arg(1)
                 .arg(presence_key(u))
-                .arg(format_presence(&cluster.id, v))
-                .arg("PX")
+                .arg(format_presence(&cluster.id, v, claimed_ms))
+                .arg(claimed_ms)
                 .arg(ttl_ms)
                 .ignore();
         }

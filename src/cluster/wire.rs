@@ -19,6 +19,8 @@ use sigrouter_proto::{Addr, Payload, MAC_LEN, MAX_DATAGRAM};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use super::membership::MemberId;
+
 /// First two bytes of a node-to-node datagram.
 pub const MAGIC: [u8; 2] = [0x53, 0x4E];
 const VERSION: u8 = 1;
@@ -112,6 +114,31 @@ pub enum Body {
         /// Its internal address.
         addr: Addr,
     },
+    /// A SWIM membership message (`foca`'s encoding). One-way: a repeat is a replay.
+    Swim(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// "Announce yourself to me": sent to a seed known only by its address, so `to` is empty.
+    /// One-way: a repeat is a replay.
+    Join {
+        /// The sender's membership identity.
+        member: MemberId,
+    },
+    /// "Which of these clients do you hold?": a presence lookup while Redis is unavailable,
+    /// answered from the receiver's own sessions with [`Body::Holds`] under the same sequence
+    /// number. One-shot (never retransmitted, never remembered): a repeat is a replay.
+    WhoHas {
+        /// The clients asked about (at most [`MAX_WHO_HAS`]; the rest are not answered).
+        uuids: Vec<Uuid>,
+        /// With one client: the verifier of the secret a Resume presented; the holder says
+        /// whether it matches its own.
+        verifier: Option<[u8; 32]>,
+    },
+    /// The answer to [`Body::WhoHas`] `seq`.
+    Holds {
+        /// Per client asked: held by the sender.
+        held: Vec<bool>,
+        /// With a verifier asked about a client held here: whether it matched.
+        verified: Option<bool>,
+    },
 }
 
 /// One established connection handed from a client's old node to its new one.
@@ -128,6 +155,9 @@ pub struct HandedConn {
     /// Its internal address.
     pub peer_addr: Addr,
 }
+
+/// Most clients one [`Body::WhoHas`] asks about.
+pub const MAX_WHO_HAS: usize = sigrouter_proto::MAX_QUERY;
 
 /// A node-to-node datagram.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

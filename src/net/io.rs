@@ -4,7 +4,8 @@
 //!   [`quinn_udp::BATCH_SIZE`] datagrams per system call, into buffers allocated once per socket.
 //!   UDP GRO is switched off again after quinn-udp enables it: a coalesced receive needs 64 KiB
 //!   buffers, and clients send one small datagram every few seconds each, so there is nothing
-//!   to coalesce. quinn-udp's "never fragment" is undone too (see `sys::restore_defaults`).
+//!   to coalesce. quinn-udp's "never fragment" and its per-datagram control messages (destination
+//!   address, TOS, receive timestamp) are undone too (see `sys::restore_defaults`).
 //! - Send: `sendmmsg` on Linux, up to [`SEND_BATCH`] datagrams to any destinations per system
 //!   call, built on the stack (no allocation). Runs of equal-sized datagrams to one destination
 //!   go out as one UDP GSO message where the kernel supports it: a client with many sessions
@@ -137,11 +138,11 @@ mod sys {
     /// Most payload per GSO message.
     const GSO_MAX_BYTES: usize = 65_000;
 
-    /// Undoes two of quinn-udp's socket options that do not suit this server: UDP GRO (off)
-    /// and "never fragment" (back to the kernel's default of path-MTU discovery, which
-    /// fragments a datagram larger than the path allows: node-to-node datagrams can exceed
-    /// the MTU of some overlay networks). Failures are ignored (the option was then not set
-    /// either).
+    /// Undoes quinn-udp's socket options that do not suit this server: UDP GRO (off), "never
+    /// fragment" (back to the kernel's default of path-MTU discovery, which fragments a
+    /// datagram larger than the path allows: node-to-node datagrams can exceed the MTU of some
+    /// overlay networks), and the per-datagram control messages (destination address, TOS,
+    /// timestamp; off). Failures are ignored (the option was then not set either).
     pub(super) fn restore_defaults(sock: &UdpSocket) {
         let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
             // SAFETY: a valid socket fd and a pointer to a c_int of the given size.
@@ -161,12 +162,20 @@ mod sys {
             libc::IP_MTU_DISCOVER,
             libc::IP_PMTUDISC_WANT,
         );
+        // Per-datagram ancillary data nobody reads here (the destination address, the TOS/ECN
+        // byte, a receive timestamp): each costs the kernel a control message per datagram,
+        // and timestamps switch on time-stamping of every packet the host receives.
+        set(libc::IPPROTO_IP, libc::IP_PKTINFO, 0);
+        set(libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
+        set(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
         if sock.local_addr().is_ok_and(|a| a.is_ipv6()) {
             set(
                 libc::IPPROTO_IPV6,
                 libc::IPV6_MTU_DISCOVER,
                 libc::IPV6_PMTUDISC_WANT,
             );
+            set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0);
+            set(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0);
         }
     }
 
@@ -370,10 +379,7 @@ mod tests {
     }
 
     fn t(to: SocketAddr, tag: u8, len: usize) -> Transmit {
-        Transmit {
-            to,
-            bytes: vec![tag; len],
-        }
+        Transmit::new(to, vec![tag; len])
     }
 
     /// Reads `n` datagrams (or fails after a deadline): what a client would see.
@@ -422,7 +428,7 @@ mod tests {
         let want = |to: SocketAddr| -> Vec<Vec<u8>> {
             q.iter()
                 .filter(|x| x.to == to)
-                .map(|x| x.bytes.clone())
+                .map(|x| x.bytes.to_vec())
                 .collect()
         };
         assert_eq!(read(&a, 23).await, want(ta));
@@ -430,7 +436,7 @@ mod tests {
     }
 
     /// After quinn-udp's setup the socket still fragments what the path cannot carry (the
-    /// kernel's default), and GRO is off.
+    /// kernel's default), GRO is off, and no per-datagram control messages are asked for.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[tokio::test]
     async fn socket_keeps_the_kernels_fragmentation_default_and_no_gro() {
@@ -458,6 +464,9 @@ mod tests {
             libc::IP_PMTUDISC_WANT
         );
         assert_eq!(get(libc::SOL_UDP, libc::UDP_GRO), 0);
+        assert_eq!(get(libc::IPPROTO_IP, libc::IP_PKTINFO), 0);
+        assert_eq!(get(libc::IPPROTO_IP, libc::IP_RECVTOS), 0);
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS), 0);
     }
 
     /// A batch of datagrams from several sources is received whole, with each source address.

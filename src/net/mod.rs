@@ -47,6 +47,29 @@ const SOCKET_BUF: usize = 4 << 20;
 /// Binds `n` sockets on `addr` sharing one port with `SO_REUSEPORT` (the first picks the port
 /// when `addr` has port 0).
 pub(crate) fn bind_udp(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    // SO_REUSEPORT would let this node share a port another process (another sigrouter, say)
+    // already holds, and take a share of its traffic: clients would flap between the two. A
+    // probe without SO_REUSEPORT fails if anyone holds the port; then this node refuses to
+    // start. (Port 0 asks the kernel for a free port: nothing to check.)
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            let _ = probe.set_only_v6(false);
+        }
+        probe.bind(&addr.into()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "UDP port {} is already held by another process",
+                        addr.port()
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+    }
     let mut out: Vec<std::net::UdpSocket> = Vec::with_capacity(n.max(1));
     let mut at = addr;
     for _ in 0..n.max(1) {
@@ -288,6 +311,10 @@ pub(crate) async fn run_socket(
         if !pending.is_empty() {
             blocked = flush(&sock, &mut tx, &d.router, &mut pending);
         }
+        if pending.is_empty() {
+            // Every answer of this turn is sent: their arena chunk is free for the next turn.
+            out.reclaim();
+        }
         if blocked {
             // The kernel's buffer is full: wait until it drains (or stop).
             tokio::select! {
@@ -340,6 +367,7 @@ pub(crate) async fn run_timers(
             _ = ticker.tick() => {}
         }
         let now = Instant::now();
+        out.reclaim();
         d.router.tick(now, &mut out);
         d.route(&mut out, false, false);
         if now.saturating_duration_since(last_sweep) >= sweep {

@@ -4,6 +4,7 @@
 //! Like the session map, every method takes a shard guard for one statement and returns
 //! copies; no guard leaves this module.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -132,7 +133,8 @@ pub(crate) struct Established {
 pub(crate) struct Conns {
     map: DashMap<Uuid, Conn>,
     /// Connections by each of their ends held on this node.
-    by_session: DashMap<Uuid, Vec<Uuid>>,
+    /// (A set: one session may hold thousands of connections, each added and removed in O(1).)
+    by_session: DashMap<Uuid, HashSet<Uuid>>,
     /// Connect deadlines (ms of the router's clock).
     deadlines: Timers<Uuid>,
     /// How many are pending (a drain waits for none).
@@ -168,17 +170,14 @@ impl Conns {
 
     fn index(&self, id: Uuid, conn: &Conn) {
         for end in conn.local_ends() {
-            let mut ids = self.by_session.entry(end).or_default();
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
+            self.by_session.entry(end).or_default().insert(id);
         }
     }
 
     fn unindex(&self, id: &Uuid, conn: &Conn) {
         for end in [conn.initiator, conn.target] {
             self.by_session.remove_if_mut(&end, |_, ids| {
-                ids.retain(|i| i != id);
+                ids.remove(id);
                 ids.is_empty()
             });
         }
@@ -257,10 +256,7 @@ impl Conns {
         };
         match target {
             Some(t) => {
-                let mut ids = self.by_session.entry(t).or_default();
-                if !ids.contains(id) {
-                    ids.push(*id);
-                }
+                self.by_session.entry(t).or_default().insert(*id);
                 true
             }
             None => false,

@@ -5,9 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use rand::RngCore;
-use sha2::Sha256;
 use sigrouter_proto::{self as proto, Addr, ErrorCode, ErrorMsg, Message, Secret, MIN_HELLO_LEN};
 use uuid::Uuid;
 
@@ -107,9 +106,16 @@ pub(crate) fn register(st: &State, now: Instant, h: Hello, m: proto::Register, o
         return;
     }
     let uuid = derived_uuid(st, h, epoch);
-    let mut secret = [0u8; proto::SECRET_LEN];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let secret = Secret(secret);
+    // Cluster mode: a secret any node can check when Redis and the session's node are both
+    // gone (see `Cluster::session_secret`).
+    let secret = match &st.cluster {
+        Some(c) => Secret(c.session_secret(&uuid)),
+        None => {
+            let mut secret = [0u8; proto::SECRET_LEN];
+            rand::thread_rng().fill_bytes(&mut secret);
+            Secret(secret)
+        }
+    };
     let verifier = secret.verifier();
     let session = NewSession {
         secret,
@@ -198,10 +204,8 @@ pub(crate) fn complete_resume(
         st.metrics.capacity_refused.increment(1);
         return st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);
     }
-    if !st.new_sessions.check(st.ns(now)) {
-        st.metrics.rate_limited_new_sessions.increment(1);
-        return st.error(now, h.error_to(), h.rid, ErrorCode::RateLimited, out);
-    }
+    // No node-wide budget here: a Resume proved its secret against the directory (clients of
+    // a draining or dead node arrive in a burst, and they are not a flood).
     let session = NewSession {
         secret: m.secret,
         verifier,
@@ -244,7 +248,7 @@ pub(crate) fn complete_resume(
 /// source, the request id and the epoch under this node's own random key, so it is as
 /// unpredictable as a random UUID, and a retransmission finds the session it created.
 fn derived_uuid(st: &State, h: Hello, epoch: u64) -> Uuid {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&st.uuid_key).expect("any key length");
+    let mut m = st.uuid_mac();
     match h.src.ip() {
         std::net::IpAddr::V4(ip) => m.update(&ip.octets()),
         std::net::IpAddr::V6(ip) => m.update(&ip.octets()),

@@ -16,7 +16,8 @@
 //! - `retransmit`: one retransmission queue, used by client pushes and node requests alike.
 //! - `hello`: Register and Resume. `connect`: Connect to the target's answer. `relay`:
 //!   Signal and PushAck. `query`: Query. `peer`: requests from other nodes and replies to
-//!   ours. `timers`: tick and sweeps. `drain`: Migrate.
+//!   ours. `timers`: tick and sweeps. `drain`: Migrate. `whohas`: presence lookups asked of
+//!   the other nodes when Redis cannot answer.
 //!
 //! Handler modules depend on `state` and the data modules, never the other way round; this
 //! file only dispatches.
@@ -33,6 +34,7 @@ mod relay;
 mod retransmit;
 mod state;
 mod timers;
+mod whohas;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -43,6 +45,7 @@ use sigrouter_proto::{self as proto, Addr, ErrorCode, FailReason, HeartbeatAck, 
 use uuid::Uuid;
 
 pub use outbox::{ConnectLookup, Job, Outbox, ResumeLookup, Transmit};
+pub(crate) use whohas::Waiter;
 
 use crate::cluster::{Cluster, LocalSessions, NodeInfo};
 use crate::config::Config;
@@ -55,6 +58,7 @@ use state::{ErrorTo, State};
 /// The node's routing state and decisions. Shared by every socket loop (`Arc<Router>`).
 pub struct Router {
     st: State,
+    asks: whohas::Asks,
 }
 
 impl Router {
@@ -62,6 +66,7 @@ impl Router {
     pub fn new(cfg: &Config, metrics: Metrics, cluster: Option<Arc<Cluster>>) -> Self {
         Self {
             st: State::new(cfg, metrics, cluster),
+            asks: whohas::Asks::default(),
         }
     }
 
@@ -93,7 +98,7 @@ impl Router {
     /// Work that another node or client still waits on: pending connections and unanswered
     /// node-to-node requests. A draining node stays up until this is zero (or its deadline).
     pub fn in_flight(&self) -> usize {
-        self.st.conns.pending_count() + self.st.node_requests.len()
+        self.st.conns.pending_count() + self.st.node_requests.len() + self.asks.len()
     }
 
     /// Sessions that acknowledged a `Migrate` and whose new node has not said `Moved` yet:
@@ -180,24 +185,29 @@ impl Router {
             src,
             req_len: buf.len(),
         };
-        let Some(secret) = st.sessions.secret(&uuid) else {
-            // Not held here: tell the client to Resume. The Error is smaller than any
-            // authenticated request (those carry a 16-byte MAC), so this cannot amplify.
-            if !matches!(msg, Message::PushAck(_)) {
-                st.error(now, from_source, rid, ErrorCode::UnknownSession, out);
+        if let Message::PushAck(a) = msg {
+            // No request id, no answer: only the MAC, then the push it acknowledges.
+            match st.sessions.secret(&uuid) {
+                Some(secret) if proto::verify_mac(buf, &secret) => {
+                    relay::push_ack(st, now, uuid, a, out)
+                }
+                Some(_) => st.metrics.drop(DropReason::BadMac),
+                None => {}
             }
             return;
-        };
-        if !proto::verify_mac(buf, &secret) {
-            st.metrics.drop(DropReason::BadMac);
-            return;
         }
-        if let Message::PushAck(a) = msg {
-            relay::push_ack(st, now, uuid, a, out);
-            return;
-        }
-        let view = match st.sessions.touch(&uuid, src, rid, now) {
-            Touch::Gone => return,
+        let verify = |secret: &proto::Secret| proto::verify_mac(buf, secret);
+        let view = match st.sessions.touch(&uuid, src, rid, now, verify) {
+            Touch::Gone => {
+                // Not held here: tell the client to Resume. The Error is smaller than any
+                // authenticated request (those carry a 16-byte MAC), so this cannot amplify.
+                st.error(now, from_source, rid, ErrorCode::UnknownSession, out);
+                return;
+            }
+            Touch::BadMac => {
+                st.metrics.drop(DropReason::BadMac);
+                return;
+            }
             Touch::RateLimited => {
                 st.metrics.rate_limited.increment(1);
                 st.error(now, from_source, rid, ErrorCode::RateLimited, out);
@@ -219,7 +229,7 @@ impl Router {
                 } else {
                     view.addr
                 };
-                out.send_client(to, bytes.to_vec());
+                out.send_client(to, bytes);
                 return;
             }
             (Seen::Duplicate, Some(Remembered::Pending)) => {
@@ -276,7 +286,30 @@ impl Router {
 
     /// Handles one datagram from another node, received on the cluster port.
     pub fn handle_internal(&self, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
-        peer::handle(&self.st, now, src, buf, out);
+        peer::handle(&self.st, &self.asks, now, src, buf, out);
+    }
+
+    /// Asks the other nodes where `uuids` are (Redis could not say), for `waiter`; with a
+    /// `verifier`, the holder checks it. The outcome arrives with their answers or by the
+    /// lookup's deadline (in [`Router::tick`]).
+    pub(crate) fn ask_peers(
+        &self,
+        now: Instant,
+        uuids: Vec<Uuid>,
+        verifier: Option<[u8; 32]>,
+        waiter: Waiter,
+        out: &mut Outbox,
+    ) {
+        whohas::start(&self.st, &self.asks, now, uuids, verifier, waiter, out);
+    }
+
+    /// Tells a few members this node is leaving the cluster (end of drain).
+    pub fn leave_cluster(&self, now: Instant, out: &mut Outbox) {
+        if let Some(c) = &self.st.cluster {
+            for (to, bytes) in c.membership_leave(now) {
+                out.send_node(to, bytes);
+            }
+        }
     }
 
     /// Completes a Resume job: `found` is what the directory holds for the UUID.
@@ -373,6 +406,12 @@ impl Router {
     /// of milliseconds.
     pub fn tick(&self, now: Instant, out: &mut Outbox) {
         timers::tick(&self.st, now, out);
+        if let Some(c) = &self.st.cluster {
+            for (to, bytes) in c.membership_tick(now, self.st.sessions.len() as u64) {
+                out.send_node(to, bytes);
+            }
+        }
+        whohas::tick(&self.st, &self.asks, now, out);
     }
 
     /// Slow housekeeping: expires sessions (handing back connections that waited on them),
@@ -396,6 +435,10 @@ impl LocalSessions for Router {
 
     fn presence_snapshot(&self) -> Vec<(Uuid, [u8; 32])> {
         Router::presence_snapshot(self)
+    }
+
+    fn holds(&self, uuid: &Uuid) -> bool {
+        self.is_local(uuid)
     }
 }
 

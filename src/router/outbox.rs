@@ -1,10 +1,18 @@
 //! What one call into the router decided: datagrams for clients, datagrams for other nodes,
 //! and deferred [`Job`]s that need cluster state not at hand.
+//!
+//! Datagrams are encoded into the outbox's own buffers, which a socket loop reuses for every
+//! call: a scratch buffer for the encoder and an arena ([`BytesMut`]) that each datagram is
+//! carved from as a reference-counted [`Bytes`] slice. Once the datagrams cut from an arena
+//! chunk have been sent (and dropped), the next datagram reuses that chunk from its start, so
+//! answering a heartbeat allocates nothing in the steady state; a new chunk is allocated only
+//! while earlier datagrams still wait in a queue.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use sigrouter_proto as proto;
+use bytes::{Bytes, BytesMut};
+use sigrouter_proto::{self as proto, EncodeError, Message, Secret};
 use uuid::Uuid;
 
 use crate::cluster::wire::Body;
@@ -18,8 +26,19 @@ pub type ResumeLookup = Result<Option<([u8; 32], Arc<str>)>, ()>;
 pub struct Transmit {
     /// Destination.
     pub to: SocketAddr,
-    /// The encoded datagram.
-    pub bytes: Vec<u8>,
+    /// The encoded datagram (a slice of the arena of the [`Outbox`] that made it, or owned).
+    pub bytes: Bytes,
+}
+
+impl Transmit {
+    /// A datagram to `to` (copies nothing: `bytes` may be a `Vec<u8>`, a `&'static [u8]` or
+    /// [`Bytes`]).
+    pub fn new(to: SocketAddr, bytes: impl Into<Bytes>) -> Self {
+        Self {
+            to,
+            bytes: bytes.into(),
+        }
+    }
 }
 
 /// Work that needs cluster state not at hand: run off the socket loop, with deadlines, and
@@ -71,7 +90,11 @@ impl ConnectLookup {
     }
 }
 
-/// What one call into the router decided.
+/// Size of each arena chunk datagrams are carved from (many answers per chunk).
+const ARENA_CHUNK: usize = 64 * 1024;
+
+/// What one call into the router decided. Keep one per socket loop (or task) and reuse it:
+/// its buffers are what makes the answers allocation-free.
 #[derive(Debug, Default)]
 pub struct Outbox {
     /// Datagrams for clients (sent from the client port).
@@ -80,6 +103,10 @@ pub struct Outbox {
     pub cluster: Vec<Transmit>,
     /// Jobs to run off the socket loop.
     pub jobs: Vec<Job>,
+    /// Where the encoder writes (reused).
+    scratch: Vec<u8>,
+    /// Where datagrams are carved from (reused once what was carved from it is dropped).
+    arena: BytesMut,
 }
 
 impl Outbox {
@@ -88,13 +115,51 @@ impl Outbox {
         self.client.is_empty() && self.cluster.is_empty() && self.jobs.is_empty()
     }
 
-    /// Queues a datagram for a client.
-    pub(crate) fn send_client(&mut self, to: SocketAddr, bytes: Vec<u8>) {
+    /// Takes the arena back to the start of its chunk if every datagram carved from it has been
+    /// dropped (sent); allocates nothing either way. A socket loop calls it after each send
+    /// batch, so its answers keep reusing one chunk.
+    pub fn reclaim(&mut self) {
+        let _ = self.arena.try_reclaim(ARENA_CHUNK);
+    }
+
+    /// Queues a datagram for a client (copied into the arena).
+    pub(crate) fn send_client(&mut self, to: SocketAddr, bytes: impl AsRef<[u8]>) {
+        let bytes = carve(&mut self.arena, bytes.as_ref());
         self.client.push(Transmit { to, bytes });
     }
 
-    /// Queues a datagram for another node.
-    pub(crate) fn send_node(&mut self, to: SocketAddr, bytes: Vec<u8>) {
+    /// Queues a datagram for another node (copied into the arena).
+    pub(crate) fn send_node(&mut self, to: SocketAddr, bytes: impl AsRef<[u8]>) {
+        let bytes = carve(&mut self.arena, bytes.as_ref());
         self.cluster.push(Transmit { to, bytes });
     }
+
+    /// Encodes `msg` (MAC'd with `key` if given) into the scratch buffer and returns it; it
+    /// stays there until the next encode. Nothing is queued: see [`Outbox::send_encoded`].
+    pub(crate) fn encode(
+        &mut self,
+        msg: &Message,
+        key: Option<&Secret>,
+    ) -> Result<&[u8], EncodeError> {
+        proto::encode_into(msg, key, &mut self.scratch)?;
+        Ok(&self.scratch)
+    }
+
+    /// Queues what [`Outbox::encode`] just wrote for a client.
+    pub(crate) fn send_encoded(&mut self, to: SocketAddr) {
+        let bytes = carve(&mut self.arena, &self.scratch);
+        self.client.push(Transmit { to, bytes });
+    }
+}
+
+/// A copy of `data` carved from `arena`.
+fn carve(arena: &mut BytesMut, data: &[u8]) -> Bytes {
+    if arena.capacity() < data.len() {
+        // Takes the chunk back when every datagram cut from it is gone (the copy starts at
+        // its beginning again), else starts a new chunk; an old chunk is freed with the last
+        // datagram cut from it.
+        arena.reserve(ARENA_CHUNK.max(data.len()));
+    }
+    arena.extend_from_slice(data);
+    arena.split().freeze()
 }

@@ -13,11 +13,20 @@ use super::leave::{self, Why};
 use super::outbox::{ConnectLookup, Job, Outbox};
 use super::relay;
 use super::state::{ErrorTo, OnReply, State};
-use crate::cluster::wire::{Body, Status};
+use super::whohas::{self, Asks};
+use crate::cluster::membership::MemberError;
+use crate::cluster::wire::{Body, Envelope, Status};
 use crate::metrics::DropReason;
 
 /// Handles one datagram from another node.
-pub(crate) fn handle(st: &State, now: Instant, src: SocketAddr, buf: &[u8], out: &mut Outbox) {
+pub(crate) fn handle(
+    st: &State,
+    asks: &Asks,
+    now: Instant,
+    src: SocketAddr,
+    buf: &[u8],
+    out: &mut Outbox,
+) {
     let Some(cluster) = &st.cluster else {
         return;
     };
@@ -28,6 +37,16 @@ pub(crate) fn handle(st: &State, now: Instant, src: SocketAddr, buf: &[u8], out:
     st.metrics.forwarded_in.increment(1);
     if let Body::Reply { status } = env.body {
         on_reply(st, now, env.seq, Some(status), out);
+        return;
+    }
+    if is_one_shot(&env.body) {
+        // Never retransmitted: a repeat is a replay.
+        let reply = matches!(env.body, Body::Holds { .. });
+        if !cluster.first_time(&env.from, env.seq, reply, now) {
+            st.metrics.drop(DropReason::ClusterAuth);
+            return;
+        }
+        one_shot(st, asks, now, src, env, out);
         return;
     }
     // A repeat (our reply was lost): answer the same, do nothing twice.
@@ -47,6 +66,61 @@ pub(crate) fn handle(st: &State, now: Instant, src: SocketAddr, buf: &[u8], out:
     };
     if let Some((_, bytes)) = cluster.envelope(&env.from, Some(env.seq), Body::Reply { status }) {
         out.send_node(src, bytes);
+    }
+}
+
+/// Membership messages and presence lookups: one-way, or answered afresh, never remembered.
+fn is_one_shot(b: &Body) -> bool {
+    matches!(
+        b,
+        Body::Swim(_) | Body::Join { .. } | Body::WhoHas { .. } | Body::Holds { .. }
+    )
+}
+
+/// Handles a one-shot datagram seen for the first time.
+fn one_shot(
+    st: &State,
+    asks: &Asks,
+    now: Instant,
+    src: SocketAddr,
+    env: Envelope,
+    out: &mut Outbox,
+) {
+    let Some(cluster) = &st.cluster else {
+        return;
+    };
+    match env.body {
+        Body::Swim(data) => {
+            let (r, sends) = cluster.membership_handle(now, &env.from, &data);
+            if let Err(e) = r {
+                tracing::debug!(from = %env.from, error = %e, "membership message refused");
+                if matches!(e, MemberError::Spoofed) {
+                    st.metrics.drop(DropReason::ClusterAuth);
+                }
+            }
+            for (to, bytes) in sends {
+                out.send_node(to, bytes);
+            }
+        }
+        Body::Join { member } => {
+            if member.id != env.from {
+                st.metrics.drop(DropReason::ClusterAuth);
+                return;
+            }
+            for (to, bytes) in cluster.membership_join(now, member) {
+                out.send_node(to, bytes);
+            }
+        }
+        Body::WhoHas { uuids, verifier } => {
+            let body = whohas::answer(st, &uuids, verifier);
+            if let Some((_, bytes)) = cluster.envelope(&env.from, Some(env.seq), body) {
+                out.send_node(src, bytes);
+            }
+        }
+        Body::Holds { held, verified } => {
+            whohas::on_holds(st, asks, now, &env.from, env.seq, &held, verified, out);
+        }
+        _ => {}
     }
 }
 
@@ -208,7 +282,11 @@ fn apply(st: &State, now: Instant, from_node: Remote, body: Body, out: &mut Outb
             st.conns.set_role(&conn, role);
             Status::Ok
         }
-        Body::Reply { .. } => Status::Ok,
+        Body::Reply { .. }
+        | Body::Swim(_)
+        | Body::Join { .. }
+        | Body::WhoHas { .. }
+        | Body::Holds { .. } => Status::Ok,
     }
 }
 
@@ -297,5 +375,9 @@ fn body_name(b: &Body) -> &'static str {
         Body::Reply { .. } => "reply",
         Body::Handover { .. } => "handover",
         Body::Rehome { .. } => "rehome",
+        Body::Swim(_) => "swim",
+        Body::Join { .. } => "join",
+        Body::WhoHas { .. } => "who-has",
+        Body::Holds { .. } => "holds",
     }
 }

@@ -32,14 +32,14 @@ pub(crate) fn tick(st: &State, now: Instant, out: &mut Outbox) {
                     continue;
                 };
                 st.metrics.push_retransmits.increment(1);
-                out.send_client(addr, bytes.to_vec());
+                out.send_client(addr, bytes);
             }
         }
     }
     for (_, due) in st.node_requests.due(now) {
         match due {
             Due::Expired(then) => peer::complete(st, now, then, None, out),
-            Due::Resend { to, bytes } => out.send_node(to, bytes.to_vec()),
+            Due::Resend { to, bytes } => out.send_node(to, bytes),
         }
     }
     for (id, conn) in st.conns.timed_out(now) {

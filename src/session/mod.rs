@@ -116,6 +116,8 @@ pub(crate) struct SenderView {
 pub(crate) enum Touch {
     /// No such session.
     Gone,
+    /// The request's MAC does not match the session's secret: nothing recorded.
+    BadMac,
     /// Over the session's rate limit: nothing recorded.
     RateLimited,
     /// Recorded.
@@ -218,14 +220,26 @@ impl Sessions {
         self.map.get(uuid).map(|s| s.secret)
     }
 
-    /// Records an authenticated request from `src` (MAC already checked): refreshes liveness,
-    /// runs the replay window, takes a cell of the session's rate limit for a new request,
-    /// moves the address when the request id is the newest seen, and returns the sender's view.
-    pub(crate) fn touch(&self, uuid: &Uuid, src: SocketAddr, rid: u64, now: Instant) -> Touch {
+    /// Records an authenticated request from `src` whose MAC `verify` accepts with the
+    /// session's secret: refreshes liveness, runs the replay window, takes a cell of the
+    /// session's rate limit for a new request, moves the address when the request id is the
+    /// newest seen, and returns the sender's view. One map access for the whole gate (the MAC
+    /// is checked on the record found, not on a copy looked up before).
+    pub(crate) fn touch(
+        &self,
+        uuid: &Uuid,
+        src: SocketAddr,
+        rid: u64,
+        now: Instant,
+        verify: impl FnOnce(&Secret) -> bool,
+    ) -> Touch {
         let now_ns = self.ns(now);
         let Some(mut s) = self.map.get_mut(uuid) else {
             return Touch::Gone;
         };
+        if !verify(&s.secret) {
+            return Touch::BadMac;
+        }
         // Only a new request takes a cell: a retransmission is answered from memory (or waits
         // for its pending answer) and costs nothing, so `RateLimited` always means "not
         // carried out", and the client may retry with a new request id.

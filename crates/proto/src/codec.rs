@@ -71,15 +71,11 @@ fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, DecodeError> {
     if !matches!(b.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
         return Err(DecodeError::Malformed);
     }
-    let mut rest = b;
-    let mut de = rmp_serde::Deserializer::new(&mut rest);
+    // Straight from the slice: no reader buffer to allocate. Trailing bytes after the map are
+    // refused by `strict::check_bin_fields`, which walks the whole body afterwards.
+    let mut de = rmp_serde::Deserializer::from_read_ref(b);
     de.set_max_depth(MAX_BODY_DEPTH);
-    let v = T::deserialize(&mut de).map_err(|_| DecodeError::Malformed)?;
-    // Trailing bytes after the map are a malformed datagram, not something to ignore.
-    if !rest.is_empty() {
-        return Err(DecodeError::Malformed);
-    }
-    Ok(v)
+    T::deserialize(&mut de).map_err(|_| DecodeError::Malformed)
 }
 
 /// Decodes a datagram. For authenticated types the MAC is *not* checked here (the key depends on

@@ -94,9 +94,10 @@ const BIN16: u8 = 0xc5;
 const BIN32: u8 = 0xc6;
 const NIL: u8 = 0xc0;
 
-/// Checks that every key of the body map is a `str` and that every value under a key of
-/// `fields` has the `bin` marker its shape asks for. Runs after the body decoded, so it can
-/// assume a well-formed map; it still never panics on anything.
+/// Checks that every key of the body map is a `str`, that every value under a key of
+/// `fields` has the `bin` marker its shape asks for, and that nothing follows the map (trailing
+/// bytes are a malformed datagram, not something to ignore). Runs after the body decoded, so
+/// it can assume a well-formed map; it still never panics on anything.
 pub(crate) fn check_bin_fields(body: &[u8], fields: &[BinField]) -> Result<(), DecodeError> {
     let mut rest = body;
     let n = map_len(&mut rest)?;
@@ -116,6 +117,9 @@ pub(crate) fn check_bin_fields(body: &[u8], fields: &[BinField]) -> Result<(), D
                 }
             }
         }
+    }
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed);
     }
     Ok(())
 }

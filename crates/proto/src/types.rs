@@ -59,7 +59,20 @@ impl Addr {
 
 impl Serialize for Addr {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.to_bytes())
+        // The wire form built on the stack: encoding an answer allocates nothing.
+        let mut b = [0u8; 18];
+        let n = match self.0.ip() {
+            IpAddr::V4(ip) => {
+                b[..4].copy_from_slice(&ip.octets());
+                4
+            }
+            IpAddr::V6(ip) => {
+                b[..16].copy_from_slice(&ip.octets());
+                16
+            }
+        };
+        b[n..n + 2].copy_from_slice(&self.0.port().to_be_bytes());
+        s.serialize_bytes(&b[..n + 2])
     }
 }
 

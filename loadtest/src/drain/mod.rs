@@ -37,7 +37,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, Instant};
 use uuid::Uuid;
 
-use crate::scale::{clk_tck, cpu_ticks, rss};
+use crate::scale::procs::{clk_tck, cpu_ticks, rss};
 use crate::stats;
 use crate::upgrade::procs::{Exit, Node, NodeSettings, Redis};
 

@@ -16,13 +16,13 @@ mod limits;
 mod moves;
 mod peer;
 mod pushes;
+mod whohas;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sigrouter_proto::{self as proto, Addr, Message, Secret};
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{Job, Outbox, Router, Transmit};
@@ -80,7 +80,7 @@ pub(super) struct Sim {
     pub(super) now: Instant,
     pub(super) cfg: Config,
     /// Presence writes the router queued (cluster mode).
-    presence: Option<mpsc::Receiver<PresenceOp>>,
+    presence: Option<crate::cluster::PresenceRx>,
 }
 
 impl Sim {
@@ -186,7 +186,7 @@ impl Sim {
     pub(super) fn presence_ops(&mut self) -> Vec<PresenceOp> {
         let mut v = Vec::new();
         if let Some(rx) = &mut self.presence {
-            while let Ok(op) = rx.try_recv() {
+            while let Ok((op, _)) = rx.try_recv() {
                 v.push(op);
             }
         }
@@ -384,8 +384,11 @@ pub(super) fn only_job(out: &Outbox) -> &Job {
 
 /// Asserts `out` holds exactly these client datagrams, in this order.
 pub(super) fn assert_client(out: &Outbox, expected: &[(SocketAddr, Vec<u8>)]) {
-    let got: Vec<(SocketAddr, Vec<u8>)> =
-        out.client.iter().map(|t| (t.to, t.bytes.clone())).collect();
+    let got: Vec<(SocketAddr, Vec<u8>)> = out
+        .client
+        .iter()
+        .map(|t| (t.to, t.bytes.to_vec()))
+        .collect();
     assert!(
         got == expected,
         "got {:?}\nexpected {:?}",

@@ -95,8 +95,8 @@ fn a_connection_across_two_nodes_connects_and_signals_both_ways() {
     });
     assert_eq!(out.client.len(), 1);
     assert_eq!(
-        (out.client[0].to, &out.client[0].bytes),
-        (t.ca.addr, &t.ca.expect(&connected))
+        (out.client[0].to, &out.client[0].bytes[..]),
+        (t.ca.addr, &t.ca.expect(&connected)[..])
     );
     let out = t.b.recv_node(&out.cluster[0], node_addr(1));
     assert_client(
@@ -125,8 +125,8 @@ fn a_connection_across_two_nodes_connects_and_signals_both_ways() {
             payload: payload.to_vec().into(),
         });
         assert_eq!(
-            (out.client[0].to, &out.client[0].bytes),
-            (dc.addr, &dc.expect(&want))
+            (out.client[0].to, &out.client[0].bytes[..]),
+            (dc.addr, &dc.expect(&want)[..])
         );
         let back = src.recv_node(
             &out.cluster[0],
@@ -184,8 +184,10 @@ fn forged_and_misaddressed_node_datagrams_are_dropped_and_counted() {
     let (_, l) = connect(&mut t, b"");
     let fwd = forward(&t, l);
     let mut forged = fwd.clone();
-    let n = forged.bytes.len();
-    forged.bytes[n - 1] ^= 1;
+    let mut bytes = forged.bytes.to_vec();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    forged.bytes = bytes.into();
     assert!(t.b.recv_node(&forged, node_addr(1)).is_empty());
     // Addressed to b, replayed at a third node c.
     let c = Sim::node("c", 3, &[("a", 1)]);
@@ -194,7 +196,7 @@ fn forged_and_misaddressed_node_datagrams_are_dropped_and_counted() {
     let env = open_envelope(&fwd);
     let other = Transmit {
         to: fwd.to,
-        bytes: wire::encode(&env, &[8; 32]).unwrap(),
+        bytes: wire::encode(&env, &[8; 32]).unwrap().into(),
     };
     assert!(t.b.recv_node(&other, node_addr(1)).is_empty());
     assert_eq!(

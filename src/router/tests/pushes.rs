@@ -60,7 +60,7 @@ fn a_retransmitted_push_is_the_same_datagram_and_follows_a_rebinding() {
     let (mut a, b) = pair(&sim);
     let rid = a.next_rid();
     let first = sim.recv(a.addr, &a.connect(rid, b.uuid, b"x"));
-    let original = only_client(&first).bytes.clone();
+    let original = only_client(&first).bytes.to_vec();
     // b's NAT rebinds: a newer request from a new port moves its address.
     let moved = v6(2, 2999);
     sim.recv(moved, &b.heartbeat(50));

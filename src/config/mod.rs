@@ -1,214 +1,19 @@
 //! One validated, immutable configuration for a node, read from flags and `SIGROUTER_*`
 //! environment variables.
 
-use std::fmt;
+mod args;
+mod cluster;
+mod redact;
+
+pub use args::ServeArgs;
+pub use cluster::ClusterConfig;
+pub use redact::{key_fingerprint, redact_url, Sensitive};
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 use std::time::Duration;
 
-use clap::Args;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-/// A secret string (a password): `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Sensitive(String);
-
-impl Sensitive {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    /// The secret itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Sensitive {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Sensitive {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl FromStr for Sensitive {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_string()))
-    }
-}
-
-/// A short, non-reversible name for a cluster key (8 hex digits of an HMAC keyed with it), so
-/// logs and metrics can say which key a node uses without showing it.
-pub fn key_fingerprint(key: &[u8]) -> String {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("hmac takes any key length");
-    m.update(b"sigrouter cluster key fingerprint");
-    m.finalize().into_bytes()[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A Redis URL (or comma-separated list of them) with any password replaced by `<redacted>`.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|u| {
-            let (scheme, rest) = match u.find("://") {
-                Some(i) => u.split_at(i + 3),
-                None => ("", u),
-            };
-            let auth_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(auth_end);
-            match authority.rfind('@') {
-                Some(at) => {
-                    let (userinfo, host) = authority.split_at(at);
-                    let user = userinfo.split(':').next().unwrap_or("");
-                    if userinfo.contains(':') {
-                        format!("{scheme}{user}:<redacted>{host}{path}")
-                    } else {
-                        // A bare userinfo is a password to the redis crate (redis://pw@host).
-                        format!("{scheme}<redacted>{host}{path}")
-                    }
-                }
-                None => u.to_string(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Whether a Redis URL carries a password of its own.
-fn url_has_password(url: &str) -> bool {
-    redact_url(url) != url
-}
-
-/// Flags of `sigrouter serve`. Every flag can also be set as an environment variable.
-#[derive(Args, Clone, Debug)]
-pub struct ServeArgs {
-    /// UDP address for client traffic (signaling protocol and STUN).
-    #[arg(long, env = "SIGROUTER_LISTEN", default_value = "0.0.0.0:7400")]
-    pub listen: SocketAddr,
-    /// HTTP address for /metrics, /healthz and /readyz. "off" disables it.
-    #[arg(long, env = "SIGROUTER_METRICS_LISTEN", default_value = "0.0.0.0:9400")]
-    pub metrics_listen: String,
-    /// How often clients send heartbeats, in seconds.
-    #[arg(long, env = "SIGROUTER_HEARTBEAT_SECS", default_value_t = 15.0)]
-    pub heartbeat_secs: f64,
-    /// Heartbeats a session may miss before it is offline.
-    #[arg(long, env = "SIGROUTER_MISSED_HEARTBEATS", default_value_t = 3)]
-    pub missed_heartbeats: u32,
-    /// How long the target of a Connect has to answer, in seconds.
-    #[arg(long, env = "SIGROUTER_CONNECT_TIMEOUT_SECS", default_value_t = 10.0)]
-    pub connect_timeout_secs: f64,
-    /// Most sessions this node holds.
-    #[arg(long, env = "SIGROUTER_MAX_SESSIONS", default_value_t = 1_000_000)]
-    pub max_sessions: usize,
-    /// Register/Resume requests allowed per source IP per second (sustained).
-    #[arg(long, env = "SIGROUTER_REGISTER_RATE", default_value_t = 5)]
-    pub register_rate: u32,
-    /// Register/Resume burst allowed per source IP.
-    #[arg(long, env = "SIGROUTER_REGISTER_BURST", default_value_t = 20)]
-    pub register_burst: u32,
-    /// Prefix length of IPv4 sources that share one Register/Resume (and STUN) limit.
-    #[arg(long, env = "SIGROUTER_LIMIT_PREFIX_V4", default_value_t = 32)]
-    pub limit_prefix_v4: u8,
-    /// Prefix length of IPv6 sources that share one limit (one host usually owns a /64).
-    #[arg(long, env = "SIGROUTER_LIMIT_PREFIX_V6", default_value_t = 64)]
-    pub limit_prefix_v6: u8,
-    /// New sessions this node creates per second at most, from all sources together
-    /// (Register and cross-node Resume); past it, Register answers rate-limited.
-    #[arg(long, env = "SIGROUTER_NEW_SESSION_RATE", default_value_t = 50_000)]
-    pub new_session_rate: u32,
-    /// Burst of new sessions allowed at once, node-wide.
-    #[arg(long, env = "SIGROUTER_NEW_SESSION_BURST", default_value_t = 50_000)]
-    pub new_session_burst: u32,
-    /// STUN Binding requests answered per source prefix per second (sustained).
-    #[arg(long, env = "SIGROUTER_STUN_RATE", default_value_t = 10)]
-    pub stun_rate: u32,
-    /// STUN Binding burst per source prefix.
-    #[arg(long, env = "SIGROUTER_STUN_BURST", default_value_t = 20)]
-    pub stun_burst: u32,
-    /// UDP proxies in front of the node (CIDRs, comma-separated): for sources in these ranges
-    /// every client shares the proxy's IP, so limits key on (IP, port) instead of the prefix.
-    #[arg(long, env = "SIGROUTER_TRUSTED_PROXIES", value_delimiter = ',')]
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Requests allowed per session per second (sustained), after Register.
-    #[arg(long, env = "SIGROUTER_SESSION_RATE", default_value_t = 50)]
-    pub session_rate: u32,
-    /// Request burst allowed per session.
-    #[arg(long, env = "SIGROUTER_SESSION_BURST", default_value_t = 200)]
-    pub session_burst: u32,
-    /// How long to finish in-flight work after SIGTERM/SIGINT, in seconds.
-    #[arg(long, env = "SIGROUTER_SHUTDOWN_GRACE_SECS", default_value_t = 5.0)]
-    pub shutdown_grace_secs: f64,
-    /// Client-port sockets and receive tasks (0: one per core, up to 8).
-    #[arg(long, env = "SIGROUTER_WORKERS", default_value_t = 0)]
-    pub workers: usize,
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "SIGROUTER_LOG_JSON", default_value_t = false)]
-    pub log_json: bool,
-    /// Redis URL; turns cluster mode on. Without it the node runs alone, state in memory.
-    #[arg(long, env = "SIGROUTER_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// This node's id in the cluster (defaults to the hostname, then a random id).
-    #[arg(long, env = "SIGROUTER_NODE_ID")]
-    pub node_id: Option<String>,
-    /// UDP address for node-to-node forwarding (cluster mode).
-    #[arg(long, env = "SIGROUTER_CLUSTER_LISTEN")]
-    pub cluster_listen: Option<SocketAddr>,
-    /// Internal address other nodes use to reach this one, when it differs from
-    /// --cluster-listen (for example the pod IP when listening on 0.0.0.0).
-    #[arg(long, env = "SIGROUTER_ADVERTISE")]
-    pub advertise: Option<SocketAddr>,
-    /// Client-facing address published in the registry and sent in Migrate (defaults to --listen).
-    #[arg(long, env = "SIGROUTER_PUBLIC_ADDR")]
-    pub public_addr: Option<SocketAddr>,
-    /// File holding the shared cluster key (at least 32 bytes) that authenticates node traffic.
-    /// The node signs with this key.
-    #[arg(long, env = "SIGROUTER_CLUSTER_KEY_FILE")]
-    pub cluster_key_file: Option<PathBuf>,
-    /// File holding a second cluster key that is accepted but never used to sign: the next key
-    /// during a key rotation, then the previous one (docs/OPERATIONS.md, key rotation).
-    #[arg(long, env = "SIGROUTER_CLUSTER_NEXT_KEY_FILE")]
-    pub cluster_next_key_file: Option<PathBuf>,
-    /// Redis ACL user name (with a password; default: the `default` user).
-    #[arg(long, env = "SIGROUTER_REDIS_USERNAME")]
-    pub redis_username: Option<String>,
-    /// Redis password (AUTH). Set it from a Secret as the environment variable, or use
-    /// --redis-password-file: a command line is visible to every local user.
-    #[arg(long, env = "SIGROUTER_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<Sensitive>,
-    /// File holding the Redis password (AUTH); a trailing newline is ignored.
-    #[arg(long, env = "SIGROUTER_REDIS_PASSWORD_FILE")]
-    pub redis_password_file: Option<PathBuf>,
-    /// PEM file of the CA(s) that sign the Redis server's certificate, for a `rediss://` URL
-    /// (default: the system's trusted roots).
-    #[arg(long, env = "SIGROUTER_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-    /// How long a draining node waits for its clients to move before it exits, in seconds.
-    #[arg(long, env = "SIGROUTER_DRAIN_SECS", default_value_t = 20.0)]
-    pub drain_secs: f64,
-    /// How often a node renews its registry record (it lives 3 periods), in seconds.
-    #[arg(long, env = "SIGROUTER_REGISTRY_PERIOD_SECS", default_value_t = 2.0)]
-    pub registry_period_secs: f64,
-    /// How often the node table is rebuilt without a nudge, in seconds.
-    #[arg(long, env = "SIGROUTER_TABLE_REFRESH_SECS", default_value_t = 5.0)]
-    pub table_refresh_secs: f64,
-    /// TTL of a client's presence record, renewed by its node, in seconds.
-    #[arg(long, env = "SIGROUTER_PRESENCE_TTL_SECS", default_value_t = 300.0)]
-    pub presence_ttl_secs: f64,
-    /// Deadline of every Redis call, in milliseconds.
-    #[arg(long, env = "SIGROUTER_REDIS_TIMEOUT_MS", default_value_t = 500)]
-    pub redis_timeout_ms: u64,
-}
+use redact::url_has_password;
 
 /// Validated node configuration. Build it from [`ServeArgs`] or start from [`Config::default`]
 /// (what tests do) and change fields.
@@ -264,125 +69,6 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
 }
 
-/// Cluster-mode settings. `Debug` redacts the keys and any Redis password.
-#[derive(Clone)]
-pub struct ClusterConfig {
-    /// Redis URL (a `redis+cluster://` or comma-separated list selects Redis Cluster;
-    /// `rediss://` and `rediss+cluster://` use TLS).
-    pub redis_url: String,
-    /// Redis ACL user name.
-    pub redis_username: Option<String>,
-    /// Redis password (AUTH), when not in the URL.
-    pub redis_password: Option<Sensitive>,
-    /// PEM CA certificates for a TLS (`rediss://`) Redis; `None`: the system's roots.
-    pub redis_ca: Option<Vec<u8>>,
-    /// This node's id.
-    pub node_id: String,
-    /// UDP address for node-to-node traffic.
-    pub cluster_listen: SocketAddr,
-    /// Internal address published for the other nodes.
-    pub advertise: SocketAddr,
-    /// Client-facing address published in the registry.
-    pub public_addr: SocketAddr,
-    /// Shared key authenticating node-to-node datagrams; this node signs with it.
-    pub cluster_key: Vec<u8>,
-    /// A second key accepted on receive, never used to sign (key rotation).
-    pub cluster_next_key: Option<Vec<u8>>,
-    /// Drain deadline.
-    pub drain: Duration,
-    /// Registry renewal period.
-    pub registry_period: Duration,
-    /// Node-table rebuild period (also rebuilt when nudged).
-    pub table_period: Duration,
-    /// Presence record TTL (renewed every third of it).
-    pub presence_ttl: Duration,
-    /// Deadline of every Redis call.
-    pub redis_timeout: Duration,
-}
-
-impl ClusterConfig {
-    /// Settings for a node with these essentials and default timings.
-    pub fn new(
-        redis_url: &str,
-        node_id: &str,
-        cluster_listen: SocketAddr,
-        cluster_key: Vec<u8>,
-    ) -> Self {
-        Self {
-            redis_url: redis_url.to_string(),
-            redis_username: None,
-            redis_password: None,
-            redis_ca: None,
-            node_id: node_id.to_string(),
-            cluster_listen,
-            advertise: cluster_listen,
-            public_addr: cluster_listen,
-            cluster_key,
-            cluster_next_key: None,
-            drain: Duration::from_secs(20),
-            registry_period: Duration::from_secs(2),
-            table_period: Duration::from_secs(5),
-            presence_ttl: Duration::from_secs(300),
-            redis_timeout: Duration::from_millis(500),
-        }
-    }
-}
-
-impl fmt::Debug for ClusterConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Destructured so that a new field cannot be added without deciding how it prints.
-        let Self {
-            redis_url,
-            redis_username,
-            redis_password,
-            redis_ca,
-            node_id,
-            cluster_listen,
-            advertise,
-            public_addr,
-            cluster_key,
-            cluster_next_key,
-            drain,
-            registry_period,
-            table_period,
-            presence_ttl,
-            redis_timeout,
-        } = self;
-        f.debug_struct("ClusterConfig")
-            .field("redis_url", &redact_url(redis_url))
-            .field("redis_username", redis_username)
-            .field("redis_password", redis_password)
-            .field(
-                "redis_ca",
-                &redis_ca.as_ref().map(|c| format!("{} bytes", c.len())),
-            )
-            .field("node_id", node_id)
-            .field("cluster_listen", cluster_listen)
-            .field("advertise", advertise)
-            .field("public_addr", public_addr)
-            .field("cluster_key", &KeyName(cluster_key))
-            .field(
-                "cluster_next_key",
-                &cluster_next_key.as_deref().map(KeyName),
-            )
-            .field("drain", drain)
-            .field("registry_period", registry_period)
-            .field("table_period", table_period)
-            .field("presence_ttl", presence_ttl)
-            .field("redis_timeout", redis_timeout)
-            .finish()
-    }
-}
-
-/// Prints a key as its fingerprint.
-struct KeyName<'a>(&'a [u8]);
-
-impl fmt::Debug for KeyName<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "<redacted, fingerprint {}>", key_fingerprint(self.0))
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -399,8 +85,8 @@ impl Default for Config {
             register_burst: 20,
             limit_prefix_v4: 32,
             limit_prefix_v6: 64,
-            new_session_rate: 50_000,
-            new_session_burst: 50_000,
+            new_session_rate: 10_000,
+            new_session_burst: 20_000,
             stun_rate: 10,
             stun_burst: 20,
             trusted_proxies: Vec::new(),
@@ -525,6 +211,9 @@ impl Config {
                     table_period: secs("table-refresh-secs", a.table_refresh_secs)?,
                     presence_ttl: secs("presence-ttl-secs", a.presence_ttl_secs)?,
                     redis_timeout: Duration::from_millis(a.redis_timeout_ms.max(1)),
+                    peers: a.peers.clone(),
+                    probe_period: Duration::from_millis(a.probe_interval_ms.max(10)),
+                    redis_hedge: Duration::from_millis(a.redis_hedge_ms.max(1)),
                 })
             }
         };
@@ -587,6 +276,8 @@ fn read_password(path: &Path) -> anyhow::Result<Sensitive> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
     use clap::Parser;
 

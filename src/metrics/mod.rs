@@ -5,145 +5,37 @@
 //! process keep separate figures. Handles are registered once at start; the packet path only
 //! increments them. Label values come from small enums, never from a UUID or an address.
 //!
+//! Counters that every datagram touches (datagrams in and out, requests by type, drops by
+//! reason, duplicates, routed and forwarded requests) are [`HotCounter`]s: each thread adds to
+//! its own cache-padded row of cells, so socket loops on different cores never write to the
+//! same cache line; `/metrics` sums the rows when it is rendered.
+//!
 //! Figures that are ages or read from the OS (process CPU, memory, open files; the age of the
 //! node table and of the oldest waiting request) are computed when `/metrics` is scraped, by
 //! collectors registered with [`Metrics::on_render`]: a stuck task cannot freeze them.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+mod hot;
+mod http;
+mod peer;
+mod reasons;
+
+pub use hot::HotCounter;
+pub use http::{bind_http, serve_http, Health};
+pub use peer::{PeerMetrics, PeerOutcome};
+pub use reasons::{ClusterRefusal, DropReason};
+
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use sigrouter_proto::{DecodeError, FailReason, MsgType};
+use sigrouter_proto::{FailReason, MsgType};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use hot::HotCounters;
+use reasons::{OUTCOMES, REQ_TYPES, WIRE_ERRORS};
 
-/// Why a datagram was dropped without an answer. Bounded: used as a metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// The codec rejected it.
-    Decode(DecodeError),
-    /// A message type only the server sends.
-    WrongDirection,
-    /// MAC missing or wrong for the named session.
-    BadMac,
-    /// A Register or Resume shorter than the padding rule.
-    Unpadded,
-    /// An answer to an unauthenticated request would have been larger than the request.
-    Amplification,
-    /// A STUN datagram that is not a well-formed Binding request.
-    Stun,
-    /// Rate limited without an answer (answers would feed a flood).
-    RateLimited,
-    /// A node-to-node datagram without a valid cluster MAC, or replayed.
-    ClusterAuth,
-    /// An authenticated request seen before and no longer remembered, or older than the
-    /// replay window.
-    Replay,
-}
-
-impl DropReason {
-    const ALL: [Self; 15] = [
-        Self::Decode(DecodeError::Truncated),
-        Self::Decode(DecodeError::Oversized),
-        Self::Decode(DecodeError::BadMagic),
-        Self::Decode(DecodeError::UnknownVersion),
-        Self::Decode(DecodeError::UnknownType),
-        Self::Decode(DecodeError::Malformed),
-        Self::Decode(DecodeError::OutOfRange),
-        Self::WrongDirection,
-        Self::BadMac,
-        Self::Unpadded,
-        Self::Amplification,
-        Self::Stun,
-        Self::RateLimited,
-        Self::ClusterAuth,
-        Self::Replay,
-    ];
-
-    fn index(self) -> usize {
-        match self {
-            Self::Decode(e) => e as usize,
-            Self::WrongDirection => 7,
-            Self::BadMac => 8,
-            Self::Unpadded => 9,
-            Self::Amplification => 10,
-            Self::Stun => 11,
-            Self::RateLimited => 12,
-            Self::ClusterAuth => 13,
-            Self::Replay => 14,
-        }
-    }
-
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Decode(e) => e.name(),
-            Self::WrongDirection => "wrong_direction",
-            Self::BadMac => "bad_mac",
-            Self::Unpadded => "unpadded",
-            Self::Amplification => "amplification",
-            Self::Stun => "stun",
-            Self::RateLimited => "rate_limited",
-            Self::ClusterAuth => "cluster_auth",
-            Self::Replay => "replay",
-        }
-    }
-}
-
-const REQ_TYPES: [MsgType; 10] = [
-    MsgType::Register,
-    MsgType::Resume,
-    MsgType::Heartbeat,
-    MsgType::Query,
-    MsgType::Connect,
-    MsgType::Accept,
-    MsgType::Reject,
-    MsgType::Signal,
-    MsgType::Bye,
-    MsgType::PushAck,
-];
-
-/// Why a node-to-node datagram was refused. Bounded: used as a metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClusterRefusal {
-    /// Missing or wrong MAC (another cluster key, or a forgery).
-    BadMac,
-    /// Timestamp outside the freshness window (a replay, or clock skew).
-    Stale,
-    /// Addressed to another node, or claiming to come from this one.
-    Misaddressed,
-    /// Not our format.
-    Malformed,
-}
-
-impl ClusterRefusal {
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::BadMac => "bad_mac",
-            Self::Misaddressed => "misaddressed",
-            Self::Stale => "stale",
-        }
-    }
-}
-
-const WIRE_ERRORS: [ClusterRefusal; 4] = [
-    ClusterRefusal::BadMac,
-    ClusterRefusal::Stale,
-    ClusterRefusal::Misaddressed,
-    ClusterRefusal::Malformed,
-];
-
-/// Outcomes of Connect, as seen by the initiator.
-const OUTCOMES: [&str; 5] = ["connected", "offline", "rejected", "timeout", "retry-later"];
+type Collector = Box<dyn Fn() + Send + Sync>;
 
 /// The version of this build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -155,8 +47,6 @@ pub const COMMIT: &str = match option_env!("SIGROUTER_COMMIT") {
     None => "unknown",
 };
 
-type Collector = Box<dyn Fn() + Send + Sync>;
-
 /// Every metric handle a node uses.
 #[derive(Clone)]
 pub struct Metrics {
@@ -164,14 +54,16 @@ pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     collectors: Arc<Mutex<Vec<Collector>>>,
     process: metrics_process::Collector,
-    requests: [Counter; 10],
-    dropped: [Counter; 15],
+    /// Every hot counter with the exported counter it is summed into.
+    hot: Arc<[(HotCounter, Counter)]>,
+    requests: [HotCounter; 10],
+    dropped: [HotCounter; 15],
     cluster_refused: [Counter; 4],
     outcomes: [Counter; 5],
     /// Datagrams received on the client port.
-    pub rx_datagrams: Counter,
+    pub rx_datagrams: HotCounter,
     /// Datagrams sent on the client port.
-    pub tx_datagrams: Counter,
+    pub tx_datagrams: HotCounter,
     /// Datagrams dropped because a socket's outbound queue was full.
     pub tx_dropped_queue: Counter,
     /// Datagrams the kernel refused to send.
@@ -197,7 +89,7 @@ pub struct Metrics {
     /// Session addresses moved by a NAT rebinding.
     pub rebinds: Counter,
     /// Retransmitted requests answered from memory.
-    pub duplicates: Counter,
+    pub duplicates: HotCounter,
     /// Requests refused by a per-session rate limit.
     pub rate_limited: Counter,
     /// Register/Resume refused by the per-source rate limit.
@@ -239,15 +131,17 @@ pub struct Metrics {
     /// Datagrams forwarded to other nodes.
     pub forwarded: Counter,
     /// Datagrams received from other nodes.
-    pub forwarded_in: Counter,
+    pub forwarded_in: HotCounter,
     /// Migrate pushes sent while draining.
     pub migrates: Counter,
     /// Routed requests (Connect, Accept, Reject, Signal, Query) — the denominator of Redis
     /// commands per routed request.
-    pub routed: Counter,
+    pub routed: HotCounter,
+    /// Membership and lookups among nodes (cluster mode).
+    pub peers: PeerMetrics,
 }
 
-fn name(s: &'static str) -> KeyName {
+pub(super) fn name(s: &'static str) -> KeyName {
     KeyName::from_const_str(s)
 }
 
@@ -377,19 +271,22 @@ impl Metrics {
                 Histogram::noop()
             }
         };
+        let mut hot = HotCounters::new();
+        let requests = requests.map(|c| hot.feed(c));
+        let dropped = dropped.map(|c| hot.feed(c));
         Self {
             requests,
             dropped,
             cluster_refused,
             outcomes,
-            rx_datagrams: c(
+            rx_datagrams: hot.feed(c(
                 "sigrouter_rx_datagrams_total",
                 "Datagrams received on the client port.",
-            ),
-            tx_datagrams: c(
+            )),
+            tx_datagrams: hot.feed(c(
                 "sigrouter_tx_datagrams_total",
                 "Datagrams sent on the client port.",
-            ),
+            )),
             tx_dropped_queue: tx_dropped("queue_full"),
             tx_dropped_error: tx_dropped("send_error"),
             stun_answered: c(
@@ -416,10 +313,10 @@ impl Metrics {
                 "sigrouter_rebinds_total",
                 "Session addresses moved by a NAT rebinding.",
             ),
-            duplicates: c(
+            duplicates: hot.feed(c(
                 "sigrouter_duplicate_requests_total",
                 "Retransmitted requests answered from memory.",
-            ),
+            )),
             rate_limited: limited("session"),
             rate_limited_source: limited("source"),
             rate_limited_new_sessions: limited("new_sessions"),
@@ -479,18 +376,20 @@ impl Metrics {
                 "sigrouter_forwarded_total",
                 "Datagrams forwarded to other nodes.",
             ),
-            forwarded_in: cc(
+            forwarded_in: hot.feed(cc(
                 "sigrouter_forwarded_in_total",
                 "Datagrams received from other nodes.",
-            ),
+            )),
             migrates: cc(
                 "sigrouter_migrates_total",
                 "Migrate pushes sent while draining.",
             ),
-            routed: c(
+            routed: hot.feed(c(
                 "sigrouter_routed_requests_total",
                 "Connect, Accept, Reject, Signal and Query requests.",
-            ),
+            )),
+            peers: PeerMetrics::new(r, &md, cluster),
+            hot: hot.exported.into(),
             handle,
             recorder,
             collectors: Arc::default(),
@@ -569,6 +468,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of this node's metrics.
     pub fn render(&self) -> String {
+        for (h, c) in self.hot.iter() {
+            c.absolute(h.value());
+        }
         metrics::with_local_recorder(&*self.recorder, || self.process.collect());
         for f in self
             .collectors
@@ -588,100 +490,62 @@ impl Default for Metrics {
     }
 }
 
-/// Readiness flag: on while the node takes new sessions, off while it drains.
-#[derive(Debug, Default)]
-pub struct Health {
-    ready: AtomicBool,
-}
+#[cfg(test)]
+mod tests {
+    use super::hot::HOT_ROWS;
+    use super::*;
 
-impl Health {
-    /// Sets readiness.
-    pub fn set_ready(&self, v: bool) {
-        self.ready.store(v, Ordering::Relaxed);
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
-    /// Reads readiness.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-}
-
-/// Serves `GET /metrics`, `/healthz` (always 200 while the process runs: it never looks at
-/// Redis) and `/readyz` (200 when ready, 503 while starting or draining) until `stop`.
-///
-/// A deliberately small HTTP/1.0-style responder: one request per connection, a 2 s read
-/// deadline, no bodies accepted. Scrapers and kubelet probes need nothing more.
-pub async fn serve_http(
-    listener: TcpListener,
-    metrics: Metrics,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let health = health.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let mut n = 0;
-            let read = tokio::time::timeout(Duration::from_secs(2), async {
-                loop {
-                    let k = stream.read(&mut buf[n..]).await?;
-                    n += k;
-                    if k == 0 || buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || n == buf.len() {
-                        return Ok::<_, std::io::Error>(());
+    /// Hot counters bumped from many threads (more than there are rows) add up in /metrics,
+    /// and each node keeps its own figures.
+    #[test]
+    fn hot_counters_from_every_thread_are_summed_at_render() {
+        let m = Metrics::new();
+        let other = Metrics::new();
+        std::thread::scope(|s| {
+            for _ in 0..(2 * HOT_ROWS + 3) {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        m.rx_datagrams.increment(1);
+                        m.request(MsgType::Heartbeat);
                     }
-                }
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
+                    m.tx_datagrams.increment(7);
+                    m.drop(DropReason::BadMac);
+                });
             }
-            let line = buf[..n].split(|b| *b == b'\n').next().unwrap_or_default();
-            let line = String::from_utf8_lossy(line);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") if health.is_ready() => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".to_string(),
-                ),
-                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "method not allowed\n".to_string(),
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
         });
+        other.rx_datagrams.increment(5);
+        let threads = (2 * HOT_ROWS + 3) as f64;
+        let text = m.render();
+        assert_eq!(
+            value(&text, "sigrouter_rx_datagrams_total"),
+            Some(1000.0 * threads)
+        );
+        assert_eq!(
+            value(&text, "sigrouter_requests_total{type=\"heartbeat\"}"),
+            Some(1000.0 * threads)
+        );
+        assert_eq!(
+            value(&text, "sigrouter_tx_datagrams_total"),
+            Some(7.0 * threads)
+        );
+        assert_eq!(
+            value(&text, "sigrouter_dropped_total{reason=\"bad_mac\"}"),
+            Some(threads)
+        );
+        assert_eq!(
+            value(&other.render(), "sigrouter_rx_datagrams_total"),
+            Some(5.0)
+        );
+        // Rendering again changes nothing; later increments show at the next render.
+        m.rx_datagrams.increment(1);
+        assert_eq!(
+            value(&m.render(), "sigrouter_rx_datagrams_total"),
+            Some(1000.0 * threads + 1.0)
+        );
     }
-}
-
-/// Binds the HTTP endpoint.
-pub async fn bind_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
