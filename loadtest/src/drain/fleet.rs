@@ -62,6 +62,9 @@ pub(crate) struct Ctl {
     pub(crate) t0: OnceLock<Instant>,
     /// When the drain was over (every session resumed, or the node gone).
     pub(crate) t_done: OnceLock<Instant>,
+    /// When the measured time after the drain ended (the reachability check follows, and its
+    /// burst of heartbeats is not the steady load measured).
+    pub(crate) t_after_end: OnceLock<Instant>,
     pub(crate) registered: AtomicU64,
     pub(crate) register_refused: AtomicU64,
     /// Sessions that got their first Migrate.
@@ -175,12 +178,13 @@ struct Req {
 pub(crate) struct LaneReport {
     pub(crate) migrates_per_s: Vec<u64>,
     pub(crate) resumes_per_s: Vec<u64>,
-    /// Background heartbeats: latency (µs) before SIGTERM, during the drain, after it.
-    pub(crate) hb: [Histogram<u64>; 3],
+    /// Background heartbeats: latency (µs) before SIGTERM, during the drain, after it, and
+    /// during the reachability check (not reported).
+    pub(crate) hb: [Histogram<u64>; 4],
     /// Background heartbeat latency (µs) per second since SIGTERM.
     pub(crate) hb_per_s: Vec<Histogram<u64>>,
-    pub(crate) hb_sent: [u64; 3],
-    pub(crate) hb_lost: [u64; 3],
+    pub(crate) hb_sent: [u64; 4],
+    pub(crate) hb_lost: [u64; 4],
     pub(crate) hb_errors: HashMap<&'static str, u64>,
 }
 
@@ -189,10 +193,15 @@ impl LaneReport {
         Self {
             migrates_per_s: vec![0; TIMELINE_S],
             resumes_per_s: vec![0; TIMELINE_S],
-            hb: [stats::histogram(), stats::histogram(), stats::histogram()],
+            hb: [
+                stats::histogram(),
+                stats::histogram(),
+                stats::histogram(),
+                stats::histogram(),
+            ],
             hb_per_s: (0..TIMELINE_S).map(|_| stats::histogram()).collect(),
-            hb_sent: [0; 3],
-            hb_lost: [0; 3],
+            hb_sent: [0; 4],
+            hb_lost: [0; 4],
             hb_errors: HashMap::new(),
         }
     }
@@ -535,8 +544,11 @@ impl Lane {
         }
     }
 
-    /// 0 before SIGTERM, 1 during the drain, 2 after it.
+    /// 0 before SIGTERM, 1 during the drain, 2 after it, 3 in the reachability check.
     fn window(&self, t: Instant) -> usize {
+        if self.ctl.t_after_end.get().is_some_and(|e| t >= *e) {
+            return 3;
+        }
         match (self.ctl.t0.get(), self.ctl.t_done.get()) {
             (Some(t0), _) if t < *t0 => 0,
             (None, _) => 0,
@@ -669,7 +681,7 @@ impl Lane {
                         let us = now.saturating_duration_since(req.first).as_micros() as u64;
                         let w = self.window(req.first);
                         stats::record(&mut self.report.hb[w], us);
-                        if let Some(sec) = self.second(req.first) {
+                        if let Some(sec) = self.second(req.first).filter(|_| w < 3) {
                             stats::record(&mut self.report.hb_per_s[sec], us);
                         }
                     }

@@ -19,6 +19,7 @@
 //!
 //! # Layout
 //! - `fleet`: the simulated clients (lanes of sessions on one socket each).
+//! - `plot`: DIR/drain.svg.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +43,7 @@ use crate::stats;
 use crate::upgrade::procs::{Exit, Node, NodeSettings, Redis};
 
 mod fleet;
+mod plot;
 
 use fleet::{Ctl, Lane, CHECK, HOLD, REGISTER, STOP, TIMELINE_S};
 
@@ -443,6 +445,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
     }
 
     // ------------------------------------------------------------ reachability
+    let _ = ctl.t_after_end.set(std::time::Instant::now());
     eprintln!("checking: every session heartbeats the node holding it");
     run.park(CHECK).await?;
     let held: Vec<(Uuid, u8)> = run.lanes().take(fleet_lanes).flat_map(Lane::held).collect();
@@ -565,6 +568,30 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             })
         })
         .collect();
+    let plot_path = a.out.join("drain.svg");
+    let plot_secs: Vec<plot::Second> = (0..last_s)
+        .map(|s| plot::Second {
+            told: migrates_per_s[s],
+            resumed: resumes_per_s[s],
+            hb_p99_ms: (!hb_per_s[s].is_empty())
+                .then(|| hb_per_s[s].value_at_quantile(0.99) as f64 / 1000.0),
+        })
+        .collect();
+    let title = format!(
+        "drain of {} sessions off one of {} nodes (--drain-secs {drain_secs})",
+        a.sessions, a.nodes
+    );
+    let hb_before_p99 = (!hb[0].is_empty()).then(|| hb[0].value_at_quantile(0.99) as f64 / 1000.0);
+    if let Err(e) = plot::plot(
+        &plot_path,
+        &title,
+        &plot_secs,
+        fleet_total,
+        drain_secs,
+        hb_before_p99,
+    ) {
+        eprintln!("could not draw {}: {e}", plot_path.display());
+    }
     let lost = ctl.resume_lost.load(Ordering::Relaxed);
     let check_acked = ctl.check_acked.load(Ordering::Relaxed);
     let check_failed = ctl.check_failed.load(Ordering::Relaxed);
@@ -678,6 +705,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         "timeline": timeline,
         "criteria": { "passed": passed, "reasons": reasons },
         "logs": { "n1": drained_log.display().to_string() },
+        "plot": plot_path.display().to_string(),
     });
     let path = a.out.join("result.json");
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
@@ -699,5 +727,6 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         "heartbeats_lost_during": hb_lost[1],
         "reachability": result["reachability"],
         "result": path.display().to_string(),
+        "plot": plot_path.display().to_string(),
     })))
 }
