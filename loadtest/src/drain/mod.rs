@@ -145,10 +145,12 @@ fn drain_line(log: &std::path::Path) -> Value {
     json!({ "left": field("left"), "secs": field("secs") })
 }
 
-/// CPU seconds of processes since a reading.
+/// CPU seconds of processes since a reading. A process that exits keeps the last reading
+/// taken while it ran ([`Cpu::sample`]).
 struct Cpu {
     pids: Vec<(String, u32)>,
     start: Vec<u64>,
+    last: Vec<Option<u64>>,
 }
 
 impl Cpu {
@@ -157,19 +159,34 @@ impl Cpu {
             .iter()
             .map(|(_, p)| cpu_ticks(*p).unwrap_or(0))
             .collect();
-        Self { pids, start }
+        let last = vec![None; pids.len()];
+        Self { pids, start, last }
     }
 
-    fn since(&self) -> Value {
+    /// Reads every process still running.
+    fn sample(&mut self) {
+        for ((_, pid), last) in self.pids.iter().zip(&mut self.last) {
+            if let Ok(t) = cpu_ticks(*pid) {
+                *last = Some(t);
+            }
+        }
+    }
+
+    /// Seconds per process, and their sum.
+    fn since(&mut self) -> (Value, f64) {
+        self.sample();
         let tck = clk_tck();
         let mut m = serde_json::Map::new();
-        for ((name, pid), t0) in self.pids.iter().zip(&self.start) {
-            let t = cpu_ticks(*pid).map_or(Value::Null, |t| {
-                json!(((t.saturating_sub(*t0) as f64 / tck) * 100.0).round() / 100.0)
-            });
-            m.insert(name.clone(), t);
+        let mut sum = 0.0;
+        for (((name, _), t0), last) in self.pids.iter().zip(&self.start).zip(&self.last) {
+            let t = last.map(|t| t.saturating_sub(*t0) as f64 / tck);
+            sum += t.unwrap_or(0.0);
+            m.insert(
+                name.clone(),
+                t.map_or(Value::Null, |t| json!((t * 100.0).round() / 100.0)),
+            );
         }
-        Value::Object(m)
+        (Value::Object(m), sum)
     }
 }
 
@@ -360,7 +377,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         pids.push((n.id.clone(), n.pid().unwrap_or(0)));
     }
     pids.push(("loadtest".into(), std::process::id()));
-    let cpu = Cpu::start(pids);
+    let mut cpu = Cpu::start(pids);
     let mut drained = nodes.remove(0);
     let t0 = Instant::now();
     let _ = ctl.t0.set(t0.into_std());
@@ -388,6 +405,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         if exited_at.is_some_and(|t| now >= t + Duration::from_secs(3)) || now >= give_up {
             break;
         }
+        // The drained node's CPU time is read while it still runs.
+        cpu.sample();
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = now;
             eprintln!(
@@ -403,7 +422,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
     }
     let done_at = Instant::now();
     let _ = ctl.t_done.set(done_at.into_std());
-    let cpu_drain = cpu.since();
+    let (cpu_drain, cpu_drain_sum) = cpu.since();
     eprintln!(
         "drain over after {:.2}s: {} of {} resumed",
         (done_at - t0).as_secs_f64(),
@@ -481,8 +500,15 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
     let online_n = online.iter().filter(|o| **o).count();
     let mut connected = 0usize;
     let mut outcomes = BTreeMap::<String, u64>::new();
+    // All at once: a failing connect takes its whole deadline (12 s), one after another they
+    // would take minutes.
+    let mut tries = JoinSet::new();
     for (u, _) in &connects {
-        let k = match checker.connect(*u, b"check").await {
+        let (checker, u) = (checker.clone(), *u);
+        tries.spawn(async move { checker.connect(u, b"check").await });
+    }
+    while let Some(r) = tries.join_next().await {
+        let k = match r? {
             Ok(ConnectOutcome::Connected { .. }) => {
                 connected += 1;
                 "connected".to_string()
@@ -676,6 +702,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
             "n1_exit_after_s": secs(exit_after),
             "n1_drain_log": drain_line(&drained_log),
             "cpu_s_during": cpu_drain,
+            "cpu_us_per_resumed_session": (ctl.resumed.load(Ordering::Relaxed) > 0).then(|| {
+                (cpu_drain_sum * 1e6 / ctl.resumed.load(Ordering::Relaxed) as f64).round()
+            }),
         },
         "resumed_by_cause": cause,
         "nodes_after": per_node,
