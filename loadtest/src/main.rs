@@ -92,6 +92,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The client library's own decisions (where it moves, what failed), on stderr:
+    // SIGROUTER_LOADTEST_LOG=sigrouter_client=debug.
+    if let Ok(filter) = std::env::var("SIGROUTER_LOADTEST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cli.threads > 0 {
         rt.worker_threads(cli.threads);
