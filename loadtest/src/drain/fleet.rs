@@ -186,6 +186,8 @@ pub(crate) struct LaneReport {
     pub(crate) hb_sent: [u64; 4],
     pub(crate) hb_lost: [u64; 4],
     pub(crate) hb_errors: HashMap<&'static str, u64>,
+    /// Check-phase heartbeats that failed, by error code or `timeout`.
+    pub(crate) check_failures: HashMap<&'static str, u64>,
 }
 
 impl LaneReport {
@@ -203,6 +205,7 @@ impl LaneReport {
             hb_sent: [0; 4],
             hb_lost: [0; 4],
             hb_errors: HashMap::new(),
+            check_failures: HashMap::new(),
         }
     }
 }
@@ -601,6 +604,7 @@ impl Lane {
                     self.checks_in_flight -= 1;
                     self.sessions[req.j as usize].checked = true;
                     Ctl::count(&self.ctl.check_failed);
+                    *self.report.check_failures.entry("timeout").or_default() += 1;
                 }
                 Kind::Accept if req.tries >= CHECK_TRIES => {
                     self.pending.remove(&rid);
@@ -799,6 +803,7 @@ impl Lane {
                 self.checks_in_flight -= 1;
                 self.sessions[j as usize].checked = true;
                 Ctl::count(&self.ctl.check_failed);
+                *self.report.check_failures.entry(code.name()).or_default() += 1;
             }
             Kind::Accept => {}
         }

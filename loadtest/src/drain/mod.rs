@@ -530,6 +530,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
     let mut hb_sent = [0u64; 3];
     let mut hb_lost = [0u64; 3];
     let mut hb_errors = BTreeMap::<&str, u64>::new();
+    let mut check_failures = BTreeMap::<&str, u64>::new();
     let mut resumed_at = stats::histogram();
     let mut told_to_resumed = stats::histogram();
     let mut on_node = vec![0u64; a.nodes];
@@ -548,6 +549,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         }
         for (k, v) in &r.hb_errors {
             *hb_errors.entry(k).or_default() += v;
+        }
+        for (k, v) in &r.check_failures {
+            *check_failures.entry(k).or_default() += v;
         }
         if i < fleet_lanes {
             for s in &l.sessions {
@@ -717,6 +721,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         "reachability": {
             "heartbeat_answered": check_acked,
             "heartbeat_unanswered": check_failed,
+            "heartbeat_failures": check_failures,
             "held": held_total,
             "query_sample": sample.len(),
             "query_online": online_n,
