@@ -374,7 +374,11 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let mut told_all_at = None;
     // Stay until every client has moved and nothing another node waits on is left (a pending
     // connect whose target just moved is aborted towards its initiator's node first).
-    while (router.session_count() > 0 || router.in_flight() > 0) && Instant::now() < deadline {
+    // Clients in transit whose connections wait here for their new node count too: leaving
+    // before that node asks would end those connections.
+    while (router.session_count() > 0 || router.in_flight() > 0 || router.awaiting_handover() > 0)
+        && Instant::now() < deadline
+    {
         let slice: Vec<uuid::Uuid> = if cursor < everyone.len() {
             let n = pace.next(cursor, walk_started.elapsed(), router.migrating_count());
             let end = (cursor + n).min(everyone.len());

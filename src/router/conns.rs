@@ -209,6 +209,11 @@ impl Conns {
         }
     }
 
+    /// Whether session `uuid` has a connection here.
+    pub(crate) fn has_session(&self, uuid: &Uuid) -> bool {
+        self.by_session.contains_key(uuid)
+    }
+
     /// The connections of session `uuid` (which is leaving), taken out of the index.
     pub(crate) fn of_session(&self, uuid: &Uuid) -> Vec<(Uuid, Conn)> {
         let ids = self

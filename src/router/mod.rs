@@ -108,6 +108,17 @@ impl Router {
         self.st.migrating.len()
     }
 
+    /// Clients that acknowledged a `Migrate` and still have connections here, while their new
+    /// node has not said `Moved`: their connections go over to it only when it does (it asks
+    /// this node), so a draining node stays up for them until its deadline.
+    pub fn awaiting_handover(&self) -> usize {
+        self.st
+            .migrating
+            .iter()
+            .filter(|e| self.st.conns.has_session(e.key()))
+            .count()
+    }
+
     /// Stops taking new sessions (Register answers `Draining`).
     pub fn set_draining(&self, v: bool) {
         self.st.draining.store(v, Ordering::Relaxed);
