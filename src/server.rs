@@ -417,6 +417,8 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     tokio::time::sleep_until(linger.into()).await;
     tracing::info!(
         left = router.session_count(),
+        in_flight = router.in_flight(),
+        awaiting_handover = router.awaiting_handover(),
         secs = started.elapsed().as_secs_f64(),
         "drain finished"
     );

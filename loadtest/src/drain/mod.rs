@@ -142,7 +142,11 @@ fn drain_line(log: &std::path::Path) -> Value {
             .find_map(|w| w.strip_prefix(&format!("{k}=")))
             .and_then(|v| v.parse::<f64>().ok())
     };
-    json!({ "left": field("left"), "secs": field("secs") })
+    json!({
+        "left": field("left"),
+        "awaiting_handover": field("awaiting_handover"),
+        "secs": field("secs"),
+    })
 }
 
 /// CPU seconds of processes since a reading. A process that exits keeps the last reading
