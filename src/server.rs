@@ -415,6 +415,13 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let linger = (started + c.cfg.drain).min(Instant::now() + DRAIN_LINGER);
     tasks::publish_self(c, &**router, c.cfg.registry_period).await;
     tokio::time::sleep_until(linger.into()).await;
+    let waited_for = router.awaiting_handover_sample(8);
+    if !waited_for.is_empty() {
+        tracing::debug!(
+            ?waited_for,
+            "clients in transit whose new node never asked for their connections"
+        );
+    }
     tracing::info!(
         left = router.session_count(),
         in_flight = router.in_flight(),

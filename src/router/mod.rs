@@ -119,6 +119,17 @@ impl Router {
             .count()
     }
 
+    /// Up to `n` of the clients [`Router::awaiting_handover`] counts (for a log line).
+    pub fn awaiting_handover_sample(&self, n: usize) -> Vec<Uuid> {
+        self.st
+            .migrating
+            .iter()
+            .filter(|e| self.st.conns.has_session(e.key()))
+            .map(|e| *e.key())
+            .take(n)
+            .collect()
+    }
+
     /// Stops taking new sessions (Register answers `Draining`).
     pub fn set_draining(&self, v: bool) {
         self.st.draining.store(v, Ordering::Relaxed);
