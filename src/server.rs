@@ -30,6 +30,12 @@ use crate::store::Store;
 const TICK: Duration = Duration::from_millis(25);
 /// A drain sends one slice of Migrates per tick.
 const DRAIN_TICK: Duration = Duration::from_millis(10);
+/// A drain tells at least this many clients per second (small nodes empty at once).
+const DRAIN_MIN_RATE: f64 = 1600.0;
+/// Most clients on their way to another node at once (acknowledged their Migrate, not yet
+/// resumed there): beyond, the other nodes are behind and the drain waits for them rather
+/// than pile up work they would answer with retry-later.
+const DRAIN_IN_TRANSIT: usize = 8192;
 /// Stragglers (their Migrate given up unacknowledged) are told again this often.
 const DRAIN_RETELL: Duration = Duration::from_secs(5);
 /// Longest a drain waits to learn of another active node before it tells clients to resume at
@@ -251,6 +257,40 @@ impl Server {
     }
 }
 
+/// How fast a drain tells its clients: every one within `spread` (at least
+/// [`DRAIN_MIN_RATE`] per second), by the clock rather than by counting ticks (a slow tick is
+/// caught up), and never while [`DRAIN_IN_TRANSIT`] clients are already on their way.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    total: usize,
+    /// Clients per second.
+    rate: f64,
+}
+
+impl Pace {
+    fn new(total: usize, spread: Duration) -> Self {
+        let rate = (total as f64 / spread.as_secs_f64().max(1e-3)).max(DRAIN_MIN_RATE);
+        Self { total, rate }
+    }
+
+    /// The usual slice of one tick.
+    fn per_tick(&self) -> usize {
+        (self.rate * DRAIN_TICK.as_secs_f64()).ceil().max(1.0) as usize
+    }
+
+    /// How many to tell now, `cursor` told so far, `elapsed` since the walk started,
+    /// `in_transit` on their way: what the clock says is due, at most two ticks' worth (a
+    /// stall is caught up gradually), and only into the room the in-transit bound leaves.
+    fn next(&self, cursor: usize, elapsed: Duration, in_transit: usize) -> usize {
+        let due = ((elapsed.as_secs_f64() * self.rate).ceil() as usize)
+            .max(self.per_tick())
+            .min(self.total);
+        due.saturating_sub(cursor)
+            .min(2 * self.per_tick())
+            .min(DRAIN_IN_TRANSIT.saturating_sub(in_transit))
+    }
+}
+
 /// Where a drain sends clients: best of two random active nodes, by the sessions each had at
 /// the last renewal plus those this drain already sent it (so a drain does not herd everyone
 /// onto the emptiest node).
@@ -321,12 +361,12 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     }
     let everyone = router.session_ids();
     let spread = (c.cfg.drain / 2).max(Duration::from_secs(1));
-    let per_tick = (everyone.len() as f64 * DRAIN_TICK.as_secs_f64() / spread.as_secs_f64())
-        .ceil()
-        .max(16.0) as usize;
+    let pace = Pace::new(everyone.len(), spread);
+    let per_tick = pace.per_tick();
+    let walk_started = Instant::now();
     tracing::info!(
         sessions = everyone.len(),
-        per_second = per_tick as f64 / DRAIN_TICK.as_secs_f64(),
+        per_second = pace.rate,
         "draining: telling clients where to go"
     );
     let mut cursor = 0;
@@ -340,7 +380,8 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
         && Instant::now() < deadline
     {
         let slice: Vec<uuid::Uuid> = if cursor < everyone.len() {
-            let end = (cursor + per_tick).min(everyone.len());
+            let n = pace.next(cursor, walk_started.elapsed(), router.migrating_count());
+            let end = (cursor + n).min(everyone.len());
             let s = everyone[cursor..end].to_vec();
             cursor = end;
             if cursor == everyone.len() {
@@ -374,8 +415,17 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let linger = (started + c.cfg.drain).min(Instant::now() + DRAIN_LINGER);
     tasks::publish_self(c, &**router, c.cfg.registry_period).await;
     tokio::time::sleep_until(linger.into()).await;
+    let waited_for = router.awaiting_handover_sample(8);
+    if !waited_for.is_empty() {
+        tracing::debug!(
+            ?waited_for,
+            "clients in transit whose new node never asked for their connections"
+        );
+    }
     tracing::info!(
         left = router.session_count(),
+        in_flight = router.in_flight(),
+        awaiting_handover = router.awaiting_handover(),
         secs = started.elapsed().as_secs_f64(),
         "drain finished"
     );
@@ -385,4 +435,41 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     router.leave_cluster(Instant::now(), &mut out);
     d.route_all(&mut out);
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_drain_tells_everyone_within_the_spread_by_the_clock() {
+        // A million over 10 s: 100,000 per second, 1,000 per 10 ms tick.
+        let p = Pace::new(1_000_000, Duration::from_secs(10));
+        assert_eq!(p.per_tick(), 1000);
+        assert_eq!(p.next(0, Duration::ZERO, 0), 1000);
+        // A tick that came late (25 ms instead of 10) is caught up, two ticks at a time.
+        assert_eq!(p.next(1000, ms(25), 0), 1500);
+        assert_eq!(p.next(2500, ms(25), 0), 0);
+        // Nothing beyond the total.
+        assert_eq!(p.next(999_500, Duration::from_secs(11), 0), 500);
+    }
+
+    #[test]
+    fn a_drain_waits_while_too_many_clients_are_on_their_way() {
+        let p = Pace::new(1_000_000, Duration::from_secs(10));
+        assert_eq!(p.next(5000, ms(60), DRAIN_IN_TRANSIT), 0);
+        assert_eq!(p.next(5000, ms(60), DRAIN_IN_TRANSIT - 300), 300);
+    }
+
+    #[test]
+    fn a_small_drain_goes_at_the_least_rate() {
+        let p = Pace::new(100, Duration::from_secs(10));
+        assert_eq!(p.per_tick(), 16);
+        assert_eq!(p.next(0, Duration::ZERO, 0), 16);
+        assert_eq!(p.next(96, ms(70), 0), 4);
+    }
 }

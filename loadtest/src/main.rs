@@ -13,6 +13,10 @@
 //! - `rolling-upgrade`: starts a whole cluster on loopback (redis-server, `sigrouter serve`
 //!   processes, optionally nginx), restarts every node in turn under open-loop connect load,
 //!   and writes `result.json` and `report.svg`. Run through `loadtest/rolling-upgrade`.
+//! - `drain`: starts a cluster, registers many simulated sessions on one node (many per
+//!   socket, each from its own loopback address), SIGTERMs that node while the others carry
+//!   heartbeats, and reports how long until every session resumed elsewhere, resumes by cause,
+//!   heartbeat latency on the other nodes, and whether every session is reachable afterwards.
 //! - `scale`: registers many sessions (many per socket), heartbeats them at a steady total
 //!   rate, and reports the server's memory per session, registration time, acks/s, latency,
 //!   losses and CPU time per answer, for routers and the echo server side by side.
@@ -31,6 +35,7 @@
 //! - `echo`: the echo server.
 //! - `upgrade`: the rolling-upgrade run (processes, client fleet, report).
 //! - `scale`: the many-sessions run and its process readings (`/proc`).
+//! - `drain`: the million-session drain (conductor, simulated fleet).
 //! - `flood`: the Register flood.
 //! - `stats`: latency summaries and the target-address guard.
 
@@ -39,6 +44,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod connect;
+mod drain;
 mod echo;
 mod flood;
 mod heartbeat;
@@ -71,6 +77,10 @@ enum Command {
     /// A whole cluster on this machine, every node restarted in turn under connect load;
     /// writes result.json and report.svg (normally run through `loadtest/rolling-upgrade`).
     RollingUpgrade(upgrade::Args),
+    /// One node holding many sessions drains while the others heartbeat: time until every
+    /// session resumed elsewhere, resumes by cause, heartbeat latency on the other nodes,
+    /// reachability afterwards.
+    Drain(drain::Args),
     /// Many sessions at a steady heartbeat rate: memory per session, registration time,
     /// acks/s, latency, losses and server CPU per answer, routers and the echo server
     /// interleaved.
@@ -82,6 +92,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The client library's own decisions (where it moves, what failed), on stderr:
+    // SIGROUTER_LOADTEST_LOG=sigrouter_client=debug.
+    if let Ok(filter) = std::env::var("SIGROUTER_LOADTEST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cli.threads > 0 {
         rt.worker_threads(cli.threads);
@@ -100,6 +119,7 @@ fn main() -> ExitCode {
             Command::EchoServer(a) => echo::run(a).await,
             Command::RollingUpgrade(a) => upgrade::run(a).await,
             Command::Scale(a) => scale::run(a).await,
+            Command::Drain(a) => drain::run(a).await,
             Command::Flood(a) => flood::run(a).await,
         }
     });

@@ -16,6 +16,7 @@ mod io;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,7 +163,7 @@ impl Dispatch {
         };
         let Ok(permit) = self.jobs.clone().try_acquire_owned() else {
             // Too much waiting already: fail fast rather than queue behind it.
-            tracing::warn!("too many deferred jobs; answering retry-later");
+            jobs_refused_log();
             let mut out = Outbox::default();
             self.router.reject_job(Instant::now(), job, &mut out);
             self.route(&mut out, false, false);
@@ -174,6 +175,34 @@ impl Dispatch {
             drop(permit);
             me.route(&mut out, false, false);
         });
+    }
+}
+
+/// Requests refused because too many jobs were waiting, since the last log line.
+static JOBS_REFUSED: AtomicU64 = AtomicU64::new(0);
+/// When that line was last written (ms since the Unix epoch).
+static JOBS_REFUSED_LOGGED_MS: AtomicU64 = AtomicU64::new(0);
+/// At most one log line per this many ms about refused jobs: an overloaded node refuses tens
+/// of thousands per second, and a line each would add to the overload.
+const JOBS_REFUSED_LOG_EVERY_MS: u64 = 10_000;
+
+/// Counts a request refused for want of a job slot; writes a line at most every 10 s.
+fn jobs_refused_log() {
+    let n = JOBS_REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let last = JOBS_REFUSED_LOGGED_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= JOBS_REFUSED_LOG_EVERY_MS
+        && JOBS_REFUSED_LOGGED_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        JOBS_REFUSED.fetch_sub(n, Ordering::Relaxed);
+        tracing::warn!(
+            refused_since_last_line = n,
+            "too many deferred jobs; answering retry-later (at most one line per 10 s)"
+        );
     }
 }
 

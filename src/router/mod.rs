@@ -105,6 +105,13 @@ impl Router {
         self.st.conns.pending_count() + self.st.node_requests.len() + self.asks.len()
     }
 
+    /// Sessions that acknowledged a `Migrate` and whose new node has not said `Moved` yet:
+    /// clients resuming elsewhere right now. A drain tells no more clients while too many are
+    /// on their way (the other nodes are behind).
+    pub fn migrating_count(&self) -> usize {
+        self.st.migrating.len()
+    }
+
     /// Clients that acknowledged a `Migrate` and still have connections here, while their new
     /// node has not said `Moved`: their connections go over to it only when it does (it asks
     /// this node), so a draining node stays up for them until its deadline.
@@ -114,6 +121,17 @@ impl Router {
             .iter()
             .filter(|e| self.st.conns.has_session(e.key()))
             .count()
+    }
+
+    /// Up to `n` of the clients [`Router::awaiting_handover`] counts (for a log line).
+    pub fn awaiting_handover_sample(&self, n: usize) -> Vec<Uuid> {
+        self.st
+            .migrating
+            .iter()
+            .filter(|e| self.st.conns.has_session(e.key()))
+            .map(|e| *e.key())
+            .take(n)
+            .collect()
     }
 
     /// Stops taking new sessions (Register answers `Draining`).

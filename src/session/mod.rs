@@ -78,6 +78,17 @@ fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Where a session's push ids start on this node: random, so that pushes a client gets from
+/// different nodes (or from one node after a restart) do not repeat ids. A client drops a push
+/// whose id and body it saw in the last 30 s as a retransmission (and acknowledges it); behind
+/// a load balancer every node's `Migrate` names the same address, so with ids counted from 1
+/// on every node a client moved twice got a second `Migrate` byte for byte like the first,
+/// acknowledged it and stayed, and the drained node let it go: it was unreachable until it
+/// found the node gone. Below 2^32, so an id still encodes in 5 bytes.
+fn first_push_id() -> u64 {
+    u64::from(rand::random::<u32>()) + 1
+}
+
 /// One client session.
 #[derive(Debug)]
 struct Session {
@@ -88,6 +99,7 @@ struct Session {
     local: Option<Box<[Addr]>>,
     last_seen_ms: u64,
     window: ReplayWindow,
+    /// The next push id: starts at a random point ([`first_push_id`]).
     next_push: u64,
     limiter: Gcra,
     /// When the expiry check of this session is scheduled (s of the router's clock); a queue
@@ -214,7 +226,7 @@ impl Sessions {
                     local: (!s.local.is_empty()).then(|| s.local.into_boxed_slice()),
                     last_seen_ms: now_ms,
                     window: ReplayWindow::starting_at(s.rid),
-                    next_push: 1,
+                    next_push: first_push_id(),
                     limiter: Gcra::default(),
                     check_at_s,
                     replies: None,

@@ -632,7 +632,9 @@ impl Shared {
                 }
                 if std::mem::replace(&mut rebind, true) {
                     match self.rebind().await {
-                        Ok(local) => tracing::debug!(%local, %server, "new local port"),
+                        Ok(local) => {
+                            tracing::debug!(uuid = %self.session().uuid, %local, %server, "new local port")
+                        }
                         Err(ClientError::Closed) => return Err(ClientError::Closed),
                         Err(e) => tracing::warn!(error = %e, "rebind failed"),
                     }
@@ -643,13 +645,13 @@ impl Shared {
                 {
                     Ok(how) => return Ok((server, how)),
                     Err(Refused::Elsewhere { code, to }) => {
-                        tracing::debug!(%server, code = code.name(), ?to, "refused; next address");
+                        tracing::debug!(uuid = %self.session().uuid, %server, code = code.name(), ?to, "refused; next address");
                         walk.refused(server, to);
                         last = ClientError::Server(code);
                     }
                     Err(Refused::Failed(ClientError::Closed)) => return Err(ClientError::Closed),
                     Err(Refused::Failed(e)) => {
-                        tracing::debug!(error = %e, %server, "failed; next address");
+                        tracing::debug!(uuid = %self.session().uuid, error = %e, %server, "failed; next address");
                         last = e;
                     }
                 }

@@ -212,6 +212,7 @@ impl Supervisor {
         why: Move,
     ) -> Result<SocketAddr, ClientError> {
         let hello = self.resume_hello()?;
+        let started = std::time::Instant::now();
         let servers = self.shared.cfg.servers();
         let mut walk = Walk::new(first, leaving, &servers, &self.shared.told());
         if let (Some(l), true) = (leaving, leaving_refused) {
@@ -230,6 +231,12 @@ impl Supervisor {
                 }
             })
             .await?;
+        tracing::debug!(
+            uuid = %self.shared.session().uuid,
+            %server,
+            took = ?started.elapsed(),
+            "session moved"
+        );
         self.settled(how);
         self.emit(match why {
             Move::Migrate => Event::Migrated { to: server },

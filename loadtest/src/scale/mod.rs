@@ -21,7 +21,7 @@
 //! authenticated Heartbeat datagrams to it and checks the MAC of each echo, so the generator
 //! does the same work for either target.
 
-mod procs;
+pub(crate) mod procs;
 mod report;
 mod sock;
 

@@ -41,7 +41,7 @@ pub(super) fn signal(pid: u32, name: &str) -> io::Result<()> {
 }
 
 /// Resident memory of `pid` in bytes (`VmRSS`).
-pub(super) fn rss(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss(pid: u32) -> anyhow::Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb = s
         .lines()
@@ -52,7 +52,7 @@ pub(super) fn rss(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// CPU time (user + system, every thread) of `pid`, in clock ticks.
-pub(super) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name is in parentheses and may hold spaces: count fields after the last ')'.
     let rest = s
@@ -67,7 +67,7 @@ pub(super) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux when that cannot be run).
-pub(super) fn clk_tck() -> f64 {
+pub(crate) fn clk_tck() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()

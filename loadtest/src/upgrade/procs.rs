@@ -149,13 +149,11 @@ impl Redis {
     }
 
     /// The process id.
-    #[allow(dead_code)] // for the drain load test, which lands next
     pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
     /// The number of keys (`DBSIZE`), if Redis answers within a second.
-    #[allow(dead_code)] // for the drain load test, which lands next
     pub(crate) async fn dbsize(&self) -> Option<u64> {
         let mut s = tokio::time::timeout(
             Duration::from_secs(1),
@@ -265,20 +263,17 @@ impl Node {
     }
 
     /// Adds flags for the next start.
-    #[allow(dead_code)] // for the drain load test, which lands next
     pub(crate) fn add_args(&mut self, args: &[String]) {
         self.args.extend(args.iter().cloned());
     }
 
     /// The node's `/metrics` page, if it answers.
-    #[allow(dead_code)] // for the drain load test, which lands next
     pub(crate) async fn metrics_page(&self) -> Option<String> {
         let page = http_get(self.metrics, "/metrics").await?;
         page.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
     }
 
     /// The process id, while running.
-    #[allow(dead_code)] // for the drain load test, which lands next
     pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -197,3 +197,29 @@ fn a_register_refused_while_draining_names_an_active_node() {
     let out = lone.recv(src, &register_datagram(4, vec![]));
     assert_client(&out, &[(src, error(4, ErrorCode::Draining))]);
 }
+
+#[test]
+fn push_ids_do_not_repeat_across_nodes() {
+    // Behind a load balancer every node's Migrate names the same address, so a client moved
+    // from node to node gets Migrates that differ only by push id; a client drops a push whose
+    // id and body it saw in the last 30 s. Each node (each life of a node) numbers a session's
+    // pushes from its own starting point, so the second node's Migrate is not a repeat.
+    let lb: SocketAddr = "198.51.100.9:7400".parse().unwrap();
+    let mut ids = Vec::new();
+    for (id, n) in [("a", 1), ("b", 2), ("b", 2)] {
+        let sim = Sim::node(id, n, &[("c", 3)]);
+        sim.register(v4(1, 1), vec![]);
+        sim.router.set_draining(true);
+        let mut out = Outbox::default();
+        sim.router.migrate_all(sim.now, || Some(lb), &mut out);
+        let Message::Migrate(m) = msg(only_client(&out)) else {
+            panic!()
+        };
+        assert_eq!(m.to, Some(Addr(lb)));
+        ids.push(m.push);
+    }
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "{ids:?}"
+    );
+}
