@@ -376,7 +376,9 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     // connect whose target just moved is aborted towards its initiator's node first).
     // Clients in transit whose connections wait here for their new node count too: leaving
     // before that node asks would end those connections.
-    while (router.session_count() > 0 || router.in_flight() > 0 || router.awaiting_handover() > 0)
+    while (router.session_count() > 0
+        || router.in_flight() > 0
+        || router.awaiting_handover(Instant::now()) > 0)
         && Instant::now() < deadline
     {
         let slice: Vec<uuid::Uuid> = if cursor < everyone.len() {
@@ -415,7 +417,7 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     let linger = (started + c.cfg.drain).min(Instant::now() + DRAIN_LINGER);
     tasks::publish_self(c, &**router, c.cfg.registry_period).await;
     tokio::time::sleep_until(linger.into()).await;
-    let waited_for = router.awaiting_handover_sample(8);
+    let waited_for = router.awaiting_handover_sample(Instant::now(), 8);
     if !waited_for.is_empty() {
         tracing::debug!(
             ?waited_for,
@@ -425,7 +427,7 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
     tracing::info!(
         left = router.session_count(),
         in_flight = router.in_flight(),
-        awaiting_handover = router.awaiting_handover(),
+        awaiting_handover = router.awaiting_handover(Instant::now()),
         secs = started.elapsed().as_secs_f64(),
         "drain finished"
     );

@@ -49,6 +49,10 @@ use sigrouter_proto::{
 use uuid::Uuid;
 
 pub use outbox::{ConnectLookup, Job, Outbox, ResumeLookup, Transmit};
+
+/// How long a draining node waits, after a client acknowledged its `Migrate`, for the
+/// client's new node to ask for its connections (see [`Router::awaiting_handover`]).
+pub const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub(crate) use whohas::Waiter;
 
 use crate::cluster::{Cluster, LocalSessions, NodeInfo};
@@ -112,26 +116,29 @@ impl Router {
         self.st.migrating.len()
     }
 
-    /// Clients that acknowledged a `Migrate` and still have connections here, while their new
-    /// node has not said `Moved`: their connections go over to it only when it does (it asks
-    /// this node), so a draining node stays up for them until its deadline.
-    pub fn awaiting_handover(&self) -> usize {
-        self.st
-            .migrating
-            .iter()
-            .filter(|e| self.st.conns.has_session(e.key()))
-            .count()
+    /// Clients that acknowledged a `Migrate` at most [`HANDOVER_WAIT`] before `now` and still
+    /// have connections here, while their new node has not said `Moved`: their connections go
+    /// over to it only when it does, so a draining node stays up for them a little. (A client
+    /// resumes within a round trip or two of its acknowledgement; one that has not asked after
+    /// that long is not waited for.)
+    pub fn awaiting_handover(&self, now: Instant) -> usize {
+        self.awaiting(now).count()
     }
 
     /// Up to `n` of the clients [`Router::awaiting_handover`] counts (for a log line).
-    pub fn awaiting_handover_sample(&self, n: usize) -> Vec<Uuid> {
+    pub fn awaiting_handover_sample(&self, now: Instant, n: usize) -> Vec<Uuid> {
+        self.awaiting(now).take(n).collect()
+    }
+
+    fn awaiting(&self, now: Instant) -> impl Iterator<Item = Uuid> + '_ {
         self.st
             .migrating
             .iter()
-            .filter(|e| self.st.conns.has_session(e.key()))
+            .filter(move |e| {
+                now.saturating_duration_since(*e.value()) <= HANDOVER_WAIT
+                    && self.st.conns.has_session(e.key())
+            })
             .map(|e| *e.key())
-            .take(n)
-            .collect()
     }
 
     /// Stops taking new sessions (Register answers `Draining`).
