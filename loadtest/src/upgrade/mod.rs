@@ -28,14 +28,14 @@ use anyhow::Context;
 use rand::distributions::{Alphanumeric, DistString};
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio::time::{sleep, sleep_until, Instant};
+use tokio::time::{sleep_until, Instant};
 
 mod fleet;
 pub(crate) mod procs;
 mod report;
 
 use fleet::Fleet;
-use procs::{Exit, Nginx, Node, NodeSettings, Redis};
+use procs::{start_all, Exit, Nginx, Node, NodeSettings, Redis};
 use report::{Phase, Restart, Window};
 
 /// The least share of connects that must succeed during the upgrade.
@@ -120,25 +120,7 @@ async fn start_cluster(a: &Args, bin: &std::path::Path) -> anyhow::Result<Cluste
     let mut nodes = (1..=a.nodes)
         .map(|i| Node::new(&format!("n{i}"), &settings))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    for n in &mut nodes {
-        n.start()?;
-    }
-    for n in &mut nodes {
-        n.wait_ready(Duration::from_secs(30)).await?;
-    }
-    // Every node lists every other before the load starts.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut all = true;
-        for n in &nodes {
-            all &= n.table_size().await.is_some_and(|s| s >= a.nodes as u64);
-        }
-        if all {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < end, "the nodes never listed each other");
-        sleep(Duration::from_millis(100)).await;
-    }
+    start_all(&mut nodes).await?;
     let nginx = match proxy_addr {
         Some(addr) => {
             let up: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();

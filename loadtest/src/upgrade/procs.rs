@@ -214,6 +214,32 @@ pub(crate) struct NodeSettings<'a> {
     pub(crate) dir: &'a Path,
 }
 
+/// Starts every node, waits until each is ready and lists all of them in its node table
+/// (30 s at most for each step).
+pub(crate) async fn start_all(nodes: &mut [Node]) -> anyhow::Result<()> {
+    for n in nodes.iter_mut() {
+        n.start()?;
+    }
+    for n in nodes.iter_mut() {
+        n.wait_ready(Duration::from_secs(30)).await?;
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut all = true;
+        for n in nodes.iter() {
+            all &= n
+                .table_size()
+                .await
+                .is_some_and(|s| s >= nodes.len() as u64);
+        }
+        if all {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < end, "the nodes never listed each other");
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl Node {
     /// A node (not started yet) with fresh ports.
     pub(crate) fn new(id: &str, s: &NodeSettings<'_>) -> anyhow::Result<Self> {
