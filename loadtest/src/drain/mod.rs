@@ -23,7 +23,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,203 +37,23 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, Instant};
 use uuid::Uuid;
 
-use crate::scale::procs::{clk_tck, cpu_ticks, rss};
+use crate::scale::procs::rss;
 use crate::stats;
-use crate::upgrade::procs::{Exit, Node, NodeSettings, Redis};
+use crate::upgrade::procs::{start_all, Exit, Node, NodeSettings, Redis};
 
+mod args;
 mod fleet;
 mod plot;
+mod watch;
+
+use args::validate;
+pub(crate) use args::Args;
+use watch::{drain_line, metric, Cpu, Lanes};
 
 use fleet::{Ctl, Lane, CHECK, HOLD, REGISTER, STOP, TIMELINE_S};
 
-/// Flags of `drain`.
-#[derive(clap::Args, Debug)]
-pub(crate) struct Args {
-    /// Sessions on the node that drains.
-    #[arg(long, default_value_t = 100_000)]
-    sessions: usize,
-    /// Nodes in the cluster (the first one drains).
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
-    /// Directory for result.json and the processes' logs.
-    #[arg(long)]
-    out: PathBuf,
-    /// The `sigrouter` binary (default: the one next to this executable).
-    #[arg(long)]
-    sigrouter: Option<PathBuf>,
-    /// `--drain-secs` of the nodes (default: the node's own default, 20 s).
-    #[arg(long)]
-    drain_secs: Option<f64>,
-    /// Sockets carrying the draining node's sessions.
-    #[arg(long, default_value_t = 8)]
-    lanes: usize,
-    /// Sessions on the other nodes, heartbeating during the whole run.
-    #[arg(long, default_value_t = 10_000)]
-    hb_sessions: usize,
-    /// Heartbeats per second over those sessions.
-    #[arg(long, default_value_t = 2_000.0)]
-    hb_rate: f64,
-    /// Seconds of heartbeats measured before the SIGTERM.
-    #[arg(long, default_value_t = 3.0)]
-    baseline_secs: f64,
-    /// Seconds of heartbeats measured after the drain.
-    #[arg(long, default_value_t = 3.0)]
-    after_secs: f64,
-    /// Sessions a client of the library queries afterwards (a tenth of them, at least one,
-    /// it also connects to).
-    #[arg(long, default_value_t = 1000)]
-    sample: usize,
-    /// Longest time registration may take.
-    #[arg(long, default_value_t = 600.0)]
-    register_timeout: f64,
-    /// Extra flag for every node (repeat for several).
-    #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
-    node_args: Vec<String>,
-}
-
 fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-fn validate(a: &Args) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (1..=10_000_000).contains(&a.sessions),
-        "--sessions must be 1..=10000000"
-    );
-    anyhow::ensure!((2..=16).contains(&a.nodes), "--nodes must be 2..=16");
-    anyhow::ensure!((1..=64).contains(&a.lanes), "--lanes must be 1..=64");
-    anyhow::ensure!(
-        a.sessions.div_ceil(a.lanes) <= 250 * 65_536,
-        "too many sessions per lane: raise --lanes"
-    );
-    anyhow::ensure!(
-        a.hb_sessions >= a.nodes - 1 && a.hb_sessions <= 1_000_000,
-        "--hb-sessions must be at least --nodes - 1 and at most 1000000"
-    );
-    anyhow::ensure!(
-        a.hb_rate > 0.0 && a.hb_rate <= 1_000_000.0,
-        "--hb-rate must be in (0, 1000000]"
-    );
-    anyhow::ensure!(
-        (0.5..=600.0).contains(&a.baseline_secs) && (0.5..=600.0).contains(&a.after_secs),
-        "--baseline-secs and --after-secs must be 0.5..=600"
-    );
-    anyhow::ensure!(a.drain_secs.is_none_or(|d| d > 0.0 && d <= 3600.0));
-    Ok(())
-}
-
-/// Sum of the lines of a /metrics page that start with `prefix`.
-fn metric(page: &str, prefix: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// `left=` and `secs=` of the node's "drain finished" log line.
-fn drain_line(log: &std::path::Path) -> Value {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let Some(line) = text.lines().rev().find(|l| l.contains("drain finished")) else {
-        return Value::Null;
-    };
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    json!({
-        "left": field("left"),
-        "awaiting_handover": field("awaiting_handover"),
-        "secs": field("secs"),
-    })
-}
-
-/// CPU seconds of processes since a reading. A process that exits keeps the last reading
-/// taken while it ran ([`Cpu::sample`]).
-struct Cpu {
-    pids: Vec<(String, u32)>,
-    start: Vec<u64>,
-    last: Vec<Option<u64>>,
-}
-
-impl Cpu {
-    fn start(pids: Vec<(String, u32)>) -> Self {
-        let start = pids
-            .iter()
-            .map(|(_, p)| cpu_ticks(*p).unwrap_or(0))
-            .collect();
-        let last = vec![None; pids.len()];
-        Self { pids, start, last }
-    }
-
-    /// Reads every process still running.
-    fn sample(&mut self) {
-        for ((_, pid), last) in self.pids.iter().zip(&mut self.last) {
-            if let Ok(t) = cpu_ticks(*pid) {
-                *last = Some(t);
-            }
-        }
-    }
-
-    /// Seconds per process, and their sum.
-    fn since(&mut self) -> (Value, f64) {
-        self.sample();
-        let tck = clk_tck();
-        let mut m = serde_json::Map::new();
-        let mut sum = 0.0;
-        for (((name, _), t0), last) in self.pids.iter().zip(&self.start).zip(&self.last) {
-            let t = last.map(|t| t.saturating_sub(*t0) as f64 / tck);
-            sum += t.unwrap_or(0.0);
-            m.insert(
-                name.clone(),
-                t.map_or(Value::Null, |t| json!((t * 100.0).round() / 100.0)),
-            );
-        }
-        (Value::Object(m), sum)
-    }
-}
-
-/// The lanes, run as tasks until [`STOP`], then handed back.
-struct Lanes {
-    ctl: Arc<Ctl>,
-    running: JoinSet<(usize, Lane)>,
-    parked: Vec<Option<Lane>>,
-}
-
-impl Lanes {
-    fn start(ctl: Arc<Ctl>, lanes: Vec<Lane>) -> Self {
-        let mut s = Self {
-            ctl,
-            running: JoinSet::new(),
-            parked: lanes.into_iter().map(Some).collect(),
-        };
-        s.resume();
-        s
-    }
-
-    fn resume(&mut self) {
-        for (i, l) in self.parked.iter_mut().enumerate() {
-            if let Some(l) = l.take() {
-                self.running.spawn(async move { (i, l.run().await) });
-            }
-        }
-    }
-
-    /// Stops every lane (phase STOP) and takes them back; `next` is the phase to run in when
-    /// resumed.
-    async fn park(&mut self, next: u8) -> anyhow::Result<()> {
-        self.ctl.set_phase(STOP);
-        while let Some(r) = self.running.join_next().await {
-            let (i, l) = r?;
-            self.parked[i] = Some(l);
-        }
-        self.ctl.set_phase(next);
-        Ok(())
-    }
-
-    fn lanes(&self) -> impl Iterator<Item = &Lane> {
-        self.parked.iter().flatten()
-    }
 }
 
 /// Runs the drain and returns the summary (`passed` says whether the criteria held).
@@ -291,24 +110,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
         }
         nodes.push(n);
     }
-    for n in &mut nodes {
-        n.start()?;
-    }
-    for n in &mut nodes {
-        n.wait_ready(Duration::from_secs(30)).await?;
-    }
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut all = true;
-        for n in &nodes {
-            all &= n.table_size().await.is_some_and(|s| s >= a.nodes as u64);
-        }
-        if all {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < end, "the nodes never listed each other");
-        sleep(Duration::from_millis(100)).await;
-    }
+    start_all(&mut nodes).await?;
     let addrs: Arc<Vec<SocketAddr>> = Arc::new(nodes.iter().map(|n| n.addr).collect());
     stats::check_targets(&addrs, false)?;
 
