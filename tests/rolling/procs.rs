@@ -1,0 +1,358 @@
+//! The processes of the rolling tests: `sigrouter serve` children on fixed ports (a restart
+//! comes back at the same address), a fleet of them sharing one redis-server, and the waits
+//! and scrapes the tests use.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sigrouter_client::{Client, ClientConfig, ConnectOutcome, Event, FailReason};
+use uuid::Uuid;
+
+use crate::common::{eventually, stable_port, Redis, CLUSTER_KEY};
+
+/// One `sigrouter serve` process; ports are fixed so a restart comes back at the same address.
+pub(crate) struct Proc {
+    pub(crate) id: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) metrics: SocketAddr,
+    pub(crate) args: Vec<String>,
+    pub(crate) child: Option<Child>,
+}
+
+pub(crate) fn udp_port() -> u16 {
+    stable_port()
+}
+
+impl Proc {
+    pub(crate) fn new(redis: &str, id: &str, key_file: &std::path::Path) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", udp_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", stable_port()).parse().unwrap();
+        let cluster = format!("127.0.0.1:{}", udp_port());
+        let args: Vec<String> = [
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--redis-url",
+            redis,
+            "--node-id",
+            id,
+            "--cluster-listen",
+            &cluster,
+            "--cluster-key-file",
+            key_file.to_str().unwrap(),
+            "--heartbeat-secs",
+            "0.5",
+            "--drain-secs",
+            "6",
+            "--registry-period-secs",
+            "0.3",
+            "--table-refresh-secs",
+            "0.5",
+            "--redis-timeout-ms",
+            "300",
+            "--register-rate",
+            "1000",
+            "--register-burst",
+            "1000",
+            "--workers",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Self {
+            id: id.to_string(),
+            addr,
+            metrics,
+            args,
+            child: None,
+        }
+    }
+
+    /// Replaces the value of `flag` for the next start.
+    pub(crate) fn set_arg(&mut self, flag: &str, value: &str) {
+        let i = self
+            .args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("no {flag} among the node's flags"));
+        self.args[i + 1] = value.to_string();
+    }
+
+    pub(crate) fn start(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_sigrouter"))
+            .args(&self.args)
+            .env(
+                "SIGROUTER_LOG",
+                std::env::var("TEST_SIGROUTER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sigrouter");
+        self.child = Some(child);
+    }
+
+    pub(crate) async fn ready(&self) -> bool {
+        http_status(self.metrics, "/readyz").await == Some(200)
+    }
+
+    pub(crate) fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns how long the drain took.
+    pub(crate) fn terminate(&mut self) -> Duration {
+        let t = Instant::now();
+        self.signal("-TERM");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status} after SIGTERM",
+                    self.id
+                );
+                return t.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit after SIGTERM",
+                self.id
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub(crate) async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(addr, path).await.map(|(status, _)| status)
+}
+
+/// Status and body of a GET (the endpoint closes the connection after one answer).
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(1), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The `sigrouter_cluster_nodes` gauge of a running node: how many nodes its table holds.
+pub(crate) async fn table_size(p: &Proc) -> Option<f64> {
+    let (_, body) = http_get(p.metrics, "/metrics").await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("sigrouter_cluster_nodes "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+pub(crate) async fn wait_ready(p: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if p.ready().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never became ready", p.id);
+}
+
+pub(crate) struct Fleet {
+    pub(crate) redis: Redis,
+    pub(crate) _dir: std::path::PathBuf,
+    pub(crate) nodes: Vec<Proc>,
+}
+
+pub(crate) async fn fleet(n: usize) -> Fleet {
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!(
+        "sigrouter-fleet-{}-{}",
+        std::process::id(),
+        redis.port
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, CLUSTER_KEY).unwrap();
+    let mut nodes: Vec<Proc> = (0..n)
+        .map(|i| Proc::new(&redis.url(), &format!("n{}", i + 1), &key))
+        .collect();
+    for p in &mut nodes {
+        p.start();
+    }
+    for p in &nodes {
+        wait_ready(p).await;
+    }
+    // Every node must see every other before the test starts.
+    let all: Vec<String> = nodes.iter().map(|p| p.id.clone()).collect();
+    let ok = eventually(Duration::from_secs(10), || {
+        let v = redis.cmd(&["HKEYS", "sigrouter:{nodes}"]);
+        matches!(v, Ok(redis::Value::Array(ref a)) if a.len() == all.len())
+    })
+    .await;
+    assert!(ok, "registry never listed every node");
+    // ...in its own node table, not just in the registry.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in &nodes {
+        while table_size(p).await != Some(n as f64) {
+            assert!(
+                Instant::now() < deadline,
+                "{}'s table never held {n} nodes",
+                p.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Fleet {
+        redis,
+        _dir: dir,
+        nodes,
+    }
+}
+
+/// A client that accepts every incoming connection.
+pub(crate) async fn acceptor(server: SocketAddr, all: &[SocketAddr]) -> Client {
+    let mut cfg = ClientConfig::new(server);
+    cfg.fallback_servers = all.to_vec();
+    let (client, mut events) = Client::register(cfg).await.expect("register");
+    let c = client.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Event::Incoming { connection, .. } = ev {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let _ = c.accept(connection, b"ok").await;
+                });
+            }
+        }
+    });
+    client
+}
+
+/// Waits until every client's presence record in Redis names the node it registered with:
+/// until then another node looking it up finds nothing and answers offline (and remembers
+/// that for a moment), which is not what these tests are about.
+pub(crate) async fn wait_published(f: &Fleet, clients: &[Client]) {
+    for c in clients {
+        let node = &f
+            .nodes
+            .iter()
+            .find(|p| p.addr == c.server())
+            .expect("registered with a fleet node")
+            .id;
+        let uuid = c.uuid();
+        let ok = eventually(Duration::from_secs(10), || f.redis.presence_on(&uuid, node)).await;
+        assert!(ok, "the presence of {uuid} never named {node}");
+    }
+}
+
+/// Connects, retrying retry-later answers (a real client's retries) for up to `within`.
+/// Returns the final outcome name and the retry-later answers absorbed.
+pub(crate) async fn connect_with_retries(
+    from: &Client,
+    to: Uuid,
+    within: Duration,
+) -> (String, u32) {
+    let end = Instant::now() + within;
+    let mut absorbed = 0;
+    loop {
+        let r = from.connect(to, b"hello").await;
+        let name = match &r {
+            Ok(ConnectOutcome::Connected { .. }) => return ("connected".into(), absorbed),
+            Ok(ConnectOutcome::Failed { reason, .. }) => reason.name().to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        let retryable = matches!(
+            r,
+            Ok(ConnectOutcome::Failed {
+                reason: FailReason::RetryLater,
+                ..
+            })
+        );
+        if !retryable || Instant::now() >= end {
+            return (name, absorbed);
+        }
+        absorbed += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub(crate) async fn scrape(p: &Proc, prefix: &str) -> f64 {
+    let (_, body) = http_get(p.metrics, "/metrics")
+        .await
+        .unwrap_or_else(|| panic!("{}'s /metrics did not answer", p.id));
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until every running node's table lists `n` nodes.
+pub(crate) async fn wait_tables(nodes: &[&Proc], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for p in nodes {
+        while table_size(p).await != Some(n as f64) {
+            assert!(
+                Instant::now() < deadline,
+                "{}'s table never held {n} nodes",
+                p.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A registry, a cluster key and `ids.len()` nodes (not started).
+pub(crate) fn procs(ids: &[&str]) -> (Redis, std::path::PathBuf, Vec<Proc>) {
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!(
+        "sigrouter-fleet-{}-{}",
+        std::process::id(),
+        redis.port
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, CLUSTER_KEY).unwrap();
+    let nodes = ids
+        .iter()
+        .map(|id| Proc::new(&redis.url(), id, &key))
+        .collect();
+    (redis, dir, nodes)
+}
