@@ -258,6 +258,11 @@ pub(crate) fn complete_resume(
     if !ok {
         return st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out);
     }
+    if st.is_draining() {
+        // The drain began while the directory was asked: taking the session now would leave
+        // it here untold (the drain walks the sessions it held when it began).
+        return draining(st, h, out);
+    }
     if st.sessions.len() >= st.settings.max_sessions {
         st.metrics.capacity_refused.increment(1);
         return st.error(now, h.error_to(), h.rid, ErrorCode::Capacity, out);

@@ -231,6 +231,28 @@ fn a_verified_resume_takes_the_session_and_tells_the_old_node() {
     );
 }
 
+/// A Resume whose directory lookup was in flight when the node began to drain: the session
+/// is not taken (a drain walks the sessions it held when it began and would never tell this
+/// one to move); the client is sent on with `Draining`, and the old node keeps it.
+#[test]
+fn a_resume_completed_after_the_drain_began_is_sent_on() {
+    let mut a = Sim::node("a", 1, &[("b", 2)]);
+    let b = Sim::node("b", 2, &[("a", 1)]);
+    let c = b.register(v4(1, 1), vec![]);
+    a.router.set_draining(true);
+    let out = complete_resume(&a, &c, 2, Ok(Some((c.secret.verifier(), "b".into()))));
+    assert!(out.cluster.is_empty(), "no Moved: {out:?}");
+    assert_eq!(out.client.len(), 1);
+    assert_eq!(out.client[0].to, c.addr);
+    let Message::Error(e) = msg(&out.client[0]) else {
+        panic!("{out:?}")
+    };
+    assert_eq!((e.rid, e.code), (2, ErrorCode::Draining));
+    assert!(!a.router.is_local(&c.uuid));
+    assert!(a.presence_ops().is_empty());
+    assert!(b.router.is_local(&c.uuid));
+}
+
 #[test]
 fn a_resume_the_directory_cannot_vouch_for_is_refused() {
     let a = Sim::node("a", 1, &[("b", 2)]);
