@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::serve::{acceptor, connect_with_retries, metric, Dir, Proc, KEY_A, KEY_B};
+use common::fleet::{acceptor, connect_with_retries};
+use common::serve::{metric, Dir, Proc, KEY_A, KEY_B};
 use common::{eventually, Redis};
 use sigrouter_client::ConnectOutcome;
 

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::serve::{acceptor, connect_with_retries, metric, Dir, Proc, KEY_A, KEY_B};
+use common::fleet::{acceptor, connect_with_retries};
+use common::serve::{metric, Dir, Proc, KEY_A, KEY_B};
 use common::{eventually, stable_port};
 
 const PASSWORD: &str = "s3cret-Redis-pass-7781";

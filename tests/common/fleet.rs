@@ -10,6 +10,54 @@ use uuid::Uuid;
 
 use super::{eventually, stable_port, Redis, CLUSTER_KEY};
 
+/// `sigrouter serve` flags of a cluster node with test-speed timings: heartbeats every 0.5 s,
+/// a 6 s drain, registry and table refreshes well under a second, generous Register limits,
+/// one worker.
+pub fn fast_node_args(
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    redis: &str,
+    id: &str,
+    cluster: SocketAddr,
+    key_file: &std::path::Path,
+) -> Vec<String> {
+    let (addr, metrics, cluster) = (addr.to_string(), metrics.to_string(), cluster.to_string());
+    [
+        "serve",
+        "--listen",
+        &addr,
+        "--metrics-listen",
+        &metrics,
+        "--redis-url",
+        redis,
+        "--node-id",
+        id,
+        "--cluster-listen",
+        &cluster,
+        "--cluster-key-file",
+        key_file.to_str().unwrap(),
+        "--heartbeat-secs",
+        "0.5",
+        "--drain-secs",
+        "6",
+        "--registry-period-secs",
+        "0.3",
+        "--table-refresh-secs",
+        "0.5",
+        "--redis-timeout-ms",
+        "300",
+        "--register-rate",
+        "1000",
+        "--register-burst",
+        "1000",
+        "--workers",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// One `sigrouter serve` process; its ports are fixed, so a restart comes back at the same
 /// addresses.
 pub struct Proc {
@@ -26,40 +74,7 @@ impl Proc {
         let addr: SocketAddr = format!("127.0.0.1:{}", stable_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", stable_port()).parse().unwrap();
         let cluster: SocketAddr = format!("127.0.0.1:{}", stable_port()).parse().unwrap();
-        let mut args: Vec<String> = [
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--redis-url",
-            redis,
-            "--node-id",
-            id,
-            "--cluster-listen",
-            &cluster.to_string(),
-            "--cluster-key-file",
-            key_file.to_str().unwrap(),
-            "--heartbeat-secs",
-            "0.5",
-            "--drain-secs",
-            "6",
-            "--registry-period-secs",
-            "0.3",
-            "--table-refresh-secs",
-            "0.5",
-            "--redis-timeout-ms",
-            "300",
-            "--register-rate",
-            "1000",
-            "--register-burst",
-            "1000",
-            "--workers",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = fast_node_args(addr, metrics, redis, id, cluster, key_file);
         args.extend_from_slice(extra);
         Self {
             id: id.to_string(),

@@ -8,9 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sigrouter_client::{Client, ClientConfig, ConnectOutcome, Event, FailReason};
-use uuid::Uuid;
-
 use super::stable_port;
 
 pub const KEY_A: &str = "key-A-0123456789abcdef0123456789abcdef-alpha";
@@ -233,48 +230,4 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         }
     }
     found
-}
-
-/// A client that accepts every incoming connection.
-pub async fn acceptor(server: SocketAddr, all: &[SocketAddr]) -> Client {
-    let mut cfg = ClientConfig::new(server);
-    cfg.fallback_servers = all.to_vec();
-    let (client, mut events) = Client::register(cfg).await.expect("register");
-    let c = client.clone();
-    tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            if let Event::Incoming { connection, .. } = ev {
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let _ = c.accept(connection, b"ok").await;
-                });
-            }
-        }
-    });
-    client
-}
-
-/// Connects, retrying retry-later answers (as a real client does) for up to `within`; returns
-/// the final outcome's name.
-pub async fn connect_with_retries(from: &Client, to: Uuid, within: Duration) -> String {
-    let end = Instant::now() + within;
-    loop {
-        let r = from.connect(to, b"hello").await;
-        let name = match &r {
-            Ok(ConnectOutcome::Connected { .. }) => return "connected".into(),
-            Ok(ConnectOutcome::Failed { reason, .. }) => reason.name().to_string(),
-            Err(e) => format!("error: {e}"),
-        };
-        let retry = matches!(
-            r,
-            Ok(ConnectOutcome::Failed {
-                reason: FailReason::RetryLater,
-                ..
-            })
-        );
-        if !retry || Instant::now() >= end {
-            return name;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sigrouter_client::{Client, ClientConfig, ConnectOutcome, Event, FailReason};
+use sigrouter_client::{Client, ConnectOutcome, FailReason};
 use uuid::Uuid;
 
+pub(crate) use crate::common::fleet::acceptor;
+use crate::common::fleet::fast_node_args;
 use crate::common::{eventually, stable_port, Redis, CLUSTER_KEY};
 
 /// One `sigrouter serve` process; ports are fixed so a restart comes back at the same address.
@@ -28,41 +30,8 @@ impl Proc {
     pub(crate) fn new(redis: &str, id: &str, key_file: &std::path::Path) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", udp_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", stable_port()).parse().unwrap();
-        let cluster = format!("127.0.0.1:{}", udp_port());
-        let args: Vec<String> = [
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--redis-url",
-            redis,
-            "--node-id",
-            id,
-            "--cluster-listen",
-            &cluster,
-            "--cluster-key-file",
-            key_file.to_str().unwrap(),
-            "--heartbeat-secs",
-            "0.5",
-            "--drain-secs",
-            "6",
-            "--registry-period-secs",
-            "0.3",
-            "--table-refresh-secs",
-            "0.5",
-            "--redis-timeout-ms",
-            "300",
-            "--register-rate",
-            "1000",
-            "--register-burst",
-            "1000",
-            "--workers",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let cluster: SocketAddr = format!("127.0.0.1:{}", udp_port()).parse().unwrap();
+        let args = fast_node_args(addr, metrics, redis, id, cluster, key_file);
         Self {
             id: id.to_string(),
             addr,
@@ -245,25 +214,6 @@ pub(crate) async fn fleet(n: usize) -> Fleet {
         _dir: dir,
         nodes,
     }
-}
-
-/// A client that accepts every incoming connection.
-pub(crate) async fn acceptor(server: SocketAddr, all: &[SocketAddr]) -> Client {
-    let mut cfg = ClientConfig::new(server);
-    cfg.fallback_servers = all.to_vec();
-    let (client, mut events) = Client::register(cfg).await.expect("register");
-    let c = client.clone();
-    tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            if let Event::Incoming { connection, .. } = ev {
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let _ = c.accept(connection, b"ok").await;
-                });
-            }
-        }
-    });
-    client
 }
 
 /// Waits until every client's presence record in Redis names the node it registered with:
