@@ -48,6 +48,7 @@ mod drain;
 mod echo;
 mod flood;
 mod heartbeat;
+mod hello;
 mod scale;
 mod stats;
 mod upgrade;

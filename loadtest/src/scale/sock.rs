@@ -134,24 +134,8 @@ impl Sock {
 
     fn hello_bytes(&self, idx: usize, rid: u64) -> Vec<u8> {
         let s = &self.sessions[idx];
-        let mut m = if s.state == State::New {
-            Message::Register(proto::Register {
-                rid,
-                local: vec![],
-                token: Vec::new(),
-                pad: vec![],
-            })
-        } else {
-            Message::Resume(proto::Resume {
-                rid,
-                uuid: s.uuid,
-                secret: s.secret,
-                local: vec![],
-                token: Vec::new(),
-                pad: vec![],
-            })
-        };
-        proto::encode_hello(&mut m).expect("a hello always encodes")
+        let resume = (s.state != State::New).then_some((s.uuid, s.secret));
+        crate::hello::hello(rid, resume)
     }
 
     /// Sends due hellos within the hello window, and retransmits unanswered ones.

@@ -27,26 +27,8 @@ impl Lane {
     pub(super) fn encode(&mut self, rid: u64, req: &Req) -> Option<Vec<u8>> {
         let s = self.sessions[req.j as usize];
         match req.kind {
-            Kind::Register => {
-                let mut m = Message::Register(proto::Register {
-                    rid,
-                    local: vec![],
-                    token: Vec::new(),
-                    pad: vec![],
-                });
-                proto::encode_hello(&mut m).ok()
-            }
-            Kind::Resume => {
-                let mut m = Message::Resume(proto::Resume {
-                    rid,
-                    uuid: s.uuid,
-                    secret: s.secret,
-                    local: vec![],
-                    token: Vec::new(),
-                    pad: vec![],
-                });
-                proto::encode_hello(&mut m).ok()
-            }
+            Kind::Register => Some(crate::hello::hello(rid, None)),
+            Kind::Resume => Some(crate::hello::hello(rid, Some((s.uuid, s.secret)))),
             Kind::Heartbeat | Kind::Check => {
                 let m = Message::Heartbeat(proto::Heartbeat { rid, uuid: s.uuid });
                 proto::encode_into(&m, Some(&s.secret), &mut self.enc).ok()?;
