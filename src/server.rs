@@ -160,16 +160,34 @@ impl Server {
             .unzip();
         let (cluster_tx, cluster_rx) = mpsc::channel(net::QUEUE);
         let cluster = self.cluster.as_ref().map(|c| c.cluster.clone());
+        let client_socks = self
+            .sockets
+            .into_iter()
+            .map(|s| UdpSocket::from_std(s).map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        // The cluster socket, and what the cluster's background tasks take.
+        let (cluster_sock, cluster_bg) = match self.cluster {
+            Some(ClusterParts {
+                cluster,
+                presence_rx,
+                socket,
+            }) => (
+                Some(Arc::new(UdpSocket::from_std(socket)?)),
+                Some((cluster, presence_rx)),
+            ),
+            None => (None, None),
+        };
         let d = Dispatch {
             router: self.router.clone(),
             client_tx: client_tx.into(),
+            client_socks: client_socks.iter().cloned().collect(),
+            cluster_sock: cluster_sock.clone(),
             cluster_tx: cluster.as_ref().map(|_| cluster_tx),
             cluster: cluster.clone(),
             jobs: Arc::new(Semaphore::new(MAX_JOBS)),
             tracker: tracker.clone(),
         };
-        for (s, rx) in self.sockets.into_iter().zip(client_rx) {
-            let sock = UdpSocket::from_std(s)?;
+        for (sock, rx) in client_socks.into_iter().zip(client_rx) {
             tracker.spawn(net::run_socket(
                 sock,
                 Port::Client,
@@ -195,10 +213,8 @@ impl Server {
         // Background tasks that must outlive the drain get their own token.
         let bg_stop = CancellationToken::new();
         let bg = TaskTracker::new();
-        if let Some(parts) = self.cluster {
-            let c = parts.cluster.clone();
+        if let (Some((c, presence_rx)), Some(sock)) = (cluster_bg, cluster_sock) {
             let cc = c.cfg.clone();
-            let sock = UdpSocket::from_std(parts.socket)?;
             tracker.spawn(net::run_socket(
                 sock,
                 Port::Cluster,
@@ -225,7 +241,7 @@ impl Server {
             bg.spawn(tasks::run_presence_writer(
                 c.clone(),
                 self.router.clone(),
-                parts.presence_rx,
+                presence_rx,
                 cc.presence_ttl,
                 cc.presence_ttl / 3,
                 bg_stop.clone(),

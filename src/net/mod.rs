@@ -5,10 +5,16 @@
 //! this socket, with `sendmmsg` (see [`io`]). In cluster mode one more task owns the cluster
 //! port the same way.
 //!
-//! Sends that originate elsewhere (the timer task, deferred jobs, the other port) go to one of
-//! the client sockets' outbound queues, chosen by destination so that one client's datagrams
-//! leave in order and the load spreads over every socket. All client sockets share one address
-//! and port, so the client sees the same source whichever socket sends. A loop takes at most a
+//! A socket loop sends what it decided for the other port (a client loop forwarding to another
+//! node, the cluster loop answering a client) itself, with one `sendmmsg` on that port's socket,
+//! rather than waking that port's task: on a busy machine each wake-up is a wait for a core,
+//! and a cross-node connect crosses ports four times. What the socket does not take at once
+//! goes to the queues below, as if it had never been tried.
+//!
+//! Sends that originate elsewhere (the timer task, deferred jobs) go to one of the client
+//! sockets' outbound queues, chosen by destination so that one client's datagrams leave in
+//! order and the load spreads over every socket. All client sockets share one address and
+//! port, so the client sees the same source whichever socket sends. A loop takes at most a
 //! bounded batch from its queue per turn, so queued sends never starve receives, nor the
 //! reverse.
 
@@ -39,8 +45,6 @@ const QUEUED_PER_TURN: usize = 2 * io::SEND_BATCH;
 const PENDING_LIMIT: usize = 8192;
 /// Capacity of each socket's outbound queue.
 pub(crate) const QUEUE: usize = 16_384;
-/// How often idle and orphaned connections are forgotten.
-const CONN_SWEEP: Duration = Duration::from_secs(10);
 /// Kernel socket buffer size asked for (the kernel may cap it).
 const SOCKET_BUF: usize = 4 << 20;
 
@@ -115,6 +119,10 @@ pub(crate) struct Dispatch {
     pub(crate) client_tx: Arc<[mpsc::Sender<Transmit>]>,
     /// To the cluster socket's owner (cluster mode).
     pub(crate) cluster_tx: Option<mpsc::Sender<Transmit>>,
+    /// The client sockets, for the cluster loop's own sends to clients.
+    pub(crate) client_socks: Arc<[Arc<UdpSocket>]>,
+    /// The cluster socket (cluster mode), for the client loops' own sends to other nodes.
+    pub(crate) cluster_sock: Option<Arc<UdpSocket>>,
     pub(crate) cluster: Option<Arc<Cluster>>,
     pub(crate) jobs: Arc<Semaphore>,
     pub(crate) tracker: TaskTracker,
@@ -149,6 +157,51 @@ impl Dispatch {
         }
         for job in out.jobs.drain(..) {
             self.spawn_job(job);
+        }
+    }
+
+    /// Sends the datagrams in `q` on `sock` from this task, as many as the socket takes
+    /// without waiting; leaves the rest in `q` (for the queues). A datagram the kernel refuses
+    /// for another reason than a full buffer is counted and dropped, as its owner would.
+    fn send_direct(&self, sock: &UdpSocket, tx: &mut io::Tx, q: &mut Vec<Transmit>) {
+        let mut sent = 0;
+        while sent < q.len() {
+            match tx.send(sock, &q[sent..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.router.metrics().tx_datagrams.increment(n as u64);
+                    sent += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.router.metrics().tx_dropped_error.increment(1);
+                    tracing::debug!(error = %e, to = %q[sent].to, "send failed");
+                    sent += 1;
+                }
+            }
+        }
+        q.drain(..sent);
+    }
+
+    /// Sends what a socket loop decided for the other port on that port's socket (see the
+    /// module docs); what it does not take is left for [`Dispatch::route`].
+    fn send_other_port(&self, own: Port, tx: &mut io::Tx, out: &mut Outbox) {
+        match own {
+            Port::Client => {
+                if let (Some(sock), false) = (&self.cluster_sock, out.cluster.is_empty()) {
+                    self.send_direct(sock, tx, &mut out.cluster);
+                }
+            }
+            Port::Cluster => {
+                if !out.client.is_empty() {
+                    // Any client socket will do (they share one address); the first in the
+                    // batch picks it, so that the load spreads.
+                    let i = queue_index(&out.client[0].to, self.client_socks.len());
+                    if let Some(sock) = self.client_socks.get(i) {
+                        self.send_direct(sock, tx, &mut out.client);
+                    }
+                }
+            }
         }
     }
 
@@ -244,7 +297,7 @@ fn flush(
 
 /// Owns one socket until `stop`: receive, route, send, in bounded batches.
 pub(crate) async fn run_socket(
-    sock: UdpSocket,
+    sock: Arc<UdpSocket>,
     port: Port,
     d: Dispatch,
     mut inbound: mpsc::Receiver<Transmit>,
@@ -258,6 +311,8 @@ pub(crate) async fn run_socket(
         }
     };
     let mut tx = io::Tx::new(&sock);
+    // For this loop's own sends on the other port's socket.
+    let mut other_tx = io::Tx::new(&sock);
     let mut out = Outbox::default();
     let mut pending: VecDeque<Transmit> = VecDeque::with_capacity(4 * io::SEND_BATCH);
     let mut blocked = false;
@@ -289,6 +344,7 @@ pub(crate) async fn run_socket(
                 }
             }
             if received > 0 {
+                d.send_other_port(port, &mut other_tx, &mut out);
                 match port {
                     Port::Client => {
                         pending.extend(out.client.drain(..));
@@ -363,7 +419,6 @@ pub(crate) async fn run_timers(
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep = Instant::now();
-    let mut last_conn_sweep = Instant::now();
     let mut out = Outbox::default();
     loop {
         tokio::select! {
@@ -376,10 +431,6 @@ pub(crate) async fn run_timers(
         d.route(&mut out, false, false);
         if now.saturating_duration_since(last_sweep) >= sweep {
             last_sweep = now;
-            if now.saturating_duration_since(last_conn_sweep) >= CONN_SWEEP {
-                last_conn_sweep = now;
-                d.router.sweep_conns(now);
-            }
             let gone = d.router.sweep(now, &mut out);
             d.route(&mut out, false, false);
             if !gone.is_empty() {
