@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dashmap::DashMap;
 use ipnet::IpNet;
 
+use crate::timer::Timers;
+
 /// A sustained rate with a burst.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Quota {
@@ -52,11 +54,14 @@ impl Gcra {
     }
 }
 
-/// Limiters by key (a source address prefix, say), forgotten once idle.
+/// Limiters by key (a source address prefix, say), forgotten once idle. Each key is looked at
+/// again when its bucket could be full (in whole seconds of the router's clock), so forgetting
+/// costs O(keys due), not a walk of the map.
 #[derive(Debug)]
 pub(crate) struct Keyed<K: Eq + Hash> {
     quota: Quota,
     map: DashMap<K, Gcra>,
+    looks: Timers<K>,
 }
 
 impl<K: Eq + Hash + Clone> Keyed<K> {
@@ -65,17 +70,38 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
         Self {
             quota,
             map: DashMap::new(),
+            looks: Timers::default(),
         }
     }
 
     /// Takes one cell for `key` at `now_ns`.
     pub(crate) fn check(&self, key: K, now_ns: u64) -> bool {
-        self.map.entry(key).or_default().check(now_ns, self.quota)
+        match self.map.entry(key) {
+            dashmap::Entry::Occupied(mut o) => o.get_mut().check(now_ns, self.quota),
+            dashmap::Entry::Vacant(v) => {
+                let mut g = Gcra::default();
+                let ok = g.check(now_ns, self.quota);
+                self.looks.schedule(full_at_s(g), v.key().clone());
+                v.insert(g);
+                ok
+            }
+        }
     }
 
-    /// Forgets keys whose bucket is full again.
+    /// Forgets the keys due for a look whose bucket is full again; looks again later at the
+    /// others.
     pub(crate) fn forget_idle(&self, now_ns: u64) {
-        self.map.retain(|_, g| !g.idle(now_ns));
+        self.looks.run_due(now_ns / NS_PER_S, |_, key| {
+            let mut busy = None;
+            self.map.remove_if(key, |_, g| {
+                let idle = g.idle(now_ns);
+                if !idle {
+                    busy = Some(full_at_s(*g));
+                }
+                idle
+            });
+            busy
+        });
     }
 
     /// Keys held.
@@ -83,6 +109,14 @@ impl<K: Eq + Hash + Clone> Keyed<K> {
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
+}
+
+/// Nanoseconds per second.
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// The first whole second (of the router's clock) at which bucket `g` is surely full again.
+fn full_at_s(g: Gcra) -> u64 {
+    g.0 / NS_PER_S + 1
 }
 
 /// One limiter shared by every thread (a node-wide budget): the same GCRA on an atomic.
@@ -258,6 +292,13 @@ mod tests {
         k.forget_idle(S);
         assert_eq!(k.len(), 2);
         k.forget_idle(3 * S);
+        assert_eq!(k.len(), 0);
+        // A key still in use when its look comes is looked at again later, then forgotten.
+        assert!(k.check("c", 3 * S));
+        assert!(k.check("c", 4 * S + S / 2));
+        k.forget_idle(5 * S);
+        assert_eq!(k.len(), 1, "its bucket refills only at 5.5 s");
+        k.forget_idle(6 * S);
         assert_eq!(k.len(), 0);
     }
 }

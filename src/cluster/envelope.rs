@@ -100,7 +100,9 @@ impl Cluster {
 
     /// Remembers the reply to request (`from`, `seq`).
     pub fn remember(&self, from: &str, seq: u64, status: wire::Status, now: Instant) {
-        self.seen.insert((Arc::from(from), seq), (status, now));
+        let key = (Arc::<str>::from(from), seq);
+        self.seen_ages.written(key.clone(), now);
+        self.seen.insert(key, (status, now));
     }
 
     /// Whether one-shot datagram (`from`, `seq`) arrives for the first time (a repeat is a
@@ -110,6 +112,7 @@ impl Cluster {
         match self.oneshot.entry((Arc::from(from), seq, reply)) {
             dashmap::Entry::Occupied(_) => false,
             dashmap::Entry::Vacant(v) => {
+                self.oneshot_ages.written(v.key().clone(), now);
                 v.insert(now);
                 true
             }

@@ -44,6 +44,7 @@ use uuid::Uuid;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::timer::AgeOut;
 use membership::{MemberId, Membership};
 use presence::PresenceCache;
 
@@ -52,6 +53,9 @@ use presence::PresenceCache;
 const WRITE_STUCK_MS: u64 = 100;
 /// Node-to-node datagrams older or newer than this are refused as replays.
 const FRESHNESS_MS: u64 = 30_000;
+/// How long replies given and one-shot datagrams seen are remembered: longer than a datagram
+/// stays fresh, so a replay is either remembered or stale.
+const REPLAY_MEMORY: Duration = Duration::from_millis(FRESHNESS_MS * 2);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -87,6 +91,8 @@ pub struct Cluster {
     pub republish: AtomicBool,
     seq: AtomicU64,
     seen: DashMap<(Arc<str>, u64), (wire::Status, Instant)>,
+    /// When to forget entries of `seen`.
+    seen_ages: AgeOut<(Arc<str>, u64)>,
     draining: AtomicBool,
     /// When this node started, ms since the Unix epoch.
     pub started_ms: u64,
@@ -106,6 +112,8 @@ pub struct Cluster {
     members_changed: Notify,
     /// One-shot datagrams (membership, lookups) seen recently: (sender, seq, is a reply).
     oneshot: DashMap<(Arc<str>, u64, bool), Instant>,
+    /// When to forget entries of `oneshot`.
+    oneshot_ages: AgeOut<(Arc<str>, u64, bool)>,
     /// Keys derived session secrets (see [`Cluster::session_secret`]).
     secret_key: [u8; 32],
     /// When the presence writer's current Redis call began (ms since the epoch; 0: idle).
@@ -165,6 +173,7 @@ impl Cluster {
         let settings = membership::Settings::lan(cfg.probe_period, cfg.registry_period);
         let membership = Membership::new(me, settings, rand::random());
         let secret_key = derive_key(&cfg.cluster_key, b"sigrouter-v1-session-secret-key");
+        let clock = Instant::now();
         let c = Arc::new(Self {
             id: cfg.node_id.as_str().into(),
             cfg,
@@ -181,19 +190,21 @@ impl Cluster {
             // still remember from its previous life (they would answer from memory).
             seq: AtomicU64::new(rand::random::<u64>() >> 1),
             seen: DashMap::new(),
+            seen_ages: AgeOut::new(REPLAY_MEMORY, clock),
             draining: AtomicBool::new(false),
             started_ms,
             metrics: metrics.clone(),
             membership: Mutex::new(membership),
             members_changed: Notify::new(),
             oneshot: DashMap::new(),
+            oneshot_ages: AgeOut::new(REPLAY_MEMORY, clock),
             secret_key,
             presence_busy_since: AtomicU64::new(0),
             presence_backlog: AtomicU64::new(0),
             waiters: Mutex::default(),
             waiter_ids: AtomicU64::new(0),
             refreshed_ms: AtomicU64::new(0),
-            clock: Instant::now(),
+            clock,
             refused: AtomicU64::new(0),
             refused_logged_ms: AtomicU64::new(u64::MAX),
             unsure_resumes: Mutex::default(),
@@ -540,11 +551,8 @@ impl Cluster {
     /// Forgets replies older than the freshness window (repeats older than that are refused
     /// by [`Cluster::open`] anyway).
     pub fn sweep(&self, now: Instant) {
-        let keep = Duration::from_millis(FRESHNESS_MS * 2);
-        self.seen
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) <= keep);
-        self.oneshot
-            .retain(|_, t| now.saturating_duration_since(*t) <= keep);
+        self.seen_ages.sweep(&self.seen, now, |(_, t)| *t);
+        self.oneshot_ages.sweep(&self.oneshot, now, |t| *t);
         self.presence.sweep(now);
     }
 }

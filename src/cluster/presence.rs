@@ -9,15 +9,12 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::timer::Timers;
+use crate::timer::AgeOut;
 
 /// How long a cached presence answer is trusted (a failed forward invalidates it sooner).
 const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// How long "not online anywhere" is cached.
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(1);
-/// Most cache entries a sweep looks at (the rest wait for the next sweep), so that no sweep
-/// holds the cache's shard locks for long however many entries fall due together.
-const SWEEP_SLICE: usize = 16_384;
 
 /// What the cluster's background tasks need to know of the sessions this node holds. The
 /// router implements it, so cluster code never depends on the router.
@@ -51,23 +48,19 @@ struct Cached {
 
 /// Recent presence answers: a node, or "nowhere" (kept for a shorter time).
 ///
-/// Each answer is scheduled to be forgotten once it is older than the longest time any is
-/// trusted; a sweep looks only at what is due (at most [`SWEEP_SLICE`] entries), never at the
-/// whole cache.
+/// Each answer is looked at again once it is older than the longest time any is trusted; a
+/// sweep looks only at what is due, never at the whole cache.
 #[derive(Debug)]
 pub(super) struct PresenceCache {
     entries: DashMap<Uuid, Cached>,
-    /// When to look at an entry again (whole seconds since `epoch`).
-    expiry: Timers<Uuid>,
-    epoch: Instant,
+    ages: AgeOut<Uuid>,
 }
 
 impl Default for PresenceCache {
     fn default() -> Self {
         Self {
             entries: DashMap::new(),
-            expiry: Timers::default(),
-            epoch: Instant::now(),
+            ages: AgeOut::new(PRESENCE_CACHE_TTL, Instant::now()),
         }
     }
 }
@@ -85,16 +78,10 @@ impl PresenceCache {
         (now.saturating_duration_since(c.at) <= ttl).then_some(c.node)
     }
 
-    fn secs(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_secs()
-    }
-
     /// Remembers a lookup.
     pub(super) fn insert(&self, uuid: Uuid, node: Option<Arc<str>>, now: Instant) {
         self.entries.insert(uuid, Cached { node, at: now });
-        // The first whole second at which the entry is surely older than the TTL.
-        let due = self.secs(now) + PRESENCE_CACHE_TTL.as_secs() + 1;
-        self.expiry.schedule(due, uuid);
+        self.ages.written(uuid, now);
     }
 
     /// Forgets a cached location.
@@ -102,14 +89,10 @@ impl PresenceCache {
         self.entries.remove(uuid);
     }
 
-    /// Forgets entries older than the longest time any is trusted, among those due (one
-    /// slice per call). An entry refreshed since it was scheduled stays.
+    /// Forgets the entries due for a look that are older than the longest time any is trusted.
+    /// An entry refreshed since stays.
     pub(super) fn sweep(&self, now: Instant) {
-        for (_, uuid) in self.expiry.take_due(self.secs(now), SWEEP_SLICE) {
-            self.entries.remove_if(&uuid, |_, c| {
-                now.saturating_duration_since(c.at) > PRESENCE_CACHE_TTL
-            });
-        }
+        self.ages.sweep(&self.entries, now, |c| c.at);
     }
 
     /// Entries held.
@@ -123,16 +106,14 @@ impl PresenceCache {
 mod tests {
     use super::*;
 
-    /// A sweep forgets only answers past the TTL, keeps one refreshed since, and looks at no
-    /// more than one slice of due entries per call.
+    /// A sweep forgets only answers past the TTL and keeps one refreshed since.
     #[test]
-    fn sweeps_forget_what_is_due_in_slices() {
+    fn sweeps_forget_only_old_answers() {
         let cache = PresenceCache::default();
-        let t0 = cache.epoch;
+        let t0 = Instant::now();
         let node: Option<Arc<str>> = Some("n1".into());
-        let n = SWEEP_SLICE + 100;
-        for i in 0..n {
-            cache.insert(Uuid::from_u128(i as u128), node.clone(), t0);
+        for i in 0..100 {
+            cache.insert(Uuid::from_u128(i), node.clone(), t0);
         }
         let refreshed = Uuid::from_u128(0);
         let later = Uuid::from_u128(u128::MAX);
@@ -140,21 +121,12 @@ mod tests {
         cache.insert(later, None, t0 + Duration::from_secs(20));
 
         cache.sweep(t0 + Duration::from_secs(30));
-        assert_eq!(cache.len(), n + 1, "nothing is past the TTL yet");
-
+        assert_eq!(cache.len(), 101, "nothing is past the TTL yet");
         let t = t0 + Duration::from_secs(32);
         cache.sweep(t);
-        // One slice of the due entries looked at (the refreshed one may be among them).
-        let left = cache.len();
-        assert!(
-            (n + 1 - SWEEP_SLICE..=n + 2 - SWEEP_SLICE).contains(&left),
-            "{left} left"
-        );
-        cache.sweep(t);
-        assert_eq!(cache.len(), 2, "the rest at the next sweep");
+        assert_eq!(cache.len(), 2);
         assert_eq!(cache.get(&refreshed, t), Some(node.clone()));
         assert!(cache.entries.contains_key(&later));
-
         cache.sweep(t0 + Duration::from_secs(52));
         assert_eq!(cache.len(), 0);
     }

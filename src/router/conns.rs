@@ -8,13 +8,15 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use uuid::Uuid;
 
 use crate::timer::Timers;
 
+/// How often each connection is looked at for idling out or losing its ends (seconds).
+pub(crate) const LOOK_EVERY_S: u64 = 10;
 /// Most connect timeouts handled per tick.
 const TICK_SLICE: usize = 65_536;
 
@@ -116,16 +118,6 @@ impl Conn {
     }
 }
 
-/// An established connection as the idle sweep sees it.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Established {
-    pub(crate) id: Uuid,
-    pub(crate) initiator: Uuid,
-    pub(crate) target: Uuid,
-    pub(crate) spans_nodes: bool,
-    pub(crate) last: Instant,
-}
-
 /// The connection map; connect timeouts on a timer queue, and an index of the connections of
 /// each session held here, so a session that leaves or moves takes its connections along (or
 /// hands them back) at once.
@@ -137,6 +129,9 @@ pub(crate) struct Conns {
     by_session: DashMap<Uuid, HashSet<Uuid>>,
     /// Connect deadlines (ms of the router's clock).
     deadlines: Timers<Uuid>,
+    /// When to look at each connection again (whole seconds of the router's clock): whether
+    /// it idled out or lost its ends.
+    looks: Timers<Uuid>,
     /// How many are pending (a drain waits for none).
     pending: AtomicUsize,
     epoch: Instant,
@@ -149,6 +144,7 @@ impl Conns {
             map: DashMap::new(),
             by_session: DashMap::new(),
             deadlines: Timers::default(),
+            looks: Timers::default(),
             pending: AtomicUsize::new(0),
             epoch,
         }
@@ -158,12 +154,18 @@ impl Conns {
         u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
+    fn secs(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_secs()
+    }
+
     /// Records a new pending connection.
     pub(crate) fn start(&self, id: Uuid, conn: Conn) {
         if let ConnState::Pending { deadline, .. } = conn.state {
             self.deadlines.schedule(self.ms(deadline), id);
             self.pending.fetch_add(1, Ordering::Relaxed);
         }
+        self.looks
+            .schedule(self.secs(conn.started) + LOOK_EVERY_S, id);
         self.index(id, &conn);
         self.map.insert(id, conn);
     }
@@ -186,7 +188,14 @@ impl Conns {
     /// Carries on a connection handed over by another node (or makes one that spanned to it
     /// local): established, with `role`.
     pub(crate) fn adopt(&self, id: Uuid, conn: Conn) {
-        self.remove(&id);
+        if self.remove(&id).is_none() {
+            // New here (one that was here already has its look scheduled).
+            let at = match conn.state {
+                ConnState::Established { last } => last,
+                ConnState::Pending { .. } => conn.started,
+            };
+            self.looks.schedule(self.secs(at) + LOOK_EVERY_S, id);
+        }
         self.index(id, &conn);
         self.map.insert(id, conn);
     }
@@ -365,25 +374,23 @@ impl Conns {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// Every established connection (walks them all: for the slow idle sweep only).
-    pub(crate) fn established(&self) -> Vec<Established> {
-        self.map
-            .iter()
-            .filter_map(|e| match e.state {
-                ConnState::Established { last } => Some(Established {
-                    id: *e.key(),
-                    initiator: e.initiator,
-                    target: e.target,
-                    spans_nodes: e.role.remote().is_some(),
-                    last,
-                }),
-                ConnState::Pending { .. } => None,
-            })
-            .collect()
-    }
-
-    /// Whether an established connection went idle at `now`.
-    pub(crate) fn idle(e: &Established, now: Instant, idle_after: Duration) -> bool {
-        now.saturating_duration_since(e.last) > idle_after
+    /// Looks at the connections due for a look (each every [`LOOK_EVERY_S`] seconds, never
+    /// all at once): forgets the established ones for which `forget(conn, last Signal)` says
+    /// so, and looks again later at the others. Returns how many it forgot.
+    pub(crate) fn look_due(&self, now: Instant, forget: impl Fn(&Conn, Instant) -> bool) -> usize {
+        let next = self.secs(now) + LOOK_EVERY_S;
+        let mut forgotten = 0;
+        self.looks.run_due(self.secs(now), |_, id| {
+            let c = self.get(id)?;
+            if let ConnState::Established { last } = c.state {
+                if forget(&c, last) {
+                    self.remove(id);
+                    forgotten += 1;
+                    return None;
+                }
+            }
+            Some(next)
+        });
+        forgotten
     }
 }

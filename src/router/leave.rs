@@ -78,6 +78,7 @@ pub(crate) fn leave(st: &State, now: Instant, uuid: Uuid, why: Why, out: &mut Ou
     match why {
         Why::Migrating => {
             st.migrating.insert(uuid, now);
+            st.migrating_ages.written(uuid, now);
         }
         Why::Moved(to) => {
             for chunk in handed.chunks(HANDOVER_CHUNK) {
@@ -135,6 +136,7 @@ fn hand_over(
         st.conns.remove(&id);
         let far = far?;
         st.moved_conns.insert(id, (to.clone(), now));
+        st.moved_conns_ages.written(id, now);
         if far.node != to.node {
             let body = Body::Rehome {
                 conn: id,

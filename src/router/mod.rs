@@ -494,16 +494,11 @@ impl Router {
     }
 
     /// Slow housekeeping: expires sessions (handing back connections that waited on them),
-    /// forgets old answers, prunes rate-limiter state. Call about once a second. Returns the
-    /// expired sessions.
+    /// forgets old answers, idle connections and idle rate-limiter state. Each looks only at
+    /// what is due, never at everything. Call about once a second. Returns the expired
+    /// sessions.
     pub fn sweep(&self, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
         timers::sweep(&self.st, now, out)
-    }
-
-    /// Forgets established connections that went idle or lost their local end. Walks every
-    /// connection: call it every few seconds, not every tick.
-    pub fn sweep_conns(&self, now: Instant) {
-        timers::sweep_conns(&self.st, now);
     }
 }
 

@@ -24,7 +24,11 @@ use crate::config::{AddressValidation, Config};
 use crate::limit::{Keyed, Quota, Shared, SourceKey, Sources};
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{self, PeerView, Remembered, Seen, SenderView, Sessions};
+use crate::timer::AgeOut;
 
+/// How long a moving session's connections wait for its new node, and how long Signals for a
+/// connection that moved on are passed on.
+const MOVE_MEMORY: Duration = Duration::from_secs(30);
 /// First retransmission of a node-to-node request.
 const NODE_REQUEST_RTO: Duration = Duration::from_millis(100);
 /// A node-to-node request unanswered for this long fails (retry-later for the client).
@@ -144,12 +148,16 @@ pub(crate) struct State {
     /// Sessions that acknowledged a Migrate and have not resumed elsewhere yet: their
     /// connections wait here to be handed over.
     pub(crate) migrating: DashMap<Uuid, Instant>,
+    /// When to forget entries of `migrating`.
+    pub(crate) migrating_ages: AgeOut<Uuid>,
     /// The Migrate each session was told while the node drains (push id, target), so telling it
     /// again repeats the same move.
     pub(crate) migrations: DashMap<Uuid, (u64, Option<Addr>)>,
     /// Connections whose end here moved to another node, with that node: a Signal still sent
     /// here for them is passed on for a while.
     pub(crate) moved_conns: DashMap<Uuid, (Remote, Instant)>,
+    /// When to forget entries of `moved_conns`.
+    pub(crate) moved_conns_ages: AgeOut<Uuid>,
     /// Keys the UUIDs this node derives for new sessions (a random key per process, its HMAC
     /// state computed once: each UUID then costs two SHA-256 blocks instead of four).
     uuid_mac: Hmac<Sha256>,
@@ -219,8 +227,10 @@ impl State {
             )),
             jobs_by_session: DashMap::new(),
             migrating: DashMap::new(),
+            migrating_ages: AgeOut::new(MOVE_MEMORY, epoch),
             migrations: DashMap::new(),
             moved_conns: DashMap::new(),
+            moved_conns_ages: AgeOut::new(MOVE_MEMORY, epoch),
             uuid_mac,
             tokens: Tokens::new(),
             pressure_until: AtomicU64::new(0),

@@ -7,16 +7,12 @@ use sigrouter_proto::FailReason;
 use uuid::Uuid;
 
 use super::connect;
-use super::conns::Conns;
 use super::leave::{self, Why};
 use super::outbox::Outbox;
 use super::peer;
 use super::retransmit::Due;
 use super::state::State;
 
-/// How long a moving session's connections wait for its new node, and how long Signals for a
-/// connection that moved on are passed on.
-const MOVE_MEMORY: Duration = Duration::from_secs(30);
 /// An established connection with no Signal for this long is forgotten.
 const CONN_IDLE: Duration = Duration::from_secs(600);
 
@@ -68,27 +64,26 @@ pub(crate) fn sweep(st: &State, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
     if let Some(c) = &st.cluster {
         c.sweep(now);
     }
-    let forget = |t: &Instant| now.saturating_duration_since(*t) <= MOVE_MEMORY;
-    st.migrating.retain(|_, t| forget(t));
-    st.moved_conns.retain(|_, (_, t)| forget(t));
+    st.migrating_ages.sweep(&st.migrating, now, |t| *t);
+    st.moved_conns_ages.sweep(&st.moved_conns, now, |(_, t)| *t);
     st.register_limiter.forget_idle(st.ns(now));
     st.stun_limiter.forget_idle(st.ns(now));
+    sweep_conns(st, now);
     gone
 }
 
-/// Forgets established connections that went idle or lost their local end.
-pub(crate) fn sweep_conns(st: &State, now: Instant) {
-    for e in st.conns.established() {
-        // An end on another node is that node's business; ours must still be here.
-        // A session on its way to another node still counts: its connections wait for it.
-        let here = |u: &Uuid| st.sessions.contains(u) || st.migrating.contains_key(u);
-        let gone = if e.spans_nodes {
-            !here(&e.initiator) && !here(&e.target)
+/// Forgets established connections that went idle or lost their local end, among those due
+/// for a look (each is looked at every ten seconds).
+fn sweep_conns(st: &State, now: Instant) {
+    // An end on another node is that node's business; ours must still be here.
+    // A session on its way to another node still counts: its connections wait for it.
+    let here = |u: &Uuid| st.sessions.contains(u) || st.migrating.contains_key(u);
+    st.conns.look_due(now, |c, last| {
+        let gone = if c.role.remote().is_some() {
+            !here(&c.initiator) && !here(&c.target)
         } else {
-            !here(&e.initiator) || !here(&e.target)
+            !here(&c.initiator) || !here(&c.target)
         };
-        if Conns::idle(&e, now, CONN_IDLE) || gone {
-            st.conns.remove(&e.id);
-        }
-    }
+        gone || now.saturating_duration_since(last) > CONN_IDLE
+    });
 }

@@ -37,8 +37,6 @@ use crate::timer::Timers;
 
 const NS_PER_MS: u64 = 1_000_000;
 const NS_PER_S: u64 = 1_000_000_000;
-/// Most sessions looked at per expiry pass (the rest wait for the next pass).
-const EXPIRY_SLICE: usize = 16_384;
 
 /// Hashes a UUID by its own bits. Every key inserted is random (chosen by this node, or a
 /// Resume the directory vouched for), so no one can aim keys at one bucket; lookups of chosen
@@ -431,24 +429,28 @@ impl Sessions {
     }
 
     /// Removes sessions silent for longer than the TTL, among those whose check is due;
-    /// reschedules the others and forgets their old answers. Looks at most at one slice of
-    /// sessions per call. Returns the expired UUIDs.
+    /// reschedules the others and forgets their old answers. Looks at what is due a slice at a
+    /// time (each session's shard lock is held for that session only), at most
+    /// [`crate::timer::PASS`] per call. Returns the expired UUIDs.
     pub(crate) fn expire(&self, now: Instant) -> Vec<Uuid> {
         let now_ns = self.ns(now);
         let now_ms = now_ns / NS_PER_MS;
         let mut gone = Vec::new();
-        for (at, uuid) in self.expiry.take_due(now_ns / NS_PER_S, EXPIRY_SLICE) {
+        self.expiry.run_due(now_ns / NS_PER_S, |at, uuid| {
             let mut expired = false;
             let mut again = None;
-            if let Some(mut s) = self.map.get_mut(&uuid) {
+            if let Some(mut s) = self.map.get_mut(uuid) {
                 if s.check_at_s != at {
-                    continue; // rescheduled or replaced since
+                    return None; // rescheduled or replaced since
                 }
                 if now_ms.saturating_sub(s.last_seen_ms) > self.limits.ttl_ms {
                     expired = true;
                 } else {
                     let s = &mut **s;
-                    s.check_at_s = self.check_at(s.last_seen_ms).max(at + 1);
+                    s.check_at_s = self
+                        .check_at(s.last_seen_ms)
+                        .max(at + 1)
+                        .max(now_ns / NS_PER_S + 1);
                     again = Some(s.check_at_s);
                     if let Some(r) = &mut s.replies {
                         r.prune(now_ms, &s.window, self.limits.keep_ms);
@@ -458,22 +460,20 @@ impl Sessions {
                     }
                 }
             }
-            if let Some(at) = again {
-                self.expiry.schedule(at, uuid);
-            }
             // Removed only if still silent (a request may have arrived in between).
             if expired
                 && self
                     .map
-                    .remove_if(&uuid, |_, s| {
+                    .remove_if(uuid, |_, s| {
                         now_ms.saturating_sub(s.last_seen_ms) > self.limits.ttl_ms
                     })
                     .is_some()
             {
                 self.count.fetch_sub(1, Ordering::Relaxed);
-                gone.push(uuid);
+                gone.push(*uuid);
             }
-        }
+            again
+        });
         gone
     }
 

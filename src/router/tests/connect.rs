@@ -363,3 +363,46 @@ fn a_target_that_arrived_during_the_lookup_is_served_locally() {
     };
     assert_eq!(t.bytes, b.expect(&incoming(i.push, l.conn, &a, b"p")));
 }
+
+/// An established connection lives while Signals flow and is forgotten after ten minutes
+/// without one, although both sessions stay (a later Signal is refused as unknown).
+#[test]
+fn an_idle_connection_is_forgotten_after_ten_minutes() {
+    let mut sim = Sim::new();
+    let (mut a, mut b) = pair(&sim);
+    let (conn, _, _) = start_local(&sim, &mut a, &b, b"offer");
+    let rid = b.next_rid();
+    sim.recv(b.addr, &b.accept(rid, conn, b"answer"));
+    // Heartbeats every 20 s keep both sessions; the sweep runs every second as on a node.
+    let live = |sim: &mut Sim, a: &mut Client, b: &mut Client, secs: u64| {
+        for s in 1..=secs {
+            sim.advance(Duration::from_secs(1));
+            if s % 20 == 0 {
+                for c in [&mut *a, &mut *b] {
+                    let rid = c.next_rid();
+                    sim.recv(c.addr, &c.heartbeat(rid));
+                }
+            }
+            sim.sweep();
+        }
+    };
+    live(&mut sim, &mut a, &mut b, 540);
+    let rid = a.next_rid();
+    let out = sim.recv(a.addr, &a.signal(rid, conn, b"9 min"));
+    assert!(
+        decoded(&out).iter().any(|(to, _)| *to == b.addr),
+        "a Signal at 9 minutes is relayed"
+    );
+    // 590 s after that Signal (1,130 s after the Accept): still there, the Signal renewed it.
+    live(&mut sim, &mut a, &mut b, 590);
+    let rid = b.next_rid();
+    let out = sim.recv(b.addr, &b.signal(rid, conn, b"still here?"));
+    assert!(
+        decoded(&out).iter().any(|(to, _)| *to == a.addr),
+        "relayed 590 s after the last Signal"
+    );
+    live(&mut sim, &mut a, &mut b, 611);
+    let rid = a.next_rid();
+    let out = sim.recv(a.addr, &a.signal(rid, conn, b"too late"));
+    assert_client(&out, &[(a.addr, a.error(rid, ErrorCode::UnknownConnection))]);
+}
