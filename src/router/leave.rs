@@ -37,9 +37,12 @@ pub(crate) enum Why {
 /// Removes session `uuid` (an expired one was removed by the expiry check itself) and deals
 /// with its connections. Returns whether it was here.
 pub(crate) fn leave(st: &State, now: Instant, uuid: Uuid, why: Why, out: &mut Outbox) -> bool {
-    let here = match why {
-        Why::Expired => true,
-        _ => st.sessions.remove(&uuid),
+    let (here, verifier) = match why {
+        Why::Expired => (true, None),
+        _ => {
+            let v = st.sessions.take(&uuid);
+            (v.is_some(), v)
+        }
     };
     st.migrations.remove(&uuid);
     if here {
@@ -77,7 +80,10 @@ pub(crate) fn leave(st: &State, now: Instant, uuid: Uuid, why: Why, out: &mut Ou
     }
     match why {
         Why::Migrating => {
-            st.migrating.insert(uuid, now);
+            // Kept with its verifier: while Redis cannot answer, this node still vouches for
+            // the session to the node it resumes at (which then tells it the session moved).
+            st.migrating
+                .insert(uuid, (now, verifier.unwrap_or_default()));
             st.migrating_ages.written(uuid, now);
         }
         Why::Moved(to) => {

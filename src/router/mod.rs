@@ -135,7 +135,7 @@ impl Router {
             .migrating
             .iter()
             .filter(move |e| {
-                now.saturating_duration_since(*e.value()) <= HANDOVER_WAIT
+                now.saturating_duration_since(e.value().0) <= HANDOVER_WAIT
                     && self.st.conns.has_session(e.key())
             })
             .map(|e| *e.key())

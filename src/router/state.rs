@@ -145,9 +145,9 @@ pub(crate) struct State {
     pub(crate) new_sessions: Shared,
     /// Deferred jobs in flight per session (a session with none has no entry).
     pub(crate) jobs_by_session: DashMap<Uuid, u16>,
-    /// Sessions that acknowledged a Migrate and have not resumed elsewhere yet: their
-    /// connections wait here to be handed over.
-    pub(crate) migrating: DashMap<Uuid, Instant>,
+    /// Sessions that acknowledged a Migrate and have not resumed elsewhere yet, with when and
+    /// their Resume verifier: their connections wait here to be handed over.
+    pub(crate) migrating: DashMap<Uuid, (Instant, [u8; 32])>,
     /// When to forget entries of `migrating`.
     pub(crate) migrating_ages: AgeOut<Uuid>,
     /// The Migrate each session was told while the node drains (push id, target), so telling it

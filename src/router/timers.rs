@@ -64,7 +64,7 @@ pub(crate) fn sweep(st: &State, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
     if let Some(c) = &st.cluster {
         c.sweep(now);
     }
-    st.migrating_ages.sweep(&st.migrating, now, |t| *t);
+    st.migrating_ages.sweep(&st.migrating, now, |(t, _)| *t);
     st.moved_conns_ages.sweep(&st.moved_conns, now, |(_, t)| *t);
     st.register_limiter.forget_idle(st.ns(now));
     st.stun_limiter.forget_idle(st.ns(now));

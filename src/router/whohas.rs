@@ -452,12 +452,19 @@ fn fail_waiters(st: &State, now: Instant, waiters: Vec<Waiter>, out: &mut Outbox
 /// Answers another node's `WhoHas` from this node's sessions.
 pub(crate) fn answer(st: &State, uuids: &[Uuid], verifier: Option<[u8; 32]>) -> Body {
     let uuids = &uuids[..uuids.len().min(MAX_WHO_HAS)];
-    let held: Vec<bool> = uuids.iter().map(|u| st.sessions.contains(u)).collect();
+    // A session that acknowledged a Migrate from here and waits to be taken counts as held:
+    // the node that takes it must name this one as the old node and tell it.
+    let held: Vec<bool> = uuids
+        .iter()
+        .map(|u| st.sessions.contains(u) || st.migrating.contains_key(u))
+        .collect();
     let verified = match (verifier, uuids) {
         (Some(v), [u]) => st
             .sessions
             .secret(u)
-            .map(|s| bool::from(s.verifier()[..].ct_eq(&v[..]))),
+            .map(|s| s.verifier())
+            .or_else(|| st.migrating.get(u).map(|m| m.1))
+            .map(|mine| bool::from(mine[..].ct_eq(&v[..]))),
         _ => None,
     };
     st.metrics.peers.answered.increment(1);

@@ -419,13 +419,11 @@ impl Sessions {
         self.map.get(uuid).map(|s| s.addr)
     }
 
-    /// Removes a session. Returns whether it was here.
-    pub(crate) fn remove(&self, uuid: &Uuid) -> bool {
-        let gone = self.map.remove(uuid).is_some();
-        if gone {
-            self.count.fetch_sub(1, Ordering::Relaxed);
-        }
-        gone
+    /// Removes a session; returns its Resume verifier if it was here.
+    pub(crate) fn take(&self, uuid: &Uuid) -> Option<[u8; 32]> {
+        let (_, s) = self.map.remove(uuid)?;
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        Some(s.verifier)
     }
 
     /// Removes sessions silent for longer than the TTL, among those whose check is due;

@@ -404,5 +404,8 @@ fn an_idle_connection_is_forgotten_after_ten_minutes() {
     live(&mut sim, &mut a, &mut b, 611);
     let rid = a.next_rid();
     let out = sim.recv(a.addr, &a.signal(rid, conn, b"too late"));
-    assert_client(&out, &[(a.addr, a.error(rid, ErrorCode::UnknownConnection))]);
+    assert_client(
+        &out,
+        &[(a.addr, a.error(rid, ErrorCode::UnknownConnection))],
+    );
 }

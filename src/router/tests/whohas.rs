@@ -250,6 +250,54 @@ fn a_resume_is_verified_by_the_node_that_holds_the_session() {
     assert!(!t.b.router.is_local(&t.cb.uuid));
 }
 
+/// While Redis is slow, a client that acknowledged its Migrate on draining node b resumes on a:
+/// b still vouches for the session (it waits there to be handed over), so a takes it with b
+/// named as the old node and tells b it moved; b lets go of it. (Answering "not here" made a
+/// take it as a session nobody held, and b never heard that it moved.)
+#[test]
+fn a_session_waiting_for_its_move_is_vouched_for_by_the_node_it_left() {
+    let t = three();
+    t.b.router.set_draining(true);
+    let mut out = Outbox::default();
+    t.b.router
+        .migrate_all(t.b.now, || Some(node_addr(1)), &mut out);
+    let Message::Migrate(m) = msg(only_client(&out)) else {
+        panic!("{out:?}")
+    };
+    t.b.recv(t.cb.addr, &t.cb.push_ack(m.push));
+    assert!(!t.b.router.is_local(&t.cb.uuid));
+    assert_eq!(t.b.router.migrating_count(), 1);
+
+    let src = v4(9, 9000);
+    let asks = resume_asking(&t, &t.cb, t.cb.secret, src);
+    let w = asks.iter().find(|x| x.to == node_addr(2)).unwrap();
+    let reply = t.b.recv_node(w, node_addr(1));
+    assert_eq!(holds(&reply.cluster[0]), (vec![true], Some(true)));
+    let out = t.a.recv_node(&reply.cluster[0], node_addr(2));
+    assert_eq!((out.client.len(), out.cluster.len()), (1, 1), "{out:?}");
+    assert!(matches!(msg(&out.client[0]), Message::Registered(r) if r.uuid == t.cb.uuid));
+    let moved = out.cluster[0].clone();
+    assert_eq!(moved.to, node_addr(2));
+    assert!(matches!(open_envelope(&moved).body, wire::Body::Moved { uuid } if uuid == t.cb.uuid));
+    t.b.recv_node(&moved, node_addr(1));
+    assert_eq!(t.b.router.migrating_count(), 0, "b let go of it");
+
+    // A wrong secret for a waiting session is refused, as for a held one.
+    let t = three();
+    t.b.router.set_draining(true);
+    let mut out = Outbox::default();
+    t.b.router
+        .migrate_all(t.b.now, || Some(node_addr(1)), &mut out);
+    let Message::Migrate(m) = msg(only_client(&out)) else {
+        panic!("{out:?}")
+    };
+    t.b.recv(t.cb.addr, &t.cb.push_ack(m.push));
+    let asks = resume_asking(&t, &t.cb, Secret([1; 32]), src);
+    let w = asks.iter().find(|x| x.to == node_addr(2)).unwrap();
+    let reply = t.b.recv_node(w, node_addr(1));
+    assert_eq!(holds(&reply.cluster[0]), (vec![true], Some(false)));
+}
+
 #[test]
 fn a_resume_nobody_can_vouch_for_is_checked_against_the_derived_secret() {
     let t = three();
