@@ -139,7 +139,28 @@ pub enum Body {
         /// With a verifier asked about a client held here: whether it matched.
         verified: Option<bool>,
     },
+    /// "These clients are on their way to you": sent by a draining node along with the
+    /// Migrates that send them to the receiver, so that it can take their Resumes without
+    /// asking Redis (and tell the sender when each arrived). One-shot, never retransmitted (a
+    /// lost one costs a lookup per client): a repeat is a replay.
+    Expect {
+        /// At most [`MAX_EXPECT`] clients.
+        sessions: Vec<ExpectedSession>,
+    },
 }
+
+/// A client a draining node sent to the receiver of [`Body::Expect`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedSession {
+    /// The client.
+    pub uuid: Uuid,
+    /// The verifier of its session secret (what Redis would have said).
+    #[serde(with = "serde_bytes")]
+    pub verifier: [u8; 32],
+}
+
+/// Most clients one [`Body::Expect`] names (it fits a datagram whatever the node ids).
+pub const MAX_EXPECT: usize = 16;
 
 /// One established connection handed from a client's old node to its new one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,5 +343,29 @@ mod tests {
         assert_eq!(decode_any(&by_new, &[&old, &other]), Err(WireError::BadMac));
         // A forged sender name is still readable for the log line, and still refused.
         assert_eq!(claimed_sender(&by_new).as_deref(), Some("a"));
+    }
+
+    /// A full Expect fits a datagram with 64-character node ids (a Kubernetes pod name, the
+    /// default node id there, has at most 63).
+    #[test]
+    fn a_full_expect_fits_a_datagram() {
+        let long = "n".repeat(64);
+        let e = Envelope {
+            from: long.clone(),
+            to: long,
+            ts: u64::MAX,
+            seq: u64::MAX,
+            body: Body::Expect {
+                sessions: vec![
+                    ExpectedSession {
+                        uuid: Uuid::from_u128(u128::MAX),
+                        verifier: [0xff; 32],
+                    };
+                    MAX_EXPECT
+                ],
+            },
+        };
+        let b = encode(&e, &[1u8; 32]).expect("fits");
+        assert_eq!(decode(&b, &[1u8; 32]).unwrap(), e);
     }
 }

@@ -21,6 +21,7 @@ use sigrouter_proto::{
 use uuid::Uuid;
 
 use super::conns::Remote;
+use super::drain;
 use super::outbox::{Job, Outbox, ResumeLookup};
 use super::state::{ErrorTo, OnReply, State};
 use super::token::Check;
@@ -196,7 +197,14 @@ pub(crate) fn resume(st: &State, now: Instant, h: Hello, m: proto::Resume, out: 
     if !from_current && !st.is_draining() && !validated(st, now, h, &m.token, out) {
         return;
     }
-    match st.sessions.secret(&m.uuid) {
+    let held = st.sessions.secret(&m.uuid);
+    if held.is_none() && !st.is_draining() {
+        // Its old node (draining) said it is coming, and with what secret: no lookup.
+        if let Some(found) = drain::take_expected(st, &m.uuid, &m.secret) {
+            return complete_resume(st, now, h, m, Ok(Some(found)), out);
+        }
+    }
+    match held {
         Some(s) if s.ct_eq(&m.secret) => {
             if st.is_draining() {
                 // Still here while draining: the client was told to move; keep it moving.

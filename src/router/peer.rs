@@ -9,6 +9,7 @@ use sigrouter_proto::{Ack, ErrorCode, FailReason, Incoming, Message};
 
 use super::connect::{self, Outcome};
 use super::conns::{Conn, ConnState, Remote, Role};
+use super::drain;
 use super::leave::{self, Why};
 use super::outbox::{ConnectLookup, Job, Outbox};
 use super::relay;
@@ -73,7 +74,11 @@ pub(crate) fn handle(
 fn is_one_shot(b: &Body) -> bool {
     matches!(
         b,
-        Body::Swim(_) | Body::Join { .. } | Body::WhoHas { .. } | Body::Holds { .. }
+        Body::Swim(_)
+            | Body::Join { .. }
+            | Body::WhoHas { .. }
+            | Body::Holds { .. }
+            | Body::Expect { .. }
     )
 }
 
@@ -120,6 +125,7 @@ fn one_shot(
         Body::Holds { held, verified } => {
             whohas::on_holds(st, asks, now, &env.from, env.seq, &held, verified, out);
         }
+        Body::Expect { sessions } => drain::expect(st, now, &env.from, &sessions),
         _ => {}
     }
 }
@@ -286,7 +292,8 @@ fn apply(st: &State, now: Instant, from_node: Remote, body: Body, out: &mut Outb
         | Body::Swim(_)
         | Body::Join { .. }
         | Body::WhoHas { .. }
-        | Body::Holds { .. } => Status::Ok,
+        | Body::Holds { .. }
+        | Body::Expect { .. } => Status::Ok,
     }
 }
 
@@ -379,5 +386,6 @@ fn body_name(b: &Body) -> &'static str {
         Body::Join { .. } => "join",
         Body::WhoHas { .. } => "who-has",
         Body::Holds { .. } => "holds",
+        Body::Expect { .. } => "expect",
     }
 }

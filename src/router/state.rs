@@ -15,6 +15,7 @@ use sigrouter_proto::{Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secre
 use uuid::Uuid;
 
 use super::conns::{Conns, Remote};
+use super::drain::Expected;
 use super::outbox::Outbox;
 use super::retransmit::{Retransmit, Schedule};
 use super::token::Tokens;
@@ -158,6 +159,10 @@ pub(crate) struct State {
     pub(crate) moved_conns: DashMap<Uuid, (Remote, Instant)>,
     /// When to forget entries of `moved_conns`.
     pub(crate) moved_conns_ages: AgeOut<Uuid>,
+    /// Clients draining nodes sent here, with what their Resume is checked against.
+    pub(crate) expected: DashMap<Uuid, Expected>,
+    /// When to forget entries of `expected` (a client that never came).
+    pub(crate) expected_ages: AgeOut<Uuid>,
     /// Keys the UUIDs this node derives for new sessions (a random key per process, its HMAC
     /// state computed once: each UUID then costs two SHA-256 blocks instead of four).
     uuid_mac: Hmac<Sha256>,
@@ -231,6 +236,8 @@ impl State {
             migrations: DashMap::new(),
             moved_conns: DashMap::new(),
             moved_conns_ages: AgeOut::new(MOVE_MEMORY, epoch),
+            expected: DashMap::new(),
+            expected_ages: AgeOut::new(MOVE_MEMORY, epoch),
             uuid_mac,
             tokens: Tokens::new(),
             pressure_until: AtomicU64::new(0),

@@ -66,6 +66,7 @@ pub(crate) fn sweep(st: &State, now: Instant, out: &mut Outbox) -> Vec<Uuid> {
     }
     st.migrating_ages.sweep(&st.migrating, now, |(t, _)| *t);
     st.moved_conns_ages.sweep(&st.moved_conns, now, |(_, t)| *t);
+    st.expected_ages.sweep(&st.expected, now, |e| e.at);
     st.register_limiter.forget_idle(st.ns(now));
     st.stun_limiter.forget_idle(st.ns(now));
     sweep_conns(st, now);

@@ -392,6 +392,11 @@ impl Sessions {
         })
     }
 
+    /// A session's Resume verifier.
+    pub(crate) fn verifier(&self, uuid: &Uuid) -> Option<[u8; 32]> {
+        self.map.get(uuid).map(|s| s.verifier)
+    }
+
     /// A session's local addresses.
     pub(crate) fn local(&self, uuid: &Uuid) -> Vec<Addr> {
         self.map

@@ -318,3 +318,62 @@ fn resumes_are_counted_by_cause_where_the_clients_arrive() {
     a.cluster().count_unsure_resumes(Instant::now());
     assert_eq!(counts(), [2.0, 1.0, 1.0]);
 }
+
+/// With its Migrates a draining node sends the node it sends the clients to their verifiers
+/// (Expect): that node takes their Resumes at once, without a directory lookup, counts them
+/// as migrations and tells the old node. A Resume with a wrong secret is not taken that way
+/// (it goes to the directory), and does not use up the client's entry.
+#[test]
+fn a_node_told_a_client_is_coming_takes_its_resume_without_a_lookup() {
+    let a = Sim::node("a", 1, &[("b", 2)]);
+    let b = Sim::node("b", 2, &[("a", 1)]);
+    let mut c1 = b.register(v4(1, 1000), vec![]);
+    let mut c2 = b.register(v4(2, 2000), vec![]);
+    for n in [&a, &b] {
+        n.set_table(&[("a", 1)], &[("b", 2)]);
+    }
+    b.router.set_draining(true);
+    let public_a = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 7400);
+    let mut out = Outbox::default();
+    b.router.migrate_all(b.now, || Some(public_a), &mut out);
+    assert_eq!(out.client.len(), 2, "two Migrates");
+    assert_eq!(out.cluster.len(), 1, "one Expect for both: {out:?}");
+    assert_eq!(out.cluster[0].to, node_addr(1));
+    let wire::Body::Expect { sessions } = open_envelope(&out.cluster[0]).body else {
+        panic!("{out:?}")
+    };
+    let mut named: Vec<Uuid> = sessions.iter().map(|e| e.uuid).collect();
+    named.sort();
+    let mut both = vec![c1.uuid, c2.uuid];
+    both.sort();
+    assert_eq!(named, both);
+    assert!(a.recv_node(&out.cluster[0], node_addr(2)).is_empty());
+
+    // c1 resumes at a from a new port: answered at once, the old node told.
+    c1.addr = v4(1, 1001);
+    let rid = c1.next_rid();
+    let out = a.recv(c1.addr, &resume_datagram(&c1, rid, c1.secret));
+    assert!(out.jobs.is_empty(), "no lookup: {out:?}");
+    assert!(matches!(msg(&out.client[0]), Message::Registered(r) if r.uuid == c1.uuid));
+    assert_eq!(out.cluster.len(), 1);
+    assert_eq!(out.cluster[0].to, node_addr(2));
+    assert!(
+        matches!(open_envelope(&out.cluster[0]).body, wire::Body::Moved { uuid } if uuid == c1.uuid)
+    );
+    assert!(a.router.is_local(&c1.uuid));
+    assert_eq!(
+        a.metric("sigrouter_sessions_resumed_total{cause=\"migrate\"}"),
+        1.0
+    );
+
+    // c2 with a wrong secret: not taken on b's word (the directory is asked).
+    c2.addr = v4(2, 2001);
+    let rid = c2.next_rid();
+    let out = a.recv(c2.addr, &resume_datagram(&c2, rid, Secret([7; 32])));
+    assert!(matches!(only_job(&out), Job::Resume { .. }));
+    // With its own secret: taken at once.
+    let rid = c2.next_rid();
+    let out = a.recv(c2.addr, &resume_datagram(&c2, rid, c2.secret));
+    assert!(out.jobs.is_empty(), "no lookup: {out:?}");
+    assert!(matches!(msg(&out.client[0]), Message::Registered(r) if r.uuid == c2.uuid));
+}

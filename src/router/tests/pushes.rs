@@ -150,8 +150,12 @@ fn a_session_told_again_gets_the_same_migrate() {
     let to: SocketAddr = "198.51.100.2:7400".parse().unwrap();
     let mut out = Outbox::default();
     sim.router.migrate_all(sim.now, || Some(to), &mut out);
-    assert_eq!(only_client(&out).to, c.addr);
-    let first = only_client(&out).bytes.clone();
+    // The Migrate, and b is told the client is coming.
+    assert_eq!(out.client.len(), 1);
+    assert_eq!(out.client[0].to, c.addr);
+    assert_eq!(out.cluster.len(), 1);
+    assert_eq!(out.cluster[0].to, node_addr(2));
+    let first = out.client[0].bytes.clone();
     let Message::Migrate(m) = proto::decode(&first).unwrap() else {
         panic!()
     };
@@ -171,7 +175,10 @@ fn a_session_told_again_gets_the_same_migrate() {
         sim.router.migrate_all(sim.now, || Some(other), &mut again),
         1
     );
-    assert_eq!(only_client(&again).bytes, first);
+    assert_eq!(again.client.len(), 1);
+    assert_eq!(again.client[0].bytes, first);
+    assert_eq!(again.cluster.len(), 1, "b is told again");
+    assert_eq!(again.cluster[0].to, node_addr(2));
     assert_eq!(m.to, Some(Addr(to)));
 }
 
