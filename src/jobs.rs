@@ -28,6 +28,11 @@ pub(crate) async fn run(job: Job, router: &Router, cluster: &Cluster) -> Outbox 
             }
         }
         Job::Resume { src, req_len, msg } => {
+            // Its old node's word may have come since the Resume did (a draining node sends it
+            // with the Migrate, by another socket): then no lookup.
+            if router.resume_expected(Instant::now(), src, req_len, &msg, &mut out) {
+                return out;
+            }
             let found = lookup::lookup_hedged(cluster, &msg.uuid).await;
             let now = Instant::now();
             let just_back = cluster.presence_unsettled();

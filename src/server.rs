@@ -424,7 +424,7 @@ async fn drain(c: &Arc<Cluster>, router: &Arc<Router>, d: &Dispatch) {
             let mut out = Outbox::default();
             let mut picker = Picker::new(&c.table(), &c.id);
             router.migrate(Instant::now(), &slice, || picker.pick(), &mut out);
-            d.route_all(&mut out);
+            d.route_all_cluster_first(&mut out);
         }
         tokio::time::sleep(DRAIN_TICK).await;
     }

@@ -210,6 +210,17 @@ impl Dispatch {
         self.route(out, false, false);
     }
 
+    /// Hands off everything in `out`, its node-to-node datagrams sent from this task before
+    /// anything is queued for the client sockets: the drain's `Expect`s then leave before the
+    /// Migrates that send the clients after them.
+    pub(crate) fn route_all_cluster_first(&self, out: &mut Outbox) {
+        if let (Some(sock), false) = (&self.cluster_sock, out.cluster.is_empty()) {
+            let mut tx = io::Tx::new(sock);
+            self.send_direct(sock, &mut tx, &mut out.cluster);
+        }
+        self.route(out, false, false);
+    }
+
     fn spawn_job(&self, job: Job) {
         let Some(cluster) = self.cluster.clone() else {
             return;

@@ -391,6 +391,23 @@ impl Router {
         }
     }
 
+    /// Takes a Resume whose old node's `Expect` arrived after the Resume itself (and before
+    /// its job ran): returns true if it was answered so, with no directory lookup.
+    pub(crate) fn resume_expected(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        req_len: usize,
+        m: &proto::Resume,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(found) = drain::take_expected(&self.st, &m.uuid, &m.secret) else {
+            return false;
+        };
+        self.complete_resume(now, src, req_len, m.clone(), Ok(Some(found)), out);
+        true
+    }
+
     /// Completes a Resume job: `found` is what the directory holds for the UUID.
     pub fn complete_resume(
         &self,
