@@ -239,6 +239,11 @@ impl Store {
         r
     }
 
+    /// Whether this is a Redis Cluster (keys of one command must then share a slot).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
+    }
+
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         let v = self

@@ -43,6 +43,28 @@ if v then
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])";
 
+/// [`CLAIM_SCRIPT`] for many clients in one call (one Redis, not a Redis Cluster, whose keys
+/// of one call must share a slot): `KEYS` the presence keys, `ARGV` each key's record and
+/// claim time in turn, then the TTL. Returns how many were written.
+const CLAIM_MANY_SCRIPT: &str = r"
+local ttl = ARGV[#ARGV]
+local n = 0
+for i, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  local t = 0
+  if v then
+    t = tonumber(string.match(v, ' t(%d+)$') or '0')
+  end
+  if not v or t <= tonumber(ARGV[2 * i]) then
+    redis.call('SET', k, ARGV[2 * i - 1], 'PX', ttl)
+    n = n + 1
+  end
+end
+return n";
+
+/// Most claims in one [`CLAIM_MANY_SCRIPT`] call.
+const CLAIMS_PER_CALL: usize = 64;
+
 /// Periodic renewal of a client this node holds: extends the record if it is ours, writes it if
 /// absent (Redis lost it; claim time 0, so any real claim wins), and never takes a client from
 /// another node.
@@ -330,13 +352,12 @@ pub async fn run_presence_writer(
             ops = again;
         }
         let mut kept = Vec::new();
+        let many = !cluster.store.is_cluster();
         for chunk in ops.chunks(BATCH) {
             let mut p = redis::pipe();
-            for (op, t) in chunk {
-                add_op(&mut p, &cluster, op, *t, ttl_ms, false);
-            }
+            let commands = add_ops(&mut p, &cluster, chunk, ttl_ms, many);
             cluster.presence_progress(now_ms(), retry.len());
-            if cluster.store.pipeline(&p, chunk.len()).await.is_err() {
+            if cluster.store.pipeline(&p, commands).await.is_err() {
                 failed = true;
                 kept.extend_from_slice(chunk);
             }
@@ -370,6 +391,52 @@ pub async fn run_presence_writer(
         }
         cluster.presence_progress(0, retry.len());
     }
+}
+
+/// Adds `ops` to `p` in order, runs of claims as one [`CLAIM_MANY_SCRIPT`] call each when
+/// `many` (one Redis); returns how many commands it added.
+fn add_ops(
+    p: &mut Pipeline,
+    cluster: &Cluster,
+    ops: &[(PresenceOp, u64)],
+    ttl_ms: u64,
+    many: bool,
+) -> usize {
+    if !many {
+        for (op, t) in ops {
+            add_op(p, cluster, op, *t, ttl_ms, false);
+        }
+        return ops.len();
+    }
+    let mut commands = 0;
+    let mut rest = ops;
+    while let Some(((op, t), _)) = rest.split_first() {
+        let run = rest
+            .iter()
+            .take(CLAIMS_PER_CALL)
+            .take_while(|(op, _)| matches!(op, PresenceOp::Put(..)))
+            .count();
+        if run < 2 {
+            add_op(p, cluster, op, *t, ttl_ms, false);
+            rest = &rest[1..];
+        } else {
+            let cmd = p.cmd("EVAL").arg(CLAIM_MANY_SCRIPT).arg(run);
+            for (op, _) in &rest[..run] {
+                if let PresenceOp::Put(u, _) = op {
+                    cmd.arg(presence_key(u));
+                }
+            }
+            for (op, t) in &rest[..run] {
+                if let PresenceOp::Put(_, v) = op {
+                    cmd.arg(format_presence(&cluster.id, v, *t)).arg(*t);
+                }
+            }
+            cmd.arg(ttl_ms).ignore();
+            rest = &rest[run..];
+        }
+        commands += 1;
+    }
+    commands
 }
 
 fn add_op(

@@ -84,6 +84,8 @@ pub struct Metrics {
     /// Sessions resumed here from another node that was not draining (it died, or the client
     /// re-homed on its own).
     pub resumed_failover: Counter,
+    /// Resumes taken on a draining node's word (`Expect`), with no directory lookup.
+    pub resumed_expected: Counter,
     /// Sessions expired for lack of heartbeats.
     pub expired: Counter,
     /// Session addresses moved by a NAT rebinding.
@@ -321,6 +323,10 @@ impl Metrics {
             resumed_local: resumed("local"),
             resumed_migrate: resumed("migrate"),
             resumed_failover: resumed("failover"),
+            resumed_expected: c(
+                "sigrouter_resumes_expected_total",
+                "Resumes taken on their draining node's word, without a directory lookup.",
+            ),
             expired: c(
                 "sigrouter_sessions_expired_total",
                 "Sessions expired after missed heartbeats.",

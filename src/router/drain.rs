@@ -66,9 +66,11 @@ pub(crate) fn take_expected(
         return None;
     }
     let v = secret.verifier();
-    st.expected
-        .remove_if(uuid, |_, e| bool::from(e.verifier[..].ct_eq(&v[..])))
-        .map(|(_, e)| (e.verifier, e.from))
+    let (_, e) = st
+        .expected
+        .remove_if(uuid, |_, e| bool::from(e.verifier[..].ct_eq(&v[..])))?;
+    st.metrics.resumed_expected.increment(1);
+    Some((e.verifier, e.from))
 }
 
 /// Expect datagrams for the clients sent to each node, by the node's public address.

@@ -269,6 +269,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<Option<Value>> {
                 "resumed": { "migrate": c("migrate"), "failover": c("failover"), "local": c("local") },
                 "tx_dropped": metric(&page, "sigrouter_tx_dropped_total"),
                 "rate_limited": metric(&page, "sigrouter_rate_limited_total"),
+                "resumes_expected": metric(&page, "sigrouter_resumes_expected_total"),
+                "redis_commands": metric(&page, "sigrouter_redis_commands_total"),
             }),
         );
     }
