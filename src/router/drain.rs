@@ -18,23 +18,12 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::outbox::Outbox;
-use super::state::{PushTarget, State};
+use super::state::{Expected, PushTarget, State};
 use crate::cluster::wire::{Body, ExpectedSession, MAX_EXPECT};
 
 /// Most clients a node waits for on other nodes' word at once; past that, a Resume costs a
 /// lookup as usual.
 const MAX_EXPECTED: usize = 262_144;
-
-/// A client another node (draining) sent here, as it told us.
-#[derive(Clone, Debug)]
-pub(crate) struct Expected {
-    /// The verifier of its session secret.
-    pub(crate) verifier: [u8; 32],
-    /// The node it comes from.
-    pub(crate) from: Arc<str>,
-    /// When we were told.
-    pub(crate) at: Instant,
-}
 
 /// Node `from` (draining) says these clients are on their way here.
 pub(crate) fn expect(st: &State, now: Instant, from: &str, sessions: &[ExpectedSession]) {

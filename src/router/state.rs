@@ -15,7 +15,6 @@ use sigrouter_proto::{Ack, Addr, ErrorCode, ErrorMsg, Message, Registered, Secre
 use uuid::Uuid;
 
 use super::conns::{Conns, Remote};
-use super::drain::Expected;
 use super::outbox::Outbox;
 use super::retransmit::{Retransmit, Schedule};
 use super::token::Tokens;
@@ -26,6 +25,17 @@ use crate::limit::{Keyed, Quota, Shared, SourceKey, Sources};
 use crate::metrics::{DropReason, Metrics};
 use crate::session::{self, PeerView, Remembered, Seen, SenderView, Sessions};
 use crate::timer::AgeOut;
+
+/// A client another node (draining) sent here, as it told us.
+#[derive(Clone, Debug)]
+pub(crate) struct Expected {
+    /// The verifier of its session secret.
+    pub(crate) verifier: [u8; 32],
+    /// The node it comes from.
+    pub(crate) from: Arc<str>,
+    /// When we were told.
+    pub(crate) at: Instant,
+}
 
 /// How long a moving session's connections wait for its new node, and how long Signals for a
 /// connection that moved on are passed on.
