@@ -386,19 +386,21 @@ fn an_idle_connection_is_forgotten_after_ten_minutes() {
             sim.sweep();
         }
     };
+    // Whether a Signal from `from` reaches `to`.
+    let relayed = |sim: &Sim, from: &mut Client, to: &Client| {
+        let rid = from.next_rid();
+        let out = sim.recv(from.addr, &from.signal(rid, conn, b"hello"));
+        decoded(&out).iter().any(|(t, _)| *t == to.addr)
+    };
     live(&mut sim, &mut a, &mut b, 540);
-    let rid = a.next_rid();
-    let out = sim.recv(a.addr, &a.signal(rid, conn, b"9 min"));
     assert!(
-        decoded(&out).iter().any(|(to, _)| *to == b.addr),
+        relayed(&sim, &mut a, &b),
         "a Signal at 9 minutes is relayed"
     );
     // 590 s after that Signal (1,130 s after the Accept): still there, the Signal renewed it.
     live(&mut sim, &mut a, &mut b, 590);
-    let rid = b.next_rid();
-    let out = sim.recv(b.addr, &b.signal(rid, conn, b"still here?"));
     assert!(
-        decoded(&out).iter().any(|(to, _)| *to == a.addr),
+        relayed(&sim, &mut b, &a),
         "relayed 590 s after the last Signal"
     );
     live(&mut sim, &mut a, &mut b, 611);

@@ -250,12 +250,9 @@ fn a_resume_is_verified_by_the_node_that_holds_the_session() {
     assert!(!t.b.router.is_local(&t.cb.uuid));
 }
 
-/// While Redis is slow, a client that acknowledged its Migrate on draining node b resumes on a:
-/// b still vouches for the session (it waits there to be handed over), so a takes it with b
-/// named as the old node and tells b it moved; b lets go of it. (Answering "not here" made a
-/// take it as a session nobody held, and b never heard that it moved.)
-#[test]
-fn a_session_waiting_for_its_move_is_vouched_for_by_the_node_it_left() {
+/// Three nodes; b drains, and its client cb acknowledged the Migrate: b lets it go and keeps
+/// it waiting to be taken.
+fn cb_waiting_on_draining_b() -> Three {
     let t = three();
     t.b.router.set_draining(true);
     let mut out = Outbox::default();
@@ -265,6 +262,16 @@ fn a_session_waiting_for_its_move_is_vouched_for_by_the_node_it_left() {
         panic!("{out:?}")
     };
     t.b.recv(t.cb.addr, &t.cb.push_ack(m.push));
+    t
+}
+
+/// While Redis is slow, a client that acknowledged its Migrate on draining node b resumes on a:
+/// b still vouches for the session (it waits there to be handed over), so a takes it with b
+/// named as the old node and tells b it moved; b lets go of it. (Answering "not here" made a
+/// take it as a session nobody held, and b never heard that it moved.)
+#[test]
+fn a_session_waiting_for_its_move_is_vouched_for_by_the_node_it_left() {
+    let t = cb_waiting_on_draining_b();
     assert!(!t.b.router.is_local(&t.cb.uuid));
     assert_eq!(t.b.router.migrating_count(), 1);
 
@@ -283,15 +290,7 @@ fn a_session_waiting_for_its_move_is_vouched_for_by_the_node_it_left() {
     assert_eq!(t.b.router.migrating_count(), 0, "b let go of it");
 
     // A wrong secret for a waiting session is refused, as for a held one.
-    let t = three();
-    t.b.router.set_draining(true);
-    let mut out = Outbox::default();
-    t.b.router
-        .migrate_all(t.b.now, || Some(node_addr(1)), &mut out);
-    let Message::Migrate(m) = msg(only_client(&out)) else {
-        panic!("{out:?}")
-    };
-    t.b.recv(t.cb.addr, &t.cb.push_ack(m.push));
+    let t = cb_waiting_on_draining_b();
     let asks = resume_asking(&t, &t.cb, Secret([1; 32]), src);
     let w = asks.iter().find(|x| x.to == node_addr(2)).unwrap();
     let reply = t.b.recv_node(w, node_addr(1));
