@@ -199,6 +199,7 @@ impl Drop for Proc {
     }
 }
 
+/// Status and body of `GET path` (the endpoint closes the connection after one answer).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))

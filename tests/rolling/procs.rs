@@ -123,25 +123,7 @@ pub(crate) async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     http_get(addr, path).await.map(|(status, _)| status)
 }
 
-/// Status and body of a GET (the endpoint closes the connection after one answer).
-pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(1), s.read_to_string(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
-}
+pub(crate) use crate::common::serve::http_get;
 
 /// The `sigrouter_cluster_nodes` gauge of a running node: how many nodes its table holds.
 pub(crate) async fn table_size(p: &Proc) -> Option<f64> {
