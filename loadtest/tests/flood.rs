@@ -20,14 +20,13 @@ fn router_bin() -> PathBuf {
     bin
 }
 
-#[test]
-fn a_register_flood_stays_within_the_budget_and_live_clients_keep_working() {
+/// Runs `sigrouter-loadtest flood` with `args` (space-separated) against this build's router;
+/// its JSON summary, which must say it passed.
+fn flood(args: &str) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_sigrouter-loadtest"))
         .args(["--threads", "2", "flood"])
         .args(["--router-bin", router_bin().to_str().unwrap()])
-        .args(["--registers", "5000", "--sources", "1000", "--live", "6"])
-        .args(["--quiet-secs", "1", "--new-session-rate", "300"])
-        .args(["--new-session-burst", "600"])
+        .args(args.split_whitespace())
         .output()
         .expect("run sigrouter-loadtest");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -39,6 +38,14 @@ fn a_register_flood_stays_within_the_budget_and_live_clients_keep_working() {
     );
     let v: Value = serde_json::from_str(&stdout).expect("one JSON summary");
     assert_eq!(v["passed"], true, "{v:#}");
+    v
+}
+
+#[test]
+fn a_register_flood_stays_within_the_budget_and_live_clients_keep_working() {
+    let v = flood(
+        "--registers 5000 --sources 1000 --live 6 --quiet-secs 1 --new-session-rate 300 --new-session-burst 600",
+    );
     let f = &v["flood"];
     assert!(f["datagrams_in"].as_u64().unwrap() >= 4_900, "{f}");
     let created = f["sessions_created"].as_f64().unwrap();
@@ -65,22 +72,8 @@ fn a_register_flood_stays_within_the_budget_and_live_clients_keep_working() {
 
 #[test]
 fn with_address_validation_always_a_forged_flood_creates_no_session() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sigrouter-loadtest"))
-        .args(["--threads", "2", "flood"])
-        .args(["--router-bin", router_bin().to_str().unwrap()])
-        .args(["--registers", "3000", "--sources", "600", "--live", "4"])
-        .args(["--quiet-secs", "1", "--address-validation", "always"])
-        .output()
-        .expect("run sigrouter-loadtest");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(&stdout).expect("one JSON summary");
-    assert_eq!(v["passed"], true, "{v:#}");
+    let v =
+        flood("--registers 3000 --sources 600 --live 4 --quiet-secs 1 --address-validation always");
     let f = &v["flood"];
     assert_eq!(f["sessions_created"].as_f64(), Some(0.0), "{f}");
     assert_eq!(f["registered_answers"].as_u64(), Some(0), "{f}");
