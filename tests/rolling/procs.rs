@@ -153,18 +153,9 @@ pub(crate) struct Fleet {
 }
 
 pub(crate) async fn fleet(n: usize) -> Fleet {
-    let redis = Redis::start();
-    let dir = std::env::temp_dir().join(format!(
-        "sigrouter-fleet-{}-{}",
-        std::process::id(),
-        redis.port
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("cluster.key");
-    std::fs::write(&key, CLUSTER_KEY).unwrap();
-    let mut nodes: Vec<Proc> = (0..n)
-        .map(|i| Proc::new(&redis.url(), &format!("n{}", i + 1), &key))
-        .collect();
+    let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (redis, dir, mut nodes) = procs(&ids);
     for p in &mut nodes {
         p.start();
     }
