@@ -79,6 +79,20 @@ fn a_small_drain_moves_every_session_and_each_answers_at_its_new_node() {
         r["resumed_by_cause"]
     );
 
+    // The receiving nodes were told ahead by the drained one (Expect) and took most Resumes
+    // without a Redis read (a Resume may overtake its Expect: then it is looked up).
+    let expected: f64 = r["nodes_after"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n["resumes_expected"].as_f64().unwrap())
+        .sum();
+    assert!(
+        expected >= SESSIONS as f64 / 2.0,
+        "{expected} of {SESSIONS} resumes taken without a lookup: {}",
+        r["nodes_after"]
+    );
+
     // Afterwards every session (the moved ones and the heartbeating ones) answers at its node,
     // and a client of the library finds and connects to a sample of them.
     let reach = &r["reachability"];
