@@ -236,6 +236,18 @@ impl Conns {
             .collect()
     }
 
+    /// The pending connections of session `uuid`, left in the index.
+    pub(crate) fn pending_of(&self, uuid: &Uuid) -> Vec<(Uuid, Conn)> {
+        let ids: Vec<Uuid> = match self.by_session.get(uuid) {
+            Some(ids) => ids.iter().copied().collect(),
+            None => return Vec::new(),
+        };
+        ids.into_iter()
+            .filter_map(|id| self.get(&id).map(|c| (id, c)))
+            .filter(|(_, c)| c.is_pending() && (c.initiator == *uuid || c.target == *uuid))
+            .collect()
+    }
+
     /// A copy of connection `id`.
     pub(crate) fn get(&self, id: &Uuid) -> Option<Conn> {
         self.map.get(id).map(|c| c.clone())

@@ -37,14 +37,14 @@ pub(crate) enum Why {
 /// Removes session `uuid` (an expired one was removed by the expiry check itself) and deals
 /// with its connections. Returns whether it was here.
 pub(crate) fn leave(st: &State, now: Instant, uuid: Uuid, why: Why, out: &mut Outbox) -> bool {
-    let (here, verifier) = match why {
-        Why::Expired => (true, None),
-        _ => {
-            let v = st.sessions.take(&uuid);
-            (v.is_some(), v)
-        }
-    };
     st.migrations.remove(&uuid);
+    if why == Why::Migrating {
+        return migrating(st, now, uuid, out);
+    }
+    let here = match why {
+        Why::Expired => true,
+        _ => st.sessions.take(&uuid).is_some(),
+    };
     if here {
         if matches!(why, Why::Bye | Why::Expired) {
             st.publish(PresenceOp::Del(uuid));
@@ -68,34 +68,50 @@ pub(crate) fn leave(st: &State, now: Instant, uuid: Uuid, why: Why, out: &mut Ou
             continue;
         }
         match &why {
-            Why::Bye | Why::Expired => {
+            Why::Moved(to) => handed.extend(hand_over(st, now, uuid, id, &c, to, out)),
+            _ => {
                 st.conns.remove(&id);
             }
-            Why::Migrating => {
-                // Kept, and kept findable, until the new node asks.
-                st.conns.set_role(&id, c.role.clone());
-            }
-            Why::Moved(to) => handed.extend(hand_over(st, now, uuid, id, &c, to, out)),
         }
     }
-    match why {
-        Why::Migrating => {
-            // Kept with its verifier: while Redis cannot answer, this node still vouches for
-            // the session to the node it resumes at (which then tells it the session moved).
-            st.migrating
-                .insert(uuid, (now, verifier.unwrap_or_default()));
-            st.migrating_ages.written(uuid, now);
+    if let Why::Moved(to) = why {
+        for chunk in handed.chunks(HANDOVER_CHUNK) {
+            let body = Body::Handover {
+                uuid,
+                conns: chunk.to_vec(),
+            };
+            st.node_request(now, &to, body, OnReply::Nothing, out);
         }
-        Why::Moved(to) => {
-            for chunk in handed.chunks(HANDOVER_CHUNK) {
-                let body = Body::Handover {
-                    uuid,
-                    conns: chunk.to_vec(),
-                };
-                st.node_request(now, &to, body, OnReply::Nothing, out);
-            }
+    }
+    true
+}
+
+/// Session `uuid` acknowledged a Migrate: it is on its way to another node, whose `Moved` may
+/// be handled on another thread at the same moment. The session is in `migrating` before it
+/// leaves the sessions, and its connections stay indexed, so that a concurrent `Moved` (for it,
+/// or for the other end of one of its connections) always finds it in one or the other and
+/// finds its connections: otherwise a connection could be dropped, or wait here for a `Moved`
+/// that already came.
+fn migrating(st: &State, now: Instant, uuid: Uuid, out: &mut Outbox) -> bool {
+    let Some(verifier) = st.sessions.verifier(&uuid) else {
+        return false;
+    };
+    // Kept with its verifier: while Redis cannot answer, this node still vouches for the
+    // session to the node it resumes at (which then tells it the session moved).
+    st.migrating.insert(uuid, (now, verifier));
+    st.migrating_ages.written(uuid, now);
+    if st.sessions.take(&uuid).is_none() {
+        // Its Moved came in between and dealt with it.
+        st.migrating.remove(&uuid);
+        return false;
+    }
+    st.count_sessions();
+    // Connects still waiting for its answer are handed back; established connections wait,
+    // indexed, for its new node to ask.
+    for (id, c) in st.conns.pending_of(&uuid) {
+        if c.target == uuid {
+            hand_back(st, now, id, &c, out);
         }
-        Why::Bye | Why::Expired => {}
     }
     true
 }
