@@ -45,7 +45,7 @@ pub(crate) fn expect(st: &State, now: Instant, from: &str, sessions: &[ExpectedS
 }
 
 /// The verifier and old node of client `uuid` if another node said it is coming and `secret`
-/// is its secret (the entry is then used up; a wrong secret leaves it).
+/// is its secret, checked here (the entry is then used up; a wrong secret leaves it).
 pub(crate) fn take_expected(
     st: &State,
     uuid: &Uuid,

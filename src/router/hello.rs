@@ -11,6 +11,7 @@
 //! and the session. A draining node creates nothing for a hello, so it does not validate.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use hmac::Mac;
@@ -200,8 +201,8 @@ pub(crate) fn resume(st: &State, now: Instant, h: Hello, m: proto::Resume, out: 
     let held = st.sessions.secret(&m.uuid);
     if held.is_none() && !st.is_draining() {
         // Its old node (draining) said it is coming, and with what secret: no lookup.
-        if let Some(found) = drain::take_expected(st, &m.uuid, &m.secret) {
-            return complete_resume(st, now, h, m, Ok(Some(found)), out);
+        if let Some((verifier, old)) = drain::take_expected(st, &m.uuid, &m.secret) {
+            return take_over(st, now, h, m, verifier, old, out);
         }
     }
     match held {
@@ -266,6 +267,20 @@ pub(crate) fn complete_resume(
     if !ok {
         return st.error(now, h.error_to(), h.rid, ErrorCode::Unauthorized, out);
     }
+    take_over(st, now, h, m, verifier, old, out);
+}
+
+/// Takes a session held elsewhere (or nowhere) whose secret was checked against `verifier`;
+/// `old` names the node that held it ("" for none).
+pub(crate) fn take_over(
+    st: &State,
+    now: Instant,
+    h: Hello,
+    m: proto::Resume,
+    verifier: [u8; 32],
+    old: Arc<str>,
+    out: &mut Outbox,
+) {
     if st.is_draining() {
         // The drain began while the directory was asked: taking the session now would leave
         // it here untold (the drain walks the sessions it held when it began).

@@ -401,10 +401,15 @@ impl Router {
         m: &proto::Resume,
         out: &mut Outbox,
     ) -> bool {
-        let Some(found) = drain::take_expected(&self.st, &m.uuid, &m.secret) else {
+        let Some((verifier, old)) = drain::take_expected(&self.st, &m.uuid, &m.secret) else {
             return false;
         };
-        self.complete_resume(now, src, req_len, m.clone(), Ok(Some(found)), out);
+        let h = Hello {
+            src,
+            len: req_len,
+            rid: m.rid,
+        };
+        hello::take_over(&self.st, now, h, m.clone(), verifier, old, out);
         true
     }
 
