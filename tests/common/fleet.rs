@@ -87,17 +87,7 @@ impl Proc {
     }
 
     pub fn start(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_sigrouter"))
-            .args(&self.args)
-            .env(
-                "SIGROUTER_LOG",
-                std::env::var("TEST_SIGROUTER_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sigrouter");
-        self.child = Some(child);
+        self.child = Some(spawn_sigrouter(&self.args));
     }
 
     pub fn kill9(&mut self) {
@@ -121,6 +111,21 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Starts the `sigrouter` binary of this build with `args`; its log (level from
+/// `TEST_SIGROUTER_LOG`, default `warn`) goes to the test's stderr.
+pub fn spawn_sigrouter(args: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sigrouter"))
+        .args(args)
+        .env(
+            "SIGROUTER_LOG",
+            std::env::var("TEST_SIGROUTER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sigrouter")
 }
 
 /// The body of `GET path`, if the endpoint answered 200.

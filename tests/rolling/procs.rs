@@ -3,14 +3,14 @@
 //! and scrapes the tests use.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use sigrouter_client::{Client, ConnectOutcome, FailReason};
 use uuid::Uuid;
 
 pub(crate) use crate::common::fleet::acceptor;
-use crate::common::fleet::fast_node_args;
+use crate::common::fleet::{fast_node_args, spawn_sigrouter};
 use crate::common::{eventually, stable_port, Redis, CLUSTER_KEY};
 
 /// One `sigrouter serve` process; ports are fixed so a restart comes back at the same address.
@@ -52,17 +52,7 @@ impl Proc {
     }
 
     pub(crate) fn start(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_sigrouter"))
-            .args(&self.args)
-            .env(
-                "SIGROUTER_LOG",
-                std::env::var("TEST_SIGROUTER_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sigrouter");
-        self.child = Some(child);
+        self.child = Some(spawn_sigrouter(&self.args));
     }
 
     pub(crate) async fn ready(&self) -> bool {
@@ -171,17 +161,7 @@ pub(crate) async fn fleet(n: usize) -> Fleet {
     .await;
     assert!(ok, "registry never listed every node");
     // ...in its own node table, not just in the registry.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for p in &nodes {
-        while table_size(p).await != Some(n as f64) {
-            assert!(
-                Instant::now() < deadline,
-                "{}'s table never held {n} nodes",
-                p.id
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_tables(&nodes.iter().collect::<Vec<_>>(), n).await;
     Fleet {
         redis,
         _dir: dir,
