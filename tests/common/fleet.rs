@@ -113,6 +113,19 @@ impl Drop for Proc {
     }
 }
 
+/// A directory for the fleet sharing `redis`, and the cluster key file written in it.
+pub fn key_dir(redis: &Redis) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "sigrouter-fleet-{}-{}",
+        std::process::id(),
+        redis.port
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, CLUSTER_KEY).unwrap();
+    (dir, key)
+}
+
 /// Starts the `sigrouter` binary of this build with `args`; its log (level from
 /// `TEST_SIGROUTER_LOG`, default `warn`) goes to the test's stderr.
 pub fn spawn_sigrouter(args: &[String]) -> Child {
@@ -148,14 +161,7 @@ impl Fleet {
     /// listed in the registry.
     pub async fn start(n: usize, extra: &[&str]) -> Self {
         let redis = Redis::start();
-        let dir = std::env::temp_dir().join(format!(
-            "sigrouter-fleet-{}-{}",
-            std::process::id(),
-            redis.port
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = dir.join("cluster.key");
-        std::fs::write(&key, CLUSTER_KEY).unwrap();
+        let (dir, key) = key_dir(&redis);
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut nodes: Vec<Proc> = (0..n)
             .map(|i| Proc::new(&redis.url(), &format!("n{}", i + 1), &key, &extra))

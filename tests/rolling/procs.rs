@@ -10,8 +10,8 @@ use sigrouter_client::{Client, ConnectOutcome, FailReason};
 use uuid::Uuid;
 
 pub(crate) use crate::common::fleet::acceptor;
-use crate::common::fleet::{fast_node_args, spawn_sigrouter};
-use crate::common::{eventually, stable_port, Redis, CLUSTER_KEY};
+use crate::common::fleet::{fast_node_args, key_dir, spawn_sigrouter};
+use crate::common::{eventually, stable_port, Redis};
 
 /// One `sigrouter serve` process; ports are fixed so a restart comes back at the same address.
 pub(crate) struct Proc {
@@ -245,14 +245,7 @@ pub(crate) async fn wait_tables(nodes: &[&Proc], n: usize) {
 /// A registry, a cluster key and `ids.len()` nodes (not started).
 pub(crate) fn procs(ids: &[&str]) -> (Redis, std::path::PathBuf, Vec<Proc>) {
     let redis = Redis::start();
-    let dir = std::env::temp_dir().join(format!(
-        "sigrouter-fleet-{}-{}",
-        std::process::id(),
-        redis.port
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("cluster.key");
-    std::fs::write(&key, CLUSTER_KEY).unwrap();
+    let (dir, key) = key_dir(&redis);
     let nodes = ids
         .iter()
         .map(|id| Proc::new(&redis.url(), id, &key))
