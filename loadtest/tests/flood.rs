@@ -41,6 +41,21 @@ fn flood(args: &str) -> Value {
     v
 }
 
+/// The live clients connected, before and during the flood, and nothing of theirs failed.
+fn live_clients_kept_working(v: &Value) {
+    for phase in ["live_quiet", "live_during_flood"] {
+        let p = &v[phase];
+        assert!(
+            p["failures"].as_object().unwrap().is_empty(),
+            "{phase}: {p}"
+        );
+        assert!(
+            p["connect_ms"]["count"].as_u64().unwrap() > 0,
+            "{phase}: {p}"
+        );
+    }
+}
+
 #[test]
 fn a_register_flood_stays_within_the_budget_and_live_clients_keep_working() {
     let v = flood(
@@ -57,17 +72,7 @@ fn a_register_flood_stays_within_the_budget_and_live_clients_keep_working() {
     );
     // Never more bytes back than in.
     assert!(f["bytes_out_per_byte_in"].as_f64().unwrap() <= 1.0, "{f}");
-    for phase in ["live_quiet", "live_during_flood"] {
-        let p = &v[phase];
-        assert!(
-            p["failures"].as_object().unwrap().is_empty(),
-            "{phase}: {p}"
-        );
-        assert!(
-            p["connect_ms"]["count"].as_u64().unwrap() > 0,
-            "{phase}: {p}"
-        );
-    }
+    live_clients_kept_working(&v);
 }
 
 #[test]
@@ -81,15 +86,5 @@ fn with_address_validation_always_a_forged_flood_creates_no_session() {
     // A Retry is a sixth of the Register it answers.
     assert!(f["bytes_out_per_byte_in"].as_f64().unwrap() < 0.2, "{f}");
     // The live clients (the client library) registered through their Retry and kept working.
-    for phase in ["live_quiet", "live_during_flood"] {
-        let p = &v[phase];
-        assert!(
-            p["failures"].as_object().unwrap().is_empty(),
-            "{phase}: {p}"
-        );
-        assert!(
-            p["connect_ms"]["count"].as_u64().unwrap() > 0,
-            "{phase}: {p}"
-        );
-    }
+    live_clients_kept_working(&v);
 }
